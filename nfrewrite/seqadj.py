@@ -368,7 +368,11 @@ class Flow:
         action: Action = "send"
         new_payload: bytes | None = None
         replayed = 0
-        if not payload:
+        if syn and way.floor is not None and s < way.floor:
+            # a SYN after its data was acknowledged and forgotten: nothing valid to emit
+            action, new_seq = "drop", s + way.base
+            events.append("drop")
+        elif not payload:
             new_seq = way.to_new(s)
         else:
             action, new_seq, new_payload, replayed = self._plan_payload(

@@ -1,0 +1,353 @@
+"""Unit tests for nfrewrite.seqadj: each test is one sentence of the module's contract."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from nfrewrite.seqadj import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    Edit,
+    FindEdits,
+    Flow,
+    FlowTable,
+    SegmentPlan,
+    apply_edits,
+    flow_key,
+)
+
+M32 = 1 << 32
+
+
+def matcher(*rules: tuple[bytes, bytes]) -> FindEdits:
+    """A literal matcher like the engine's: search the whole payload, keep starts >= fresh_from."""
+    table = dict(rules)
+    pattern = re.compile(b"|".join(re.escape(f) for f, _ in rules))
+
+    def find(payload: bytes, fresh_from: int) -> list[Edit]:
+        return [
+            (m.start(), m.end(), table[m.group()])
+            for m in pattern.finditer(payload)
+            if m.start() >= fresh_from
+        ]
+
+    return find
+
+
+GROW = matcher((b"AB", b"xxxxx"))  # +3
+SHRINK = matcher((b"CDEF", b"c"))  # -3
+BOTH = matcher((b"AB", b"xxxxx"), (b"CDEF", b"c"), (b"KL", b"kl"))
+NONE = matcher((b"\x00never\x00", b""))
+
+
+def seg(
+    flow: Flow,
+    direction: int,
+    seq: int,
+    payload: bytes = b"",
+    *,
+    ack: int | None = None,
+    flags: int = ACK,
+    sack: list[tuple[int, int]] | None = None,
+    now: float = 0.0,
+    find: FindEdits = BOTH,
+) -> SegmentPlan:
+    return flow.rewrite(direction, seq % M32, ack, flags, payload, sack or [], now, find)
+
+
+def out(plan: SegmentPlan, payload: bytes) -> bytes:
+    return payload if plan.payload is None else plan.payload
+
+
+# -- keys and the stateless helper -------------------------------------------------------------
+
+
+def test_flow_key_is_the_same_for_both_directions_and_gives_opposite_directions() -> None:
+    a, b = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    k1, d1 = flow_key(a, 40000, b, 80)
+    k2, d2 = flow_key(b, 80, a, 40000)
+    assert k1 == k2 and {d1, d2} == {0, 1}
+    assert k1[0] == 4 and flow_key(bytes(16), 1, bytes(15) + b"\x01", 2)[0][0] == 6
+
+
+def test_apply_edits_replaces_spans_in_order() -> None:
+    assert apply_edits(b"..AB..CDEF", [(2, 4, b"xyz"), (6, 10, b"")]) == b"..xyz.."
+
+
+# -- seq / ack mapping --------------------------------------------------------------------------
+
+
+def test_a_growing_edit_shifts_later_seqs_and_maps_acks_back() -> None:
+    f = Flow(None, 0.0)
+    p = seg(f, 0, 1000, b"..AB..")
+    assert p.action == "send" and p.new_seq == 1000 and p.payload == b"..xxxxx.."
+    assert p.fresh_edits == (0,)
+    p = seg(f, 0, 1006, b"......")
+    assert p.new_seq == 1009 and p.payload is None
+    # the receiver acks everything it got (rewritten 1015) -> original 1012
+    assert seg(f, 1, 5000, ack=1015).new_ack == 1012
+    assert seg(f, 1, 5000, ack=1009).new_ack == 1006
+
+
+def test_many_edits_accumulate_grow_and_shrink() -> None:
+    f = Flow(None, 0.0)
+    p = seg(f, 0, 0, b"AB..CDEF..AB")  # +3 -3 +3
+    assert p.payload == b"xxxxx..c..xxxxx" and p.fresh_edits == (0, 1, 2)
+    assert seg(f, 0, 12, b"z").new_seq == 15
+    assert seg(f, 0, 13, b"CDEF").payload == b"c"
+    assert seg(f, 0, 17, b"z").new_seq == 17
+    assert [seg(f, 1, 0, ack=a).new_ack for a in (0, 5, 7, 8, 10, 15, 16, 17)] == [
+        0, 2, 4, 8, 10, 12, 13, 17,
+    ]  # fmt: skip
+
+
+def test_ack_into_the_middle_of_a_replacement_maps_to_the_edit_start() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 100, b"..AB..")  # AB at 102..104 -> rewritten 102..107
+    assert [seg(f, 1, 0, ack=q).new_ack for q in (102, 103, 106)] == [102, 102, 102]
+    # the sender retransmits from the edit start: the receiver gets the whole replacement again
+    p = seg(f, 0, 102, b"AB..")
+    assert p.new_seq == 102 and p.payload == b"xxxxx.."
+    assert seg(f, 1, 0, ack=107).new_ack == 104
+
+
+def test_same_length_edits_are_recorded_for_flows_with_state() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..KL..")
+    assert seg(f, 0, 0, b"..K").payload == b"..kl"  # retransmission re-cut inside the edit
+
+
+# -- retransmissions ----------------------------------------------------------------------------
+
+
+def test_a_retransmission_gets_exactly_the_recorded_edits_and_no_new_matching() -> None:
+    f = Flow(None, 0.0)
+    first = seg(f, 0, 0, b"..AB....AB..")
+    again = seg(f, 0, 0, b"..AB....AB..")
+    assert again.payload == first.payload and again.new_seq == first.new_seq
+    assert again.fresh_edits == () and again.replayed_edits == 2
+
+
+def test_seen_bytes_are_never_matched_again_even_if_the_matcher_changes() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..CDEF..", find=GROW)  # at that time only AB was a rule
+    p = seg(f, 0, 0, b"..CDEF..", find=SHRINK)
+    assert p.payload is None and p.fresh_edits == ()
+
+
+def test_a_match_starting_in_seen_bytes_is_not_taken() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"....A")
+    p = seg(f, 0, 4, b"AB..AB")  # AB at 4 straddles the seen byte 4; the second AB is fresh
+    assert p.payload == b"AB..xxxxx" and p.new_seq == 4
+
+
+def test_a_retransmission_ending_inside_an_edit_is_expanded_to_the_edit_end() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..CDEF..")  # rewritten ..c..
+    p = seg(f, 0, 0, b"..CD")
+    assert p.action == "send" and p.new_seq == 0 and p.payload == b"..c"
+    assert "expanded" in p.events
+
+
+def test_a_retransmission_starting_inside_an_edit_is_expanded_to_the_edit_start() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..AB..")
+    p = seg(f, 0, 3, b"B..")
+    assert p.new_seq == 2 and p.payload == b"xxxxx.."
+
+
+def test_a_retransmission_inside_one_edit_emits_the_whole_replacement() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..CDEF..")
+    p = seg(f, 0, 3, b"DE")
+    assert p.new_seq == 2 and p.payload == b"c"
+
+
+def test_a_fin_that_would_need_tail_expansion_is_dropped() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..CDEF..")
+    assert seg(f, 0, 0, b"..CD", flags=ACK | FIN).action == "drop"
+
+
+def test_a_segment_whose_bytes_are_all_deleted_is_sent_empty() -> None:
+    f = Flow(None, 0.0)
+    delete = matcher((b"secret", b""))
+    seg(f, 0, 0, b"ab", find=delete)
+    p = seg(f, 0, 2, b"secret", find=delete)
+    assert p.action == "send_empty" and p.payload == b"" and p.new_seq == 2
+    assert seg(f, 0, 8, b"cd", find=delete).new_seq == 2
+    assert seg(f, 1, 0, ack=2).new_ack == 8  # deleted bytes count as delivered
+
+
+def test_bytes_before_the_flow_began_map_with_offset_zero_and_are_never_edited() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 100, b"AB")
+    p = seg(f, 0, 90, b"AB........AB")  # a retransmission of older, pre-flow bytes and more
+    assert p.new_seq == 90 and p.payload == b"AB........xxxxx"
+
+
+# -- SACK -----------------------------------------------------------------------------------------
+
+
+def test_sack_edges_map_back_rounding_inward_and_empty_blocks_are_dropped() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..AB....AB..")  # AB 2..4 -> 2..7, AB 8..10 -> 11..16, end 12 -> 18
+    p = seg(f, 1, 0, ack=0, sack=[(7, 11), (3, 6), (12, 18), (4, 16)])
+    assert p.sack == ((4, 8), (10, 12), (4, 10))
+
+
+def test_sack_blocks_that_need_no_change_leave_the_option_alone() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"....AB")
+    assert seg(f, 1, 0, ack=0, sack=[(1, 3)]).sack is None
+
+
+# -- wraparound, SYN --------------------------------------------------------------------------
+
+
+def test_sequence_numbers_wrap_around_2_to_the_32() -> None:
+    f = Flow(None, 0.0)
+    isn = M32 - 4
+    p = seg(f, 0, isn, b"..AB....")  # AB at 2**32-2 .. 2**32
+    assert p.new_seq == isn and p.payload == b"..xxxxx...."
+    assert seg(f, 0, isn + 8, b".").new_seq == 7  # (2**32 + 4 + 3) mod 2**32
+    assert seg(f, 1, 0, ack=M32 - 1).new_ack == M32 - 2  # inside the replacement
+    assert seg(f, 0, M32 - 1, b"B..").new_seq == M32 - 2  # expanded to the edit start
+    p = seg(f, 1, 0, ack=7, sack=[(M32 - 1, 3)])
+    assert p.new_ack == 4 and p.sack == ()  # the block held only part of the replacement
+
+
+def test_a_syn_with_payload_carries_data_from_isn_plus_one() -> None:
+    f = Flow(None, 0.0)
+    p = seg(f, 0, 999, b"AB", flags=SYN)
+    assert p.new_seq == 999 and p.payload == b"xxxxx"
+    assert seg(f, 0, 1002, b".").new_seq == 1005
+    again = seg(f, 0, 999, b"AB", flags=SYN)  # SYN retransmission
+    assert again.payload == b"xxxxx" and again.fresh_edits == () and again.new_seq == 999
+    assert seg(f, 1, 7000, ack=1006, flags=SYN | ACK).new_ack == 1003
+    assert seg(f, 0, 999, b"AB", flags=SYN).action == "drop"  # its data is acked and forgotten
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def test_acknowledged_edits_are_collapsed_into_the_base_offset() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"AB..AB..AB..")
+    assert f.edit_count(0) == 3
+    assert seg(f, 1, 0, ack=14).new_ack == 8  # past the first two edits
+    assert f.edit_count(0) == 1
+    assert seg(f, 0, 12, b"..").new_seq == 21
+    assert seg(f, 1, 0, ack=21).new_ack == 12
+    assert f.edit_count(0) == 0
+
+
+def test_old_duplicates_below_the_collapsed_floor_are_trimmed_or_sent_empty() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"AB..AB..")
+    seg(f, 1, 0, ack=14)  # all acked: both edits collapsed, floor at 6
+    p = seg(f, 0, 0, b"AB..AB")
+    assert p.action == "send_empty" and p.new_seq == 12 and p.payload == b""
+    p = seg(f, 0, 4, b"AB....")
+    assert p.action == "send" and p.new_seq == 12 and p.payload == b"...."
+    assert "trimmed" in p.events
+
+
+def test_a_direction_keeps_at_most_max_edits_and_refusals_are_counted() -> None:
+    table = FlowTable(max_edits=2)
+    f = table.create(flow_key(b"\1\1\1\1", 1, b"\2\2\2\2", 2)[0], 0.0)
+    p = seg(f, 0, 0, b"AB.AB.AB")
+    assert p.payload is None and p.fresh_edits == () and "refused" in p.events
+    assert table.edits_refused == 3
+    assert seg(f, 0, 8, b"AB").fresh_edits == (0,)
+
+
+def test_a_matcher_that_breaks_its_contract_is_an_error() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"....")
+
+    def bad(payload: bytes, fresh_from: int) -> list[Edit]:
+        return [(0, 2, b"x")]
+
+    with pytest.raises(ValueError):
+        seg(f, 0, 2, b"..zz", find=bad)
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+
+KEY = flow_key(b"\x0a\0\0\1", 1234, b"\x0a\0\0\2", 80)[0]
+
+
+def test_fin_in_both_directions_each_acked_ends_the_flow_after_the_grace_period() -> None:
+    table = FlowTable(close_grace=10.0)
+    f = table.create(KEY, 0.0)
+    seg(f, 0, 100, b"AB", now=1.0)
+    seg(f, 1, 500, b"", ack=105, now=1.0)
+    seg(f, 0, 102, b"", flags=ACK | FIN, ack=500, now=2.0)  # FIN at original 102
+    p = seg(f, 1, 500, b"", flags=ACK | FIN, ack=106, now=2.0)  # acks our FIN, sends its own
+    assert "fin" in p.events and not f.ended
+    p = seg(f, 0, 103, b"", ack=501, now=3.0)
+    assert "closed" in p.events and f.ended
+    assert table.expire(12.9) == 0
+    assert table.expire(13.0) == 1
+    assert table.flows_ended == 1 and table.flows_active == 0 and table.get(KEY) is None
+
+
+def test_rst_ends_the_flow_after_the_grace_period() -> None:
+    table = FlowTable(close_grace=5.0)
+    f = table.create(KEY, 0.0)
+    seg(f, 0, 100, b"AB", now=1.0)
+    p = seg(f, 0, 102, b"", flags=RST, now=2.0)
+    assert "rst" in p.events and f.ended
+    seg(f, 0, 100, b"AB", now=3.0)  # a late retransmission is still adjusted
+    assert table.expire(6.9) == 0 and table.expire(7.0) == 1
+    assert table.stats()["flows_ended"] == 1
+
+
+def test_idle_flows_expire() -> None:
+    table = FlowTable(idle_timeout=300.0)
+    a = table.create(KEY, 0.0)
+    other = flow_key(b"\x0a\0\0\3", 1, b"\x0a\0\0\4", 2)[0]
+    table.create(other, 100.0)
+    seg(a, 0, 0, b"AB", now=200.0)  # activity keeps a flow alive
+    assert table.expire(399.0) == 0
+    assert table.expire(400.0) == 1 and table.get(other) is None and table.get(KEY) is a
+    assert table.flows_expired == 1
+
+
+def test_a_full_table_evicts_the_least_recently_used_flow_and_counts_it() -> None:
+    table = FlowTable(max_flows=2)
+    keys = [flow_key(bytes([10, 0, 0, i]), 1, b"\x0a\0\0\xff", 2)[0] for i in range(3)]
+    f0 = table.create(keys[0], 0.0)
+    table.create(keys[1], 1.0)
+    seg(f0, 0, 0, b"AB", now=2.0)  # keys[0] used more recently than keys[1]
+    table.create(keys[2], 3.0)
+    assert table.flows_evicted == 1 and table.get(keys[1]) is None and table.get(keys[0]) is f0
+    assert table.create(keys[0], 4.0) is f0  # create on an existing key returns it
+    s = table.stats()
+    assert s["flows_created"] == 3 and s["flows_active"] == 2
+    assert s["flows_created"] == (
+        s["flows_active"] + s["flows_evicted"] + s["flows_expired"] + s["flows_ended"]
+    )
+
+
+def test_a_new_syn_on_an_ended_flow_starts_over() -> None:
+    table = FlowTable()
+    f = table.create(KEY, 0.0)
+    seg(f, 0, 100, b"AB", flags=SYN, now=1.0)
+    seg(f, 0, 103, b"", flags=RST, now=2.0)
+    p = seg(f, 0, 9000, b"", flags=SYN, now=3.0)
+    assert "restarted" in p.events and not f.ended and p.new_seq == 9000
+    assert seg(f, 1, 0, ack=9001, flags=SYN | ACK).new_ack == 9001
+    assert table.expire(100.0) == 0  # the stale end record does not remove the live flow
+
+
+def test_a_flow_without_edits_changes_nothing() -> None:
+    f = Flow(None, 0.0)
+    p = seg(f, 0, 5, b"hello", ack=77, sack=[(80, 90)], find=NONE)
+    assert (p.action, p.new_seq, p.new_ack, p.payload, p.sack) == ("send", 5, 77, None, None)

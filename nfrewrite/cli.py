@@ -1,0 +1,165 @@
+"""The ``nfrewrite`` command: ``check``, ``run``, ``replay``.
+
+Theory of operation
+-------------------
+Each subcommand is ONE decorated function: ``@command(name, help, *arguments)`` registers it, the
+arguments are declared with :func:`arg` (same parameters as ``ArgumentParser.add_argument``), and
+the function takes the parsed ``argparse.Namespace`` and returns the exit code. ``main`` builds the
+parser from the registry, runs the chosen function and turns failures into exit codes:
+
+    0  success
+    1  invalid config or rules (diagnostics on stderr: ``path:line:col: error: text``, line, caret)
+    2  usage error (argparse)
+    3  subcommand not implemented yet
+    4  runtime failure (one line on stderr; set NFREWRITE_DEBUG=1 for the traceback)
+
+Diagnostics and warnings go to stderr; a command's result (``check``'s summary line) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nfrewrite.config import load_all
+from nfrewrite.diagnostics import Diagnostic
+
+__all__ = [
+    "EXIT_INVALID",
+    "EXIT_NOT_IMPLEMENTED",
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "EXIT_USAGE",
+    "arg",
+    "command",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+EXIT_NOT_IMPLEMENTED = 3
+EXIT_RUNTIME = 4
+
+DEFAULT_CONFIG = "/etc/nfrewrite/nfrewrite.toml"
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    """An argument of a subcommand, as for ``ArgumentParser.add_argument(*flags, **options)``."""
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str
+    help: str
+    args: tuple[Arg, ...]
+    handler: Handler
+
+
+_COMMANDS: dict[str, _Command] = {}
+
+
+def command(name: str, help: str, *args: Arg) -> Callable[[Handler], Handler]:
+    """Register ``handler`` as subcommand ``name``."""
+
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[name] = _Command(name, help, args, handler)
+        return handler
+
+    return register
+
+
+CONFIG_ARG = arg(
+    "-c", "--config", metavar="CONFIG", default=DEFAULT_CONFIG,
+    help=f"config file (default {DEFAULT_CONFIG})",
+)
+
+
+# -- subcommands -------------------------------------------------------------------------------
+
+
+@command("check", "validate the config and every rule file; report all errors", CONFIG_ARG)
+def cmd_check(args: argparse.Namespace) -> int:
+    config, ruleset, diagnostics = load_all(args.config)
+    print_diagnostics(diagnostics)
+    errors = sum(1 for d in diagnostics if d.severity == "error")
+    if errors or config is None or ruleset is None:
+        warnings = len(diagnostics) - errors
+        summary = f"{errors} error{'s' if errors != 1 else ''}"
+        if warnings:
+            summary += f", {warnings} warning{'s' if warnings != 1 else ''}"
+        print(f"nfrewrite: check failed: {summary}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{len(ruleset.rules)} rules in {len(ruleset.files)} files OK")
+    return EXIT_OK
+
+
+@command("run", "run the daemon in the foreground", CONFIG_ARG)
+def cmd_run(args: argparse.Namespace) -> int:
+    print("nfrewrite run: not implemented yet", file=sys.stderr)
+    return EXIT_NOT_IMPLEMENTED
+
+
+@command(
+    "replay", "apply the rules to a capture, offline", CONFIG_ARG,
+    arg("input", metavar="IN.pcap", help="capture to read"),
+    arg("output", metavar="OUT.pcap", help="capture to write"),
+)
+def cmd_replay(args: argparse.Namespace) -> int:
+    print("nfrewrite replay: not implemented yet", file=sys.stderr)
+    return EXIT_NOT_IMPLEMENTED
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+def print_diagnostics(diagnostics: Sequence[Diagnostic]) -> None:
+    for d in diagnostics:
+        print(d.format(), file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nfrewrite", description="Transparent TCP packet rewriting on NFQUEUE."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in _COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for a in cmd.args:
+            p.add_argument(*a.flags, **a.options)
+        p.set_defaults(handler=cmd.handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_RUNTIME
+    except Exception as exc:  # a runtime failure: one line, not a traceback
+        if os.environ.get("NFREWRITE_DEBUG"):
+            raise
+        reason = str(exc) or type(exc).__name__
+        print(f"nfrewrite {args.command}: error: {reason}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

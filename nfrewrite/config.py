@@ -1,0 +1,369 @@
+"""``nfrewrite.toml`` -> a frozen :class:`Config`; and :func:`load_all`, config plus rules at once.
+
+Theory of operation
+-------------------
+The config file is small and every key has a default, so a missing file section simply means the
+default. Everything present is validated: unknown keys (with a "did you mean"), types, ranges,
+interface names. Like the rule loader, validation reports every problem with ``path:line:col``
+(see :mod:`nfrewrite.diagnostics`) and never stops at the first; any error means no Config.
+
+Schema (DESIGN §2; defaults in brackets)::
+
+    rules_dir = "rules"            # [rules] relative to this file's directory
+    [[bridge]]                     # zero or more
+    name     = "br0"               # required; Linux interface name (<= 15 bytes)
+    ports    = ["eth1", "eth2"]    # required, >= 1, each an interface name used by one bridge only
+    offloads = { gro = false }     # optional; keys rx tx tso gso gro lro sg -> bool [leave as is]
+    [queue]
+    num      = 0                   # [0] first NFQUEUE number, 0..65535 (num + workers - 1 too)
+    workers  = 1                   # [1] 1..64; >1 balances over queues num..num+workers-1
+    maxlen   = 4096                # [4096] kernel queue length, 1..2**31-1
+    sock_buf = 8388608             # [8 MiB] netlink socket receive buffer in bytes, 4096..2**31-1
+    [metrics]
+    listen   = "127.0.0.1:9640"    # ["127.0.0.1:9640"] host:port; IPv6 as "[::1]:9640"
+    [flows]
+    max          = 65536           # [65536] tracked flows, 1..2**31-1
+    idle_timeout = 300             # [300] seconds (integer or float) > 0, at most a week
+
+:func:`load_all` loads the config and then the rules of its ``rules_dir``, passing the configured
+bridge ports so ``in_port``/``out_port`` can be checked against them; diagnostics of both come back
+in one list (config first, then rule files in the order they are read).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from nfrewrite.diagnostics import Diagnostic, TomlFile, has_errors, type_name
+from nfrewrite.rules import RuleSet, load_rules
+from nfrewrite.tomlpos import KeyPath
+
+__all__ = [
+    "Bridge",
+    "Config",
+    "Diagnostic",
+    "FlowsConfig",
+    "MetricsConfig",
+    "Offloads",
+    "QueueConfig",
+    "load_all",
+    "load_config",
+]
+
+TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows")
+BRIDGE_KEYS = ("name", "ports", "offloads")
+OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro", "sg")
+QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf")
+METRICS_KEYS = ("listen",)
+FLOWS_KEYS = ("max", "idle_timeout")
+
+INT31 = 2**31 - 1
+WEEK = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Offloads:
+    """ethtool-style features to set on a bridge's ports at start; ``None`` leaves one as is."""
+
+    rx: bool | None = None
+    tx: bool | None = None
+    tso: bool | None = None
+    gso: bool | None = None
+    gro: bool | None = None
+    lro: bool | None = None
+    sg: bool | None = None
+
+    def items(self) -> tuple[tuple[str, bool], ...]:
+        """The features that are set, as (name, on) pairs in a fixed order."""
+        out: list[tuple[str, bool]] = []
+        for name in OFFLOAD_KEYS:
+            value: bool | None = getattr(self, name)
+            if value is not None:
+                out.append((name, value))
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Bridge:
+    name: str
+    ports: tuple[str, ...]
+    offloads: Offloads = field(default_factory=Offloads)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    num: int = 0
+    workers: int = 1
+    maxlen: int = 4096
+    sock_buf: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"  # without brackets, also for IPv6
+    port: int = 9640
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowsConfig:
+    max: int = 65536
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str  # the config file as given
+    rules_dir: str = "rules"  # resolved against the config file's directory
+    bridges: tuple[Bridge, ...] = ()
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    flows: FlowsConfig = field(default_factory=FlowsConfig)
+
+    @property
+    def bridge_ports(self) -> tuple[str, ...]:
+        return tuple(p for b in self.bridges for p in b.ports)
+
+
+def load_config(path: str) -> tuple[Config | None, list[Diagnostic]]:
+    """Read and validate the config file. Returns (Config or None on any error, diagnostics)."""
+    doc = TomlFile.read(path)
+    config = None if doc.data is None else _build(doc, doc.data)
+    doc.sort()
+    if has_errors(doc.diagnostics):
+        return None, doc.diagnostics
+    return config, doc.diagnostics
+
+
+def load_all(
+    config_path: str, *, allow_length_change: bool = True
+) -> tuple[Config | None, RuleSet | None, list[Diagnostic]]:
+    """Config, then the rules of its ``rules_dir``; all diagnostics of both in one list.
+
+    Rules are still loaded (to report their errors) when the config has errors elsewhere, but not
+    when the config cannot be parsed or its ``rules_dir`` is invalid.
+    """
+    doc = TomlFile.read(config_path)
+    config = None if doc.data is None else _build(doc, doc.data)
+    rules_dir: str | None = None
+    if doc.data is not None:
+        raw = doc.data.get("rules_dir", "rules")
+        if isinstance(raw, str) and raw:
+            rules_dir = _resolve(config_path, raw)
+            if not os.path.isdir(rules_dir):
+                exists = os.path.exists(rules_dir)
+                problem = "is not a directory" if exists else "does not exist"
+                if "rules_dir" in doc.data:
+                    doc.error(("rules_dir",), f"rules directory {rules_dir!r} {problem}")
+                else:
+                    doc.diagnostics.append(Diagnostic(
+                        config_path, 0, 0, "error",
+                        f"rules directory {rules_dir!r} {problem} (rules_dir defaults to "
+                        "\"rules\", next to this file)"))
+                rules_dir = None
+    doc.sort()
+    diagnostics = list(doc.diagnostics)
+    config_ok = not has_errors(diagnostics)
+    ruleset: RuleSet | None = None
+    if rules_dir is not None:
+        ports = config.bridge_ports if config is not None else None
+        ruleset, rule_diags = load_rules(
+            rules_dir, allow_length_change=allow_length_change, bridge_ports=ports
+        )
+        diagnostics.extend(rule_diags)
+    if not config_ok:
+        return None, ruleset, diagnostics
+    return config, ruleset, diagnostics
+
+
+def _resolve(config_path: str, rules_dir: str) -> str:
+    return os.path.normpath(os.path.join(os.path.dirname(config_path), rules_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(doc: TomlFile, data: dict[str, object]) -> Config | None:
+    doc.check_keys((), data, TOP_KEYS, "the config file")
+    rules_dir = "rules"
+    if "rules_dir" in data:
+        value = doc.want_str(("rules_dir",), data["rules_dir"], "rules_dir")
+        if value == "":
+            doc.error(("rules_dir",), "rules_dir must not be empty")
+        elif value is not None:
+            rules_dir = value
+    bridges = _bridges(doc, data["bridge"]) if "bridge" in data else ()
+    queue = _queue(doc, data["queue"]) if "queue" in data else QueueConfig()
+    metrics = _metrics(doc, data["metrics"]) if "metrics" in data else MetricsConfig()
+    flows = _flows(doc, data["flows"]) if "flows" in data else FlowsConfig()
+    if has_errors(doc.diagnostics):
+        return None
+    return Config(doc.path, _resolve(doc.path, rules_dir), bridges, queue, metrics, flows)
+
+
+def _bridges(doc: TomlFile, value: object) -> tuple[Bridge, ...]:
+    kp: KeyPath = ("bridge",)
+    if isinstance(value, dict):
+        doc.error(kp, "write each bridge as [[bridge]] (an array of tables), not [bridge]")
+        return ()
+    if not isinstance(value, list):
+        doc.error(kp, f"bridge must be an array of tables ([[bridge]]), not {type_name(value)}")
+        return ()
+    bridges: list[Bridge] = []
+    names: dict[str, KeyPath] = {}
+    port_owner: dict[str, str] = {}
+    for i, entry in enumerate(value):
+        bkp = kp + (i,)
+        table = doc.want_table(bkp, entry, "a bridge")
+        if table is None:
+            continue
+        doc.check_keys(bkp, table, BRIDGE_KEYS, "a bridge")
+        name: str | None = None
+        if "name" not in table:
+            doc.error(bkp, 'bridge has no name (add name = "br0")')
+        else:
+            name = doc.want_ifname(bkp + ("name",), table["name"], "bridge name")
+            if name is not None and name in names:
+                line, col = doc.at(names[name])
+                doc.error(bkp + ("name",), f"duplicate bridge '{name}' (first at "
+                                           f"{doc.path}:{line}:{col})")
+                name = None
+            elif name is not None:
+                names[name] = bkp + ("name",)
+        ports: list[str] = []
+        if "ports" not in table:
+            doc.error(bkp, 'bridge has no ports (add ports = ["eth1", "eth2"])')
+        elif not isinstance(table["ports"], list):
+            doc.error(bkp + ("ports",), f"ports must be an array of interface names, not "
+                                        f"{type_name(table['ports'])}")
+        elif not table["ports"]:
+            doc.error(bkp + ("ports",), "ports must name at least one interface")
+        else:
+            for j, item in enumerate(table["ports"]):
+                pkp = bkp + ("ports", j)
+                port = doc.want_ifname(pkp, item, "port")
+                if port is None:
+                    continue
+                owner = port_owner.get(port)
+                if port in ports:
+                    doc.error(pkp, f"port '{port}' is listed twice")
+                elif owner is not None:
+                    doc.error(pkp, f"port '{port}' is already a port of bridge '{owner}'")
+                else:
+                    ports.append(port)
+                    port_owner[port] = name or "?"
+        offloads = Offloads()
+        if "offloads" in table:
+            okp = bkp + ("offloads",)
+            otable = doc.want_table(okp, table["offloads"], "offloads")
+            if otable is not None:
+                doc.check_keys(okp, otable, OFFLOAD_KEYS, "offloads")
+                flags: dict[str, bool] = {}
+                for key in OFFLOAD_KEYS:
+                    if key in otable:
+                        flag = doc.want_bool(okp + (key,), otable[key], f"offloads.{key}")
+                        if flag is not None:
+                            flags[key] = flag
+                offloads = Offloads(**flags)
+        if name is not None:
+            bridges.append(Bridge(name, tuple(ports), offloads))
+    for bname, nkp in names.items():
+        if bname in port_owner:
+            doc.error(nkp, f"bridge '{bname}' is also listed as a port of bridge "
+                           f"'{port_owner[bname]}'")
+    return tuple(bridges)
+
+
+def _table(doc: TomlFile, name: str, value: object, keys: tuple[str, ...]) -> dict[str, object]:
+    table = doc.want_table((name,), value, f"[{name}]")
+    if table is None:
+        return {}
+    doc.check_keys((name,), table, keys, f"[{name}]")
+    return table
+
+
+def _queue(doc: TomlFile, value: object) -> QueueConfig:
+    table = _table(doc, "queue", value, QUEUE_KEYS)
+    ranges = {"num": (0, 65535), "workers": (1, 64), "maxlen": (1, INT31),
+              "sock_buf": (4096, INT31)}
+    values: dict[str, int] = {}
+    for key, (lo, hi) in ranges.items():
+        if key in table:
+            v = doc.want_int(("queue", key), table[key], f"queue.{key}", lo, hi)
+            if v is not None:
+                values[key] = v
+    queue = QueueConfig(**values)
+    last = queue.num + queue.workers - 1
+    if last > 65535 and "num" in values and "workers" in values:
+        doc.error(("queue", "workers"), f"queues {queue.num}..{last} run past 65535 "
+                                        "(lower num or workers)")
+    return queue
+
+
+def _metrics(doc: TomlFile, value: object) -> MetricsConfig:
+    table = _table(doc, "metrics", value, METRICS_KEYS)
+    if "listen" not in table:
+        return MetricsConfig()
+    kp: KeyPath = ("metrics", "listen")
+    text = doc.want_str(kp, table["listen"], "metrics.listen")
+    if text is None:
+        return MetricsConfig()
+    parsed = _host_port(text)
+    if isinstance(parsed, str):
+        doc.error(kp, f"metrics.listen {text!r}: {parsed}")
+        return MetricsConfig()
+    return MetricsConfig(*parsed)
+
+
+def _host_port(text: str) -> tuple[str, int] | str:
+    """("host", port) from "host:port" / "[v6]:port", or the reason it is malformed."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text.startswith(":", close + 1):
+            return 'write an IPv6 address as "[::1]:9640"'
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            return 'missing port (write "host:port", e.g. "127.0.0.1:9640")'
+        if ":" in host:
+            return 'write an IPv6 address in brackets, e.g. "[::1]:9640"'
+        if not host:
+            return 'missing host (use "0.0.0.0:PORT" to listen on all IPv4 addresses)'
+        if any(ch.isspace() or ch in "/[]" for ch in host):
+            return f"{host!r} is not a host name or address"
+    if not port_text.isdigit():
+        return f"port {port_text!r} is not a number"
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        return f"port {port} is out of range (1..65535)"
+    return host, port
+
+
+def _flows(doc: TomlFile, value: object) -> FlowsConfig:
+    table = _table(doc, "flows", value, FLOWS_KEYS)
+    flows = FlowsConfig()
+    max_flows = flows.max
+    idle = flows.idle_timeout
+    if "max" in table:
+        max_flows = doc.want_int(("flows", "max"), table["max"], "flows.max", 1, INT31) or max_flows
+    if "idle_timeout" in table:
+        kp: KeyPath = ("flows", "idle_timeout")
+        raw = table["idle_timeout"]
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            doc.error(kp, f"flows.idle_timeout must be a number of seconds, not {type_name(raw)}")
+        elif not 0 < raw <= WEEK:
+            doc.error(kp, f"flows.idle_timeout {raw} is out of range (more than 0, at most {WEEK})")
+        else:
+            idle = float(raw)
+    return FlowsConfig(max_flows, idle)

@@ -1,0 +1,803 @@
+"""Rule files -> one immutable, compiled :class:`RuleSet` (or precise errors, never a silent typo).
+
+Theory of operation
+-------------------
+``load_rules(rules_dir)`` reads ``rules_dir/*.toml`` in lexical order of file name (names starting
+with ``.`` are skipped: editor droppings), validates every ``[[rule]]`` against DESIGN §3 and
+compiles it. Validation never stops at the first mistake: each bad value is reported with its
+``path:line:col`` (see :mod:`nfrewrite.diagnostics`) and the loader goes on, so one run shows them
+all. Any error means no ruleset (``None``); warnings do not.
+
+The compiled shape, which the engine consumes::
+
+    RuleSet
+      .rules: tuple[Rule, ...]        global order: file name, then position in the file
+      .files: tuple[str, ...]         the files read, in that order
+      .select(version, src, dst, sport, dport, in_port=None, out_port=None) -> Selection
+
+    Rule(name, index, path, line, col, match, replaces, set, verdict, examples)   frozen
+      match:    Match(protocol, sport, dport, src, dst, in_port, out_port)
+                  .matches(version, src, dst, sport, dport, in_port, out_port) -> bool
+                  ports are tuples of inclusive (lo, hi) ranges, addresses tuples of networks;
+                  None means "any"
+      replaces: tuple[Replace(find: bytes, with_: bytes, line, col), ...]
+      set:      HeaderSet(ttl, hop_limit, dscp, window, mss, mss_max), each int | None
+      verdict:  "accept" | "drop"
+      examples: tuple[Example(input: bytes, output: bytes, line, col), ...]
+
+    Selection                       shared by every packet with the same set of matching rules
+      .rules: tuple[Rule, ...]      the rules that match, in rule order
+      .find_edits(payload) -> list[(start, end, replacement, rule)]
+
+``src``/``dst`` given to ``select``/``matches`` are the raw 4- or 16-byte addresses from the packet.
+
+Replace semantics (``Selection.find_edits``)
+--------------------------------------------
+All ``find`` patterns of all selected rules are searched in ONE left-to-right pass over the
+ORIGINAL payload. At each position the leftmost match wins; when several patterns match at the same
+position, the first in rule order wins (and within one rule, the first in its ``replace`` list) —
+not the longest. Matches never overlap: the search resumes after the end of the match it took. A
+replacement's output is never searched again, so rules cannot feed each other and no rewrite can
+loop. The result is sorted by ``start``; applying it is the engine's job. A pattern split across two
+segments is not seen (DESIGN §3).
+
+Text (``find``/``with``) is encoded as UTF-8; ``find_hex``/``with_hex`` are hex bytes in which
+whitespace is ignored. The two forms may be mixed in one entry (``find`` with ``with_hex`` and the
+other way round): each side is just bytes. ``find`` must not be empty; ``with`` may be (deletes).
+
+Matching cost
+-------------
+A packet is compared only with rules that could match its ports: rules whose ``dport`` is a list of
+exact ports sit in a dict keyed by destination port, then likewise for ``sport``; only rules with
+port ranges or no port condition on both sides are scanned per lookup. The result for a
+``(version, sport, dport, in_port, out_port)`` key is memoised in a bounded LRU cache; when no
+candidate rule has an address condition that result *is* the Selection, otherwise only those few
+address conditions are checked per packet. Selections (with their compiled patterns) are shared
+per distinct tuple of matching rules. So the per-packet cost depends on the rules that can match
+the packet, not on how many rules exist (see ``bench/bench_match.py``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import os
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from nfrewrite.diagnostics import Diagnostic, TomlFile, has_errors, type_name
+from nfrewrite.tomlpos import KeyPath
+
+__all__ = [
+    "Example",
+    "HeaderSet",
+    "Match",
+    "Network",
+    "PortRanges",
+    "Replace",
+    "Rule",
+    "RuleSet",
+    "Selection",
+    "load_rules",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PortRanges = tuple[tuple[int, int], ...]
+Edit = tuple[int, int, bytes, "Rule"]
+
+RULE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+RULE_NAME_MAX = 64
+VERDICTS = ("accept", "drop")
+PROTOCOLS = ("tcp",)
+
+RULE_KEYS = ("name", "match", "replace", "set", "verdict", "examples")
+MATCH_KEYS = ("protocol", "sport", "dport", "src", "dst", "in_port", "out_port")
+REPLACE_KEYS = ("find", "with", "find_hex", "with_hex")
+SET_KEYS = ("ttl", "hop_limit", "dscp", "window", "mss", "mss_max")
+EXAMPLE_KEYS = ("input", "output", "input_hex", "output_hex")
+# (lo, hi) for every integer under `set`
+SET_RANGES = {
+    "ttl": (1, 255),
+    "hop_limit": (1, 255),
+    "dscp": (0, 63),
+    "window": (0, 65535),
+    "mss": (536, 65535),
+    "mss_max": (536, 65535),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled shape
+# ---------------------------------------------------------------------------------------------
+
+
+def _in_ranges(port: int, ranges: PortRanges) -> bool:
+    return any(lo <= port <= hi for lo, hi in ranges)
+
+
+CompiledNets = tuple[tuple[int, int, int], ...]  # (version, network as int, mask as int)
+
+
+def _compile_nets(nets: tuple[Network, ...] | None) -> CompiledNets | None:
+    if nets is None:
+        return None
+    return tuple((n.version, int(n.network_address), int(n.netmask)) for n in nets)
+
+
+def _addr_in(version: int, addr: bytes, nets: CompiledNets) -> bool:
+    value = int.from_bytes(addr, "big")
+    return any(v == version and value & mask == net for v, net, mask in nets)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """What a rule applies to. ``None`` in any field means "any"."""
+
+    protocol: str = "tcp"
+    sport: PortRanges | None = None
+    dport: PortRanges | None = None
+    src: tuple[Network, ...] | None = None
+    dst: tuple[Network, ...] | None = None
+    in_port: str | None = None
+    out_port: str | None = None
+    _src: CompiledNets | None = field(init=False, repr=False, compare=False)
+    _dst: CompiledNets | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_src", _compile_nets(self.src))
+        object.__setattr__(self, "_dst", _compile_nets(self.dst))
+
+    @property
+    def versions(self) -> frozenset[int]:
+        """IP versions this match can apply to (an address condition narrows them)."""
+        found = {4, 6}
+        for nets in (self.src, self.dst):
+            if nets is not None:
+                found &= {n.version for n in nets}
+        return frozenset(found)
+
+    @property
+    def has_addresses(self) -> bool:
+        return self.src is not None or self.dst is not None
+
+    def matches_ports(
+        self, sport: int, dport: int, in_port: str | None, out_port: str | None
+    ) -> bool:
+        return (
+            (self.sport is None or _in_ranges(sport, self.sport))
+            and (self.dport is None or _in_ranges(dport, self.dport))
+            and (self.in_port is None or in_port == self.in_port)
+            and (self.out_port is None or out_port == self.out_port)
+        )
+
+    def matches_addresses(self, version: int, src: bytes, dst: bytes) -> bool:
+        return (self._src is None or _addr_in(version, src, self._src)) and (
+            self._dst is None or _addr_in(version, dst, self._dst)
+        )
+
+    def matches(
+        self,
+        version: int,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        in_port: str | None,
+        out_port: str | None,
+    ) -> bool:
+        return self.matches_ports(sport, dport, in_port, out_port) and self.matches_addresses(
+            version, src, dst
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    find: bytes
+    with_: bytes
+    line: int
+    col: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSet:
+    """Header edits; ``None`` leaves a field alone."""
+
+    ttl: int | None = None
+    hop_limit: int | None = None
+    dscp: int | None = None
+    window: int | None = None
+    mss: int | None = None  # set the MSS option of SYNs that carry one to exactly this
+    mss_max: int | None = None  # lower the MSS option of SYNs to this if it is larger
+
+    @property
+    def empty(self) -> bool:
+        return all(getattr(self, name) is None for name in SET_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """A payload and what the rule should turn it into (to be checked by a later issue)."""
+
+    input: bytes
+    output: bytes
+    line: int
+    col: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    index: int  # global order: file name, then position
+    path: str
+    line: int  # where the [[rule]] is
+    col: int
+    match: Match
+    replaces: tuple[Replace, ...]
+    set: HeaderSet
+    verdict: str  # "accept" | "drop"
+    examples: tuple[Example, ...]
+
+
+class Selection:
+    """The rules that match one kind of packet, with their replace patterns compiled once."""
+
+    __slots__ = ("_find", "_regex", "_single", "_table", "rules")
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        patterns: list[tuple[bytes, bytes, Rule]] = []
+        seen: set[bytes] = set()
+        for rule in rules:
+            for rep in rule.replaces:
+                if rep.find not in seen:  # an identical later pattern could never win
+                    seen.add(rep.find)
+                    patterns.append((rep.find, rep.with_, rule))
+        self._table: tuple[tuple[bytes, Rule], ...] = tuple((w, r) for _, w, r in patterns)
+        self._single: tuple[bytes, bytes, Rule] | None = (
+            patterns[0] if len(patterns) == 1 else None
+        )
+        self._find = len(patterns) > 0
+        self._regex: re.Pattern[bytes] | None = None
+        if len(patterns) > 1:
+            alternation = b"|".join(b"(" + re.escape(p) + b")" for p, _, _ in patterns)
+            self._regex = re.compile(alternation, re.DOTALL)
+
+    def __repr__(self) -> str:
+        return f"Selection({[r.name for r in self.rules]!r})"
+
+    def find_edits(self, payload: bytes | bytearray) -> list[Edit]:
+        """Every replace of the selected rules in ``payload``: (start, end, replacement, rule).
+
+        One pass over the original payload; leftmost match first, ties to rule order;
+        non-overlapping; sorted by start. See the module docstring.
+        """
+        if not self._find:
+            return []
+        single = self._single
+        if single is not None:
+            find, with_, rule = single
+            edits: list[Edit] = []
+            size = len(find)
+            start = payload.find(find)
+            while start >= 0:
+                edits.append((start, start + size, with_, rule))
+                start = payload.find(find, start + size)
+            return edits
+        assert self._regex is not None
+        table = self._table
+        out: list[Edit] = []
+        for m in self._regex.finditer(payload):
+            with_, rule = table[m.lastindex - 1]  # type: ignore[operator]
+            out.append((m.start(), m.end(), with_, rule))
+        return out
+
+
+_Group = tuple[Selection | None, tuple[Rule, ...]]
+
+
+class RuleSet:
+    """An immutable, compiled set of rules. See the module docstring for the shape and costs."""
+
+    __slots__ = (
+        "_by_dport",
+        "_by_sport",
+        "_files",
+        "_group",
+        "_rules",
+        "_selections",
+        "_wild",
+    )
+
+    GROUP_CACHE = 65536
+    SELECTION_CACHE = 4096
+
+    def __init__(self, rules: Iterable[Rule], files: Iterable[str] = ()) -> None:
+        self._rules = tuple(rules)
+        self._files = tuple(files)
+        by_dport: dict[int, list[Rule]] = {}
+        by_sport: dict[int, list[Rule]] = {}
+        wild: list[Rule] = []
+        for rule in self._rules:
+            dports = _exact_ports(rule.match.dport)
+            sports = _exact_ports(rule.match.sport)
+            if dports is not None:
+                for p in dports:
+                    by_dport.setdefault(p, []).append(rule)
+            elif sports is not None:
+                for p in sports:
+                    by_sport.setdefault(p, []).append(rule)
+            else:
+                wild.append(rule)
+        self._by_dport = {p: tuple(rs) for p, rs in by_dport.items()}
+        self._by_sport = {p: tuple(rs) for p, rs in by_sport.items()}
+        self._wild = tuple(wild)
+        self._selections: dict[tuple[int, ...], Selection] = {}
+        self._group = functools.lru_cache(maxsize=self.GROUP_CACHE)(self._make_group)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self._rules
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self._files
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def __repr__(self) -> str:
+        return f"RuleSet({len(self._rules)} rules in {len(self._files)} files)"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, "_group"):
+            raise AttributeError("RuleSet is immutable")
+        object.__setattr__(self, name, value)
+
+    def select(
+        self,
+        version: int,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        in_port: str | None = None,
+        out_port: str | None = None,
+    ) -> Selection:
+        """The rules that apply to a packet, as a shared :class:`Selection`."""
+        selection, candidates = self._group(version, sport, dport, in_port, out_port)
+        if selection is not None:
+            return selection
+        return self._selection(
+            tuple(r for r in candidates if r.match.matches_addresses(version, src, dst))
+        )
+
+    def _make_group(
+        self, version: int, sport: int, dport: int, in_port: str | None, out_port: str | None
+    ) -> _Group:
+        found = {
+            r.index: r
+            for r in (*self._by_dport.get(dport, ()), *self._by_sport.get(sport, ()), *self._wild)
+            if version in r.match.versions
+            and r.match.matches_ports(sport, dport, in_port, out_port)
+        }
+        candidates = tuple(found[i] for i in sorted(found))
+        if any(r.match.has_addresses for r in candidates):
+            return None, candidates
+        return self._selection(candidates), candidates
+
+    def _selection(self, rules: tuple[Rule, ...]) -> Selection:
+        key = tuple(r.index for r in rules)
+        sel = self._selections.get(key)
+        if sel is None:
+            if len(self._selections) >= self.SELECTION_CACHE:
+                self._selections.clear()
+            sel = self._selections[key] = Selection(rules)
+        return sel
+
+
+def _exact_ports(ranges: PortRanges | None) -> list[int] | None:
+    """The ports of ``ranges`` if they are a few exact ports (worth a dict entry each)."""
+    if ranges is None:
+        return None
+    ports = [p for lo, hi in ranges for p in range(lo, hi + 1)] if len(ranges) <= 64 else []
+    if not ports or len(ports) > 64:
+        return None
+    return ports
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------
+
+_PORT_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+
+
+def load_rules(
+    rules_dir: str,
+    *,
+    allow_length_change: bool = True,
+    bridge_ports: Collection[str] | None = None,
+) -> tuple[RuleSet | None, list[Diagnostic]]:
+    """Read, validate and compile ``rules_dir/*.toml``. Returns (ruleset or None, diagnostics).
+
+    ``allow_length_change=False`` makes a replace whose ``with`` differs in length from its
+    ``find`` an error. ``bridge_ports``, when given, are the only valid ``in_port``/``out_port``
+    values (an empty collection means no bridge is configured: such a match is then a warning).
+    """
+    loader = _Loader(allow_length_change, bridge_ports)
+    try:
+        names = sorted(os.listdir(rules_dir))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        problem = f"cannot read rules directory: {reason}"
+        return None, [Diagnostic(rules_dir, 0, 0, "error", problem)]
+    files = [
+        os.path.join(rules_dir, n)
+        for n in names
+        if n.endswith(".toml") and not n.startswith(".")
+        and os.path.isfile(os.path.join(rules_dir, n))
+    ]
+    diagnostics: list[Diagnostic] = []
+    if not files:
+        diagnostics.append(
+            Diagnostic(rules_dir, 0, 0, "warning", "no rule files (*.toml) in the rules directory")
+        )
+    for path in files:
+        doc = TomlFile.read(path)
+        if doc.data is not None:
+            loader.load_file(doc, doc.data)
+        doc.sort()
+        diagnostics.extend(doc.diagnostics)
+    if has_errors(diagnostics):
+        return None, diagnostics
+    return RuleSet(loader.rules, files), diagnostics
+
+
+class _Loader:
+    """Validates rule files one after another, keeping what spans files (names, order)."""
+
+    def __init__(self, allow_length_change: bool, bridge_ports: Collection[str] | None) -> None:
+        self.allow_length_change = allow_length_change
+        self.bridge_ports = bridge_ports
+        self.rules: list[Rule] = []
+        self.names: dict[str, str] = {}  # name -> "path:line:col" of its first definition
+
+    def load_file(self, doc: TomlFile, data: dict[str, object]) -> None:
+        doc.check_keys((), data, ("rule",), "a rule file")
+        if "rule" not in data:
+            if not doc.diagnostics:
+                doc.diagnostics.append(
+                    Diagnostic(doc.path, 0, 0, "warning", "no [[rule]] in this file")
+                )
+            return
+        entries = data["rule"]
+        if isinstance(entries, dict):
+            doc.error(("rule",), "write each rule as [[rule]] (an array of tables), not [rule]")
+            return
+        if not isinstance(entries, list):
+            doc.error(("rule",), f"rule must be an array of tables ([[rule]]), not "
+                                 f"{type_name(entries)}")
+            return
+        for i, entry in enumerate(entries):
+            table = doc.want_table(("rule", i), entry, "a rule")
+            if table is not None:
+                rule = self.rule(doc, ("rule", i), table)
+                if rule is not None:
+                    self.rules.append(rule)
+
+    # -- one rule ------------------------------------------------------------------------------
+
+    def rule(self, doc: TomlFile, kp: KeyPath, table: dict[str, object]) -> Rule | None:
+        errors_before = _count_errors(doc)
+        doc.check_keys(kp, table, RULE_KEYS, "a rule")
+        name = self.name(doc, kp, table)
+
+        match = Match()
+        if "match" in table:
+            m = doc.want_table(kp + ("match",), table["match"], "match")
+            if m is not None:
+                match = self.match(doc, kp + ("match",), m)
+
+        replaces: tuple[Replace, ...] = ()
+        if "replace" in table:
+            replaces = self.replaces(doc, kp + ("replace",), table["replace"])
+
+        header_set = HeaderSet()
+        if "set" in table:
+            s = doc.want_table(kp + ("set",), table["set"], "set")
+            if s is not None:
+                header_set = self.header_set(doc, kp + ("set",), s, match)
+
+        verdict = "accept"
+        if "verdict" in table:
+            verdict = self.verdict(doc, kp + ("verdict",), table["verdict"]) or verdict
+
+        examples: tuple[Example, ...] = ()
+        if "examples" in table:
+            examples = self.examples(doc, kp + ("examples",), table["examples"])
+
+        if _count_errors(doc) > errors_before or name is None:
+            return None
+        if verdict == "drop" and (replaces or not header_set.empty):
+            doc.warning(kp + ("verdict",), 'verdict = "drop": this rule\'s replace/set never '
+                                           "reach the wire")
+        if verdict != "drop" and not replaces and header_set.empty:
+            doc.warning(kp, 'rule does nothing: give it replace, set, or verdict = "drop"')
+        line, col = doc.at(kp)
+        return Rule(name, len(self.rules), doc.path, line, col, match, replaces, header_set,
+                    verdict, examples)
+
+    def name(self, doc: TomlFile, kp: KeyPath, table: dict[str, object]) -> str | None:
+        if "name" not in table:
+            doc.error(kp, 'rule has no name (add name = "..." with [a-z0-9][a-z0-9_.-]*)')
+            return None
+        nkp = kp + ("name",)
+        name = doc.want_str(nkp, table["name"], "name")
+        if name is None:
+            return None
+        if not RULE_NAME.fullmatch(name):
+            doc.error(nkp, f"rule name {name!r} is malformed: use lower-case letters, digits and "
+                           "_ . - (starting with a letter or digit)")
+            return None
+        if len(name) > RULE_NAME_MAX:
+            doc.error(nkp, f"rule name is longer than {RULE_NAME_MAX} characters")
+            return None
+        line, col = doc.at(nkp)
+        first = self.names.get(name)
+        if first is not None:
+            doc.error(nkp, f"duplicate rule name '{name}' (first defined at {first})")
+            return None
+        self.names[name] = f"{doc.path}:{line}:{col}"
+        return name
+
+    # -- match ---------------------------------------------------------------------------------
+
+    def match(self, doc: TomlFile, kp: KeyPath, table: dict[str, object]) -> Match:
+        doc.check_keys(kp, table, MATCH_KEYS, "match")
+        protocol = "tcp"
+        if "protocol" in table:
+            value = doc.want_str(kp + ("protocol",), table["protocol"], "protocol")
+            if value is not None and value not in PROTOCOLS:
+                doc.error(kp + ("protocol",), f"protocol {value!r} is not supported "
+                                              "(only \"tcp\" for now)")
+        sport = self.ports(doc, kp + ("sport",), table["sport"]) if "sport" in table else None
+        dport = self.ports(doc, kp + ("dport",), table["dport"]) if "dport" in table else None
+        src = self.networks(doc, kp + ("src",), table["src"]) if "src" in table else None
+        dst = self.networks(doc, kp + ("dst",), table["dst"]) if "dst" in table else None
+        if src and dst:
+            sv = {n.version for n in src}
+            dv = {n.version for n in dst}
+            if not sv & dv:
+                doc.error(kp + ("dst",), f"dst is IPv{min(dv)} but src is IPv{min(sv)}: "
+                                         "this rule can never match")
+        in_port = self.port_name(doc, kp + ("in_port",), table, "in_port")
+        out_port = self.port_name(doc, kp + ("out_port",), table, "out_port")
+        return Match(protocol, sport, dport, src, dst, in_port, out_port)
+
+    def ports(self, doc: TomlFile, kp: KeyPath, value: object) -> PortRanges | None:
+        what = str(kp[-1])
+        if isinstance(value, list):
+            if not value:
+                doc.error(kp, f"{what} is an empty list (it would match nothing)")
+                return None
+            items = [(kp + (i,), v) for i, v in enumerate(value)]
+        else:
+            items = [(kp, value)]
+        ranges: list[tuple[int, int]] = []
+        for ikp, item in items:
+            r = self.port_range(doc, ikp, item, what)
+            if r is not None:
+                ranges.append(r)
+        return tuple(ranges) if len(ranges) == len(items) else None
+
+    def port_range(
+        self, doc: TomlFile, kp: KeyPath, value: object, what: str
+    ) -> tuple[int, int] | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            port = doc.want_int(kp, value, f"{what} port", 0, 65535)
+            return None if port is None else (port, port)
+        if not isinstance(value, str):
+            doc.error(kp, f"{what} must be a port number, a \"lo-hi\" range or a list of those, "
+                          f"not {type_name(value)}")
+            return None
+        if value.strip().isdigit():
+            doc.error(kp, f"{what} port must be an integer: write {value.strip()} without quotes")
+            return None
+        m = _PORT_RANGE.fullmatch(value)
+        if not m:
+            doc.error(kp, f"{what} range {value!r} is malformed (write \"lo-hi\", e.g. "
+                          "\"8000-8080\")")
+            return None
+        lo, hi = int(m[1]), int(m[2])
+        for part, p in ((1, lo), (2, hi)):
+            if p > 65535:
+                doc.error(kp, f"{what} port {p} is out of range (0..65535)",
+                          offset=doc.string_offset(kp, value, m.start(part)))
+                return None
+        if lo > hi:
+            doc.error(kp, f"{what} range {lo}-{hi} is reversed (did you mean \"{hi}-{lo}\"?)")
+            return None
+        return lo, hi
+
+    def networks(self, doc: TomlFile, kp: KeyPath, value: object) -> tuple[Network, ...] | None:
+        what = str(kp[-1])
+        if isinstance(value, list):
+            if not value:
+                doc.error(kp, f"{what} is an empty list (it would match nothing)")
+                return None
+            items = [(kp + (i,), v) for i, v in enumerate(value)]
+        else:
+            items = [(kp, value)]
+        nets: list[Network] = []
+        for ikp, item in items:
+            text = doc.want_str(ikp, item, f"{what} (a CIDR like \"192.0.2.0/24\")")
+            if text is None:
+                continue
+            try:
+                nets.append(ipaddress.ip_network(text, strict=True))
+            except ValueError as exc:
+                try:
+                    loose = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    doc.error(ikp, f"{what} {text!r} is not an IPv4 or IPv6 address or CIDR "
+                                   f"({exc})")
+                else:
+                    doc.error(ikp, f"{what} {text!r} has host bits set (did you mean "
+                                   f"\"{loose}\"?)")
+        return tuple(nets) if len(nets) == len(items) else None
+
+    def port_name(
+        self, doc: TomlFile, kp: KeyPath, table: dict[str, object], what: str
+    ) -> str | None:
+        if what not in table:
+            return None
+        name = doc.want_ifname(kp, table[what], what)
+        if name is None:
+            return None
+        ports = self.bridge_ports
+        if ports is not None and not ports:
+            doc.warning(kp, f"{what} matches only bridged packets, and no [[bridge]] is "
+                            "configured")
+        elif ports is not None and name not in ports:
+            close = difflib.get_close_matches(name, list(ports), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "bridge ports: " + ", ".join(
+                sorted(ports))
+            doc.error(kp, f"{what} '{name}' is not a port of any [[bridge]] ({hint})")
+        return name
+
+    # -- replace -------------------------------------------------------------------------------
+
+    def replaces(self, doc: TomlFile, kp: KeyPath, value: object) -> tuple[Replace, ...]:
+        if isinstance(value, dict):
+            doc.error(kp, "replace must be an array: write replace = [ { find = \"...\", "
+                          "with = \"...\" } ]")
+            return ()
+        if not isinstance(value, list):
+            doc.error(kp, f"replace must be an array of {{ find, with }} tables, not "
+                          f"{type_name(value)}")
+            return ()
+        out: list[Replace] = []
+        finds: set[bytes] = set()
+        for i, entry in enumerate(value):
+            ekp = kp + (i,)
+            table = doc.want_table(ekp, entry, "a replace entry")
+            if table is None:
+                continue
+            doc.check_keys(ekp, table, REPLACE_KEYS, "a replace entry")
+            find = self.bytes_of(doc, ekp, table, "find", "find_hex")
+            with_ = self.bytes_of(doc, ekp, table, "with", "with_hex")
+            if find is None or with_ is None:
+                continue
+            fkey = "find" if "find" in table else "find_hex"
+            wkey = "with" if "with" in table else "with_hex"
+            if not find:
+                doc.error(ekp + (fkey,), f"{fkey} must not be empty")
+                continue
+            if find == with_:
+                doc.warning(ekp + (wkey,), f"{wkey} equals {fkey}: this replace does nothing")
+            elif len(find) != len(with_) and not self.allow_length_change:
+                doc.error(ekp + (wkey,), "length-changing replace is not supported yet "
+                                         f"({fkey} is {len(find)} bytes, {wkey} is "
+                                         f"{len(with_)})")
+                continue
+            if find in finds:
+                doc.warning(ekp + (fkey,), f"the same {fkey} appears earlier in this rule; "
+                                           "this entry never matches")
+            finds.add(find)
+            line, col = doc.at(ekp)
+            out.append(Replace(find, with_, line, col))
+        return tuple(out)
+
+    def bytes_of(
+        self, doc: TomlFile, kp: KeyPath, table: dict[str, object], text_key: str, hex_key: str
+    ) -> bytes | None:
+        """The bytes given by ``text_key`` (UTF-8 text) or ``hex_key`` (hex) — exactly one."""
+        if text_key in table and hex_key in table:
+            doc.error(kp + (hex_key,), f"give {text_key} or {hex_key}, not both", key=True)
+            return None
+        if text_key in table:
+            text = doc.want_str(kp + (text_key,), table[text_key], text_key)
+            return None if text is None else text.encode()
+        if hex_key in table:
+            return self.hex(doc, kp + (hex_key,), table[hex_key], hex_key)
+        doc.error(kp, f"missing {text_key} (or {hex_key})")
+        return None
+
+    def hex(self, doc: TomlFile, kp: KeyPath, value: object, what: str) -> bytes | None:
+        text = doc.want_str(kp, value, what)
+        if text is None:
+            return None
+        digits = 0
+        for i, ch in enumerate(text):
+            if ch in " \t\r\n":
+                continue
+            if ch not in "0123456789abcdefABCDEF":
+                doc.error(kp, f"bad hex digit {ch!r} in {what} (hex digits and spaces only)",
+                          offset=doc.string_offset(kp, text, i))
+                return None
+            digits += 1
+        if digits % 2:
+            doc.error(kp, f"{what} has an odd number of hex digits ({digits})")
+            return None
+        return bytes.fromhex("".join(text.split()))
+
+    # -- set, verdict, examples ---------------------------------------------------------------
+
+    def header_set(
+        self, doc: TomlFile, kp: KeyPath, table: dict[str, object], match: Match
+    ) -> HeaderSet:
+        doc.check_keys(kp, table, SET_KEYS, "set")
+        values: dict[str, int] = {}
+        for key, (lo, hi) in SET_RANGES.items():
+            if key in table:
+                v = doc.want_int(kp + (key,), table[key], f"set.{key}", lo, hi)
+                if v is not None:
+                    values[key] = v
+        if "mss" in values and "mss_max" in values:
+            doc.error(kp + ("mss_max",), "set.mss and set.mss_max exclude each other "
+                                         "(mss sets an exact value, mss_max clamps)", key=True)
+        versions = match.versions
+        if "ttl" in values and 4 not in versions:
+            doc.warning(kp + ("ttl",), "set.ttl applies to IPv4 only, and this rule matches "
+                                       "only IPv6 (use hop_limit)", key=True)
+        if "hop_limit" in values and 6 not in versions:
+            doc.warning(kp + ("hop_limit",), "set.hop_limit applies to IPv6 only, and this rule "
+                                             "matches only IPv4 (use ttl)", key=True)
+        return HeaderSet(**values)
+
+    def verdict(self, doc: TomlFile, kp: KeyPath, value: object) -> str | None:
+        text = doc.want_str(kp, value, "verdict")
+        if text is None:
+            return None
+        if text not in VERDICTS:
+            close = difflib.get_close_matches(text, VERDICTS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else 'use "accept" or "drop"'
+            doc.error(kp, f"verdict {text!r} is not valid ({hint})")
+            return None
+        return text
+
+    def examples(self, doc: TomlFile, kp: KeyPath, value: object) -> tuple[Example, ...]:
+        if not isinstance(value, list):
+            doc.error(kp, "examples must be an array: write examples = [ { input = \"...\", "
+                          "output = \"...\" } ]")
+            return ()
+        out: list[Example] = []
+        for i, entry in enumerate(value):
+            ekp = kp + (i,)
+            table = doc.want_table(ekp, entry, "an example")
+            if table is None:
+                continue
+            doc.check_keys(ekp, table, EXAMPLE_KEYS, "an example")
+            given = self.bytes_of(doc, ekp, table, "input", "input_hex")
+            expected = self.bytes_of(doc, ekp, table, "output", "output_hex")
+            if given is None or expected is None:
+                continue
+            line, col = doc.at(ekp)
+            out.append(Example(given, expected, line, col))
+        return tuple(out)
+
+
+def _count_errors(doc: TomlFile) -> int:
+    return sum(1 for d in doc.diagnostics if d.severity == "error")

@@ -1,0 +1,419 @@
+"""NFQUEUE rules in chains of our own: compiled prefilter, atomic swap, exact removal.
+
+Theory of operation
+-------------------
+Packets reach userspace only through rules. Ours live in two chains we own, in the ``mangle`` table
+of both IPv4 (``iptables``) and IPv6 (``ip6tables``)::
+
+    mangle FORWARD      ... host rules ...  -j NFREWRITE        (appended once, at the end)
+    mangle POSTROUTING  ... host rules ...  -j NFREWRITE_POST   (appended once, at the end)
+
+    NFREWRITE       -m connmark --mark FLOW_MARK/FLOW_MARK -j NFQUEUE ...   (always first)
+                    -p tcp <prefilter of QueueMatch 1> -j NFQUEUE ...
+                    -p tcp <prefilter of QueueMatch 2> -j NFQUEUE ...
+    NFREWRITE_POST  -m mark --mark FLOW_MARK/FLOW_MARK -j CONNMARK --save-mark (only our bit)
+
+Why ``mangle`` and why ``FORWARD``: bridged traffic (with br_netfilter) and routed traffic both
+cross the FORWARD hook. An NFQUEUE verdict of ACCEPT ends the traversal of the *current table* at
+that hook; by sitting in mangle (priority -150) we leave the filter table (priority 0) and
+everything after it intact: the host's firewall still judges every packet after us. Our jump is
+appended at the end of mangle FORWARD, so host mangle rules in place when we start run before us as
+well.
+
+Why the connmark: when the engine changes a payload length, every later packet of that flow, in
+both directions, must reach the queue for its sequence numbers to be adjusted, whatever the
+prefilter says. The queue worker marks such a packet (``FLOW_MARK`` bit in the verdict's packet
+mark, see ``nfrewrite.queue``); ``NFREWRITE_POST`` copies that one bit into the conntrack mark, and
+the first rule of ``NFREWRITE`` queues every packet of a flow whose conntrack mark carries it. Only
+the ``FLOW_MARK`` bit is ever read or written, so the host's use of the other mark bits is
+untouched.
+
+``--queue-bypass`` lets packets pass while no process is bound to the queue (daemon stopped or
+killed); ``--queue-balance a:b`` spreads flows over several workers with a symmetric hash, so both
+directions of a flow reach the same worker.
+
+How rules get into the kernel: one ``iptables-restore --noflush`` (and one ``ip6tables-restore
+--noflush``) transaction per install or swap. In ``--noflush`` mode a chain declaration line
+(``:NFREWRITE - [0:0]``) creates the chain or flushes *only that chain*; the rules that follow
+refill it, and the whole table is committed at once (nf_tables: one netlink batch; legacy: one
+table replace), so a swap is atomic and a failing swap leaves the previous rules in place. The
+jumps are added only when ``iptables-save`` shows them missing, and surplus copies (left by a crash
+between two starts) are deleted, so there is always exactly one. ``remove()`` deletes the jumps and
+flushes and deletes our two chains, nothing else. (What cannot be undone: if the ``mangle`` table
+did not exist before, the kernel keeps it with empty built-in chains and ACCEPT policies; that
+changes no packet's fate.)
+
+The host's ``iptables`` is either the nf_tables or the legacy variant; ``iptables -V`` says which
+(``(nf_tables)`` / ``(legacy)``), and we use the matching ``*-restore``/``*-save`` binaries so our
+rules live where the administrator's tools look. ``variant=`` forces one.
+
+Why not pyroute2.nftables (evaluated on this kernel, 6.18, pyroute2 0.9.7): it can add an xt
+``NFQUEUE`` target through nf_tables compat (raw ``xt_NFQ_info_v3`` bytes) and a ``connmark``
+match, but (1) a multi-message transaction (``begin()``/``request_put()``/``commit()``) never reads
+the kernel's answers: a batch adding a good rule and a rule into a missing chain "succeeds" in
+Python while the kernel aborts it, so a swap cannot know whether it happened; (2)
+``NFTA_RULE_COMPAT`` (needed for ``-p tcp`` and thus the ``tcp`` port match) cannot be passed
+through its rule API ("argument for 's' must be a bytes object"; without it the kernel answers
+EINVAL); (3) every xt match's info struct would have to be hand-packed to the kernel ABI (string,
+physdev, multiport); (4) it cannot drive the legacy x_tables backend at all. iptables-restore does
+all four.
+
+What it must not do: use a shell, flush or delete anything it did not create, touch the ``filter``
+table, or leave a second copy of a jump behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Variant = Literal["nft", "legacy"]
+
+CHAIN = "NFREWRITE"
+POST_CHAIN = "NFREWRITE_POST"
+TABLE = "mangle"
+FORWARD_JUMP = f"-A FORWARD -j {CHAIN}"
+POST_JUMP = f"-A POSTROUTING -j {POST_CHAIN}"
+
+#: The one packet/conntrack mark bit meaning "this flow carries a sequence offset".
+FLOW_MARK = 0x01000000
+FLOW_MARK_MASK = 0x01000000
+
+#: xt_string's limit (XT_STRING_MAX_PATTERN_SIZE).
+MAX_LITERAL = 128
+#: xt_multiport's limit: 15 ports, a range counting two.
+MULTIPORT_SLOTS = 15
+IFNAMSIZ = 16
+
+PortRange = tuple[int, int]
+
+
+class FirewallError(RuntimeError):
+    """Installing, swapping or removing rules failed; the message carries iptables' own words."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMatch:
+    """One prefilter: TCP packets matching all given fields go to the queue.
+
+    ``None`` means "any". ``version`` 4/6 restricts the family; ``sports``/``dports`` are lists of
+    inclusive (lo, hi) ranges; ``src``/``dst`` CIDR lists may mix families (each family's rules use
+    its own); ``in_port``/``out_port`` are bridge port names; ``literal`` adds an xt string match
+    (Boyer-Moore over the whole packet) as a cheap "might contain" test.
+    """
+
+    version: int | None = None
+    sports: Sequence[PortRange] | None = None
+    dports: Sequence[PortRange] | None = None
+    src: Sequence[str] | None = None
+    dst: Sequence[str] | None = None
+    in_port: str | None = None
+    out_port: str | None = None
+    literal: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.version not in (None, 4, 6):
+            raise ValueError(f"version must be 4, 6 or None, not {self.version!r}")
+        for name in ("sports", "dports"):
+            ranges = getattr(self, name)
+            if ranges is None:
+                continue
+            norm = tuple((int(lo), int(hi)) for lo, hi in ranges)
+            if not norm:
+                raise ValueError(f"{name}: empty list (use None for any port)")
+            for lo, hi in norm:
+                if not 0 <= lo <= hi <= 65535:
+                    raise ValueError(f"{name}: bad port range {lo}-{hi}")
+            object.__setattr__(self, name, norm)
+        for name in ("src", "dst"):
+            cidrs = getattr(self, name)
+            if cidrs is None:
+                continue
+            if isinstance(cidrs, str):
+                cidrs = [cidrs]
+            norm_c = tuple(str(ipaddress.ip_network(c, strict=False)) for c in cidrs)
+            if not norm_c:
+                raise ValueError(f"{name}: empty list (use None for any address)")
+            object.__setattr__(self, name, norm_c)
+        for name in ("in_port", "out_port"):
+            port = getattr(self, name)
+            if port is not None and not re.fullmatch(r"[A-Za-z0-9_.@:-]{1,15}", port):
+                raise ValueError(f"{name}: {port!r} is not a valid interface name")
+        if self.literal is not None and not 1 <= len(self.literal) <= MAX_LITERAL:
+            raise ValueError(f"literal must be 1..{MAX_LITERAL} bytes, not {len(self.literal)}")
+
+
+# -- compiling ---------------------------------------------------------------------------------
+
+
+def queue_target(queue_num: int, workers: int) -> list[str]:
+    if workers < 1 or not 0 <= queue_num <= 65535 or queue_num + workers - 1 > 65535:
+        raise ValueError(f"bad queue numbers: num={queue_num} workers={workers}")
+    if workers == 1:
+        return ["-j", "NFQUEUE", "--queue-num", str(queue_num), "--queue-bypass"]
+    last = queue_num + workers - 1
+    return ["-j", "NFQUEUE", "--queue-balance", f"{queue_num}:{last}", "--queue-bypass"]
+
+
+def _fmt_range(r: PortRange) -> str:
+    lo, hi = r
+    return str(lo) if lo == hi else f"{lo}:{hi}"
+
+
+def _port_chunks(ranges: Sequence[PortRange]) -> list[list[PortRange]]:
+    """Split ranges into groups that each fit one multiport match (15 slots)."""
+    chunks: list[list[PortRange]] = [[]]
+    used = 0
+    for r in ranges:
+        cost = 1 if r[0] == r[1] else 2
+        if used + cost > MULTIPORT_SLOTS:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(r)
+        used += cost
+    return chunks
+
+
+def _port_args(direction: Literal["s", "d"], group: Sequence[PortRange] | None) -> list[str]:
+    if group is None:
+        return []
+    if len(group) == 1:
+        return [f"--{direction}port", _fmt_range(group[0])]
+    return ["-m", "multiport", f"--{direction}ports", ",".join(_fmt_range(r) for r in group)]
+
+
+def _family_cidrs(cidrs: Sequence[str] | None, family: int) -> list[str | None] | None:
+    """[None] for "any"; the family's CIDRs; None if the list has none of this family."""
+    if cidrs is None:
+        return [None]
+    mine: list[str | None] = [
+        c for c in cidrs if ipaddress.ip_network(c).version == family
+    ]
+    return mine or None
+
+
+def _quote(arg: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_.,:/@+=-]+", arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def compile_rules(
+    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
+) -> list[list[str]]:
+    """The argument lists (after ``-A NFREWRITE``) for one family, connmark rule first."""
+    target = queue_target(queue_num, workers)
+    mark = f"0x{FLOW_MARK:x}/0x{FLOW_MARK_MASK:x}"
+    rules: list[list[str]] = [["-m", "connmark", "--mark", mark, *target]]
+    for m in matches:
+        if m.version not in (None, family):
+            continue
+        srcs = _family_cidrs(m.src, family)
+        dsts = _family_cidrs(m.dst, family)
+        if srcs is None or dsts is None:
+            continue  # restricted to addresses of the other family only
+        sgroups: list[list[PortRange] | None] = (
+            [None] if m.sports is None else list(_port_chunks(m.sports))
+        )
+        dgroups: list[list[PortRange] | None] = (
+            [None] if m.dports is None else list(_port_chunks(m.dports))
+        )
+        tail: list[str] = []
+        if m.in_port or m.out_port:
+            tail += ["-m", "physdev"]
+            if m.in_port:
+                tail += ["--physdev-in", m.in_port]
+            if m.out_port:
+                tail += ["--physdev-out", m.out_port]
+        if m.literal is not None:
+            tail += ["-m", "string", "--algo", "bm", "--hex-string", f"|{m.literal.hex()}|"]
+        for s in srcs:
+            for d in dsts:
+                for sg in sgroups:
+                    for dg in dgroups:
+                        rule = ["-p", "tcp"]
+                        if s is not None:
+                            rule += ["-s", s]
+                        if d is not None:
+                            rule += ["-d", d]
+                        rule += _port_args("s", sg) + _port_args("d", dg) + tail + target
+                        rules.append(rule)
+    return rules
+
+
+def restore_text(
+    matches: Iterable[QueueMatch],
+    family: int,
+    queue_num: int,
+    workers: int,
+    *,
+    add_forward_jump: bool = True,
+    add_post_jump: bool = True,
+    delete_jumps: Sequence[str] = (),
+) -> str:
+    """The ``*-restore --noflush`` input that (re)fills our chains for one family."""
+    lines = [f"*{TABLE}", f":{CHAIN} - [0:0]", f":{POST_CHAIN} - [0:0]"]
+    for jump in delete_jumps:
+        lines.append("-D" + jump[2:])
+    for rule in compile_rules(matches, family, queue_num, workers):
+        lines.append(f"-A {CHAIN} " + " ".join(_quote(a) for a in rule))
+    mark = f"0x{FLOW_MARK:x}/0x{FLOW_MARK_MASK:x}"
+    lines.append(
+        f"-A {POST_CHAIN} -m mark --mark {mark} -j CONNMARK --save-mark "
+        f"--nfmask 0x{FLOW_MARK_MASK:x} --ctmask 0x{FLOW_MARK_MASK:x}"
+    )
+    if add_forward_jump:
+        lines.append(FORWARD_JUMP)
+    if add_post_jump:
+        lines.append(POST_JUMP)
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def render(
+    matches_v4: Iterable[QueueMatch],
+    matches_v6: Iterable[QueueMatch],
+    queue_num: int = 0,
+    workers: int = 1,
+) -> str:
+    """Human-readable view of what ``install`` loads (``nfrewrite check --show-kernel-rules``)."""
+    out = []
+    for family, tool, matches in ((4, "iptables", matches_v4), (6, "ip6tables", matches_v6)):
+        out.append(f"# IPv{family}: {tool}-restore --noflush (jumps added only if missing)")
+        out.append(restore_text(matches, family, queue_num, workers).rstrip("\n"))
+    return "\n".join(out) + "\n"
+
+
+# -- talking to the kernel ------------------------------------------------------------------
+
+
+def detect_variant(binary: str = "iptables") -> Variant:
+    """``nft`` or ``legacy``, from ``iptables -V`` ("iptables v1.8.9 (nf_tables)")."""
+    try:
+        proc = subprocess.run(
+            [binary, "-V"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except FileNotFoundError as e:
+        raise FirewallError(f"{binary} not found: install iptables") from e
+    text = proc.stdout + proc.stderr
+    if "(nf_tables)" in text:
+        return "nft"
+    if "(legacy)" in text:
+        return "legacy"
+    raise FirewallError(f"cannot tell the iptables variant from {text.strip()!r}")
+
+
+def _tool(family: int, variant: Variant, what: Literal["save", "restore"]) -> str:
+    base = "iptables" if family == 4 else "ip6tables"
+    return f"{base}-{variant}-{what}"
+
+
+class Firewall:
+    """Our NFQUEUE rules for IPv4 and IPv6 in the current network namespace."""
+
+    def __init__(
+        self, queue_num: int = 0, workers: int = 1, variant: Variant | None = None
+    ) -> None:
+        queue_target(queue_num, workers)  # validates
+        self.queue_num = queue_num
+        self.workers = workers
+        self.variant: Variant = variant or detect_variant()
+        if self.variant not in ("nft", "legacy"):
+            raise ValueError(f"variant must be 'nft' or 'legacy', not {variant!r}")
+        self._installed = False
+        self._last: dict[int, list[QueueMatch]] = {4: [], 6: []}
+
+    # -- public ---------------------------------------------------------------------------
+    def install(
+        self, matches_v4: Iterable[QueueMatch], matches_v6: Iterable[QueueMatch]
+    ) -> None:
+        """Create/refill our chains and make sure each jump exists exactly once."""
+        self._load(list(matches_v4), list(matches_v6))
+        self._installed = True
+
+    def swap(self, matches_v4: Iterable[QueueMatch], matches_v6: Iterable[QueueMatch]) -> None:
+        """Atomically replace our rules (per family); on failure the old rules stay."""
+        self._load(list(matches_v4), list(matches_v6))
+        self._installed = True
+
+    def remove(self) -> None:
+        """Delete our jumps and chains (both families); a no-op for what is already gone."""
+        errors = []
+        for family in (4, 6):
+            try:
+                self._remove_family(family)
+            except FirewallError as e:
+                errors.append(str(e))
+        self._installed = False
+        if errors:
+            raise FirewallError("; ".join(errors))
+
+    def render(
+        self, matches_v4: Iterable[QueueMatch], matches_v6: Iterable[QueueMatch]
+    ) -> str:
+        return render(matches_v4, matches_v6, self.queue_num, self.workers)
+
+    def save(self, family: int) -> str:
+        """``iptables-save -t mangle`` text of the family (our variant)."""
+        return self._run(_tool(family, self.variant, "save"), ["-t", TABLE], None)
+
+    # -- internals ------------------------------------------------------------------------
+    def _run(self, binary: str, args: list[str], stdin: str | None) -> str:
+        try:
+            proc = subprocess.run(
+                [binary, *args], input=stdin, capture_output=True, text=True, timeout=30,
+                check=False,
+            )
+        except FileNotFoundError as e:
+            raise FirewallError(f"{binary} not found: install iptables ({self.variant})") from e
+        except subprocess.TimeoutExpired as e:
+            raise FirewallError(f"{binary} did not finish within 30 s") from e
+        if proc.returncode != 0:
+            where = ""
+            if stdin is not None:
+                m = re.search(r"line:? (\d+)", proc.stderr)
+                if m:
+                    lines = stdin.splitlines()
+                    n = int(m.group(1))
+                    if 1 <= n <= len(lines):
+                        where = f" (input line {n}: {lines[n - 1]})"
+            raise FirewallError(f"{binary} failed: {proc.stderr.strip()}{where}")
+        return proc.stdout
+
+    def _restore(self, family: int, text: str) -> None:
+        args = ["--noflush"]
+        if self.variant == "legacy":
+            args += ["--wait", "10"]
+        self._run(_tool(family, self.variant, "restore"), args, text)
+
+    def _jump_counts(self, family: int) -> tuple[int, int]:
+        """How many FORWARD and POSTROUTING jumps to our chains iptables-save shows."""
+        lines = self.save(family).splitlines()
+        return lines.count(FORWARD_JUMP), lines.count(POST_JUMP)
+
+    def _load(self, v4: list[QueueMatch], v6: list[QueueMatch]) -> None:
+        for family, matches in ((4, v4), (6, v6)):
+            fwd, post = self._jump_counts(family)
+            deletes = [FORWARD_JUMP] * max(0, fwd - 1) + [POST_JUMP] * max(0, post - 1)
+            text = restore_text(
+                matches, family, self.queue_num, self.workers,
+                add_forward_jump=fwd == 0, add_post_jump=post == 0, delete_jumps=deletes,
+            )
+            self._restore(family, text)
+            self._last[family] = matches
+
+    def _remove_family(self, family: int) -> None:
+        lines = self.save(family).splitlines()
+        chains = {ln[1:].split()[0] for ln in lines if ln.startswith(":")}
+        cmds = ["-D" + FORWARD_JUMP[2:]] * lines.count(FORWARD_JUMP)
+        cmds += ["-D" + POST_JUMP[2:]] * lines.count(POST_JUMP)
+        for chain in (CHAIN, POST_CHAIN):
+            if chain in chains:
+                cmds += [f"-F {chain}", f"-X {chain}"]
+        if not cmds:
+            return
+        self._restore(family, "\n".join([f"*{TABLE}", *cmds, "COMMIT"]) + "\n")

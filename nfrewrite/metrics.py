@@ -1,0 +1,755 @@
+"""Prometheus metrics: one table of metrics, a per-packet hook, a kernel-queue collector, /metrics.
+
+What it is for
+==============
+Counting what the appliance does (packets seen, changed, dropped, passed as "not ours"; rewrites
+per rule; time per packet; reloads; offloads; sequence-adjusted flows) and serving it over HTTP in
+the Prometheus text format, with the right totals when the daemon runs one worker process per
+NFQUEUE number plus a supervisor.  It must not: import ``prometheus_client`` at import time (see
+below), label anything by address or port (every label value comes from a fixed set, the
+configured queues and ports, or rule names), format label values per packet, or raise at scrape
+time because a /proc file is missing or odd.
+
+Theory of operation
+===================
+Rule 1: every metric is defined in :data:`METRICS`, in this file, and nowhere else.  Each entry
+(:class:`MetricSpec`) gives the name, type, help, labels and, for gauges, how values from several
+processes combine.  :class:`Metrics` turns the table into ``prometheus_client`` objects, once per
+process; :class:`WorkerMetrics` (the per-packet side) and :class:`SupervisorMetrics` (reloads,
+offloads, restarts, the scrape) are thin views over that one set.  There is no aggregator of our
+own: the library adds the processes up.
+
+Two modes, chosen by the library once per process, when ``prometheus_client`` is first imported:
+
+* single-process (no ``PROMETHEUS_MULTIPROC_DIR``): values live in memory, and the scrape reads
+  the :class:`Metrics` registry directly.  Unit tests and ``replay`` use this.
+* multiprocess: the supervisor calls :func:`setup_multiprocess_dir` FIRST (before anything imports
+  ``prometheus_client``; this module imports it lazily for that reason, and
+  :func:`setup_multiprocess_dir` refuses to run if it was imported already).  It makes a fresh
+  private (0700) directory and exports its path in the environment, so worker processes started
+  afterwards (spawned or forked) inherit it.  Every process writes its values to its own
+  memory-mapped files there (``<type>_<pid>.db``); the scrape, in the supervisor, reads all files
+  with the library's ``MultiProcessCollector``: counters and histograms are summed over every pid
+  that ever wrote (so totals survive a worker restart), gauges combine as their spec says
+  (``livesum``: sum over live processes; ``mostrecent``: the last value set by anyone; ``livemax``).
+  When a worker dies the supervisor calls :meth:`SupervisorMetrics.worker_died` (the library's
+  ``mark_process_dead``), which drops that pid's ``live*`` gauge files; on stop,
+  :func:`cleanup_multiprocess_dir` removes the directory.  Files of dead workers' counters stay
+  (one set per restart) because their counts are part of the totals.
+
+Who writes what.  A worker owns the series labelled with its queue number (``queue`` = the
+NFQUEUE number as a string) and the per-rule counters (summed over workers, no queue label); the
+supervisor owns rules loaded, reload result and time, offloads and worker restarts.  Gauges the
+supervisor sets use ``mostrecent``, so a worker (whose copy of them stays at the initial value,
+time 0) can never hide them.  ``build_info`` is set by every process (``livemax``).
+
+Kernel queue figures (waiting, dropped, user-dropped) are not counted by us: the
+:class:`KernelQueueCollector` reads ``/proc/net/netfilter/nfnetlink_queue`` at scrape time, only
+for our queue numbers.  The file shows the reading process's network namespace (the daemon runs in
+the appliance's).  A queue that is not bound has no line, hence no sample.  Note: with
+``NFQA_CFG_F_FAIL_OPEN`` (which the queue uses) the kernel accepts, uncounted, what it would
+otherwise drop for a full queue or a full socket buffer; ``waiting`` is then the warning sign.
+
+The hot path.  The queue loop calls :meth:`WorkerMetrics.observe` once per packet read from the
+queue (a packet whose handling raised is passed on unchanged and observed as ``engine.PASS``;
+:meth:`WorkerMetrics.error` counts the exception).  All label children are resolved when the
+worker starts (reasons, error kinds) or when rules load (rule names), so a packet costs a few
+bound-method calls and at most one dict lookup per rule that fired.
+
+API
+===
+``setup_multiprocess_dir(parent=None) -> str``; ``cleanup_multiprocess_dir(path)``;
+``default_metrics() -> Metrics`` (the process's one set; ``Metrics()`` for a private set in
+single-process mode, e.g. a test); ``WorkerMetrics(queue_num, rules=(), metrics=None)`` with
+``.set_rules(names)``, ``.observe(result, seconds)``, ``.error(exc_or_name)``,
+``.set_flows(active, evicted_total)``; ``SupervisorMetrics(queue_nums, ports=(), metrics=None,
+proc_path=NFQUEUE_PROC)`` with ``.rules_loaded(n)``, ``.reload(ok, when)``,
+``.offloads(port, features)``, ``.worker_restarted(queue_num)``, ``.worker_died(pid)``,
+``.registry`` (what to scrape); ``serve(listen, registry) -> Server`` (``.address``, ``.url``,
+``.close()``); ``parse_listen(listen)``; ``read_queue_stats(path)``;
+``KernelQueueCollector(queue_nums, path)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from nfrewrite import __version__
+from nfrewrite.engine import DROP
+from nfrewrite.packet import REASONS
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
+
+    from nfrewrite.engine import Result
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
+DEFAULT_LISTEN = "127.0.0.1:9640"
+
+#: Per-packet processing time buckets (seconds): 1-2-5 steps from 2 us to 10 ms.
+TIME_BUCKETS: tuple[float, ...] = (
+    2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2,
+)  # fmt: skip
+
+#: Handler error kinds: the first class in an exception's MRO named here, else "other".
+ERROR_KINDS: tuple[str, ...] = (
+    "AssertionError",
+    "AttributeError",
+    "IndexError",
+    "KeyError",
+    "MemoryError",
+    "NotImplementedError",
+    "OSError",
+    "OverflowError",
+    "RecursionError",
+    "RuntimeError",
+    "TypeError",
+    "ValueError",
+    "other",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric: full name, type, help, label names; for gauges how processes combine."""
+
+    name: str
+    type: str  # "counter" | "gauge" | "histogram"
+    help: str
+    labels: tuple[str, ...] = ()
+    mode: str = ""  # gauge multiprocess_mode
+    buckets: tuple[float, ...] = ()
+
+
+# fmt: off
+PACKETS_SEEN = MetricSpec(
+    "nfrewrite_packets_seen_total", "counter",
+    "Packets read from the NFQUEUE.", ("queue",))
+PACKETS_MODIFIED = MetricSpec(
+    "nfrewrite_packets_modified_total", "counter",
+    "Packets accepted with rewritten bytes.", ("queue",))
+PACKETS_DROPPED = MetricSpec(
+    "nfrewrite_packets_dropped_total", "counter",
+    'Packets dropped by a rule with verdict = "drop".', ("queue",))
+PACKETS_UNPARSED = MetricSpec(
+    "nfrewrite_packets_unparsed_total", "counter",
+    "Packets accepted untouched because they are not a whole, first, well-formed TCP segment, "
+    "by reason.", ("queue", "reason"))
+HANDLER_ERRORS = MetricSpec(
+    "nfrewrite_handler_errors_total", "counter",
+    "Exceptions while handling a packet (the packet was accepted unchanged), by exception class.",
+    ("queue", "kind"))
+PROCESSING_TIME = MetricSpec(
+    "nfrewrite_packet_processing_seconds", "histogram",
+    "Time to handle one packet in the worker (parse, match, rewrite), in seconds.",
+    ("queue",), buckets=TIME_BUCKETS)
+RULE_APPLIED = MetricSpec(
+    "nfrewrite_rule_applied_total", "counter",
+    "Packets a rule changed or dropped (a packet that several rules edit counts for each).",
+    ("rule",))
+SEQADJ_FLOWS = MetricSpec(
+    "nfrewrite_seqadj_flows", "gauge",
+    "TCP flows currently carrying a sequence offset (length-changing edits).",
+    ("queue",), mode="livesum")
+SEQADJ_EVICTIONS = MetricSpec(
+    "nfrewrite_seqadj_flow_evictions_total", "counter",
+    "Flows with a sequence offset evicted because the flow table was full.", ("queue",))
+RULES_LOADED = MetricSpec(
+    "nfrewrite_rules_loaded", "gauge",
+    "Rules in the rule set in force.", mode="mostrecent")
+RELOAD_SUCCESSFUL = MetricSpec(
+    "nfrewrite_last_reload_successful", "gauge",
+    "1 if the last load or reload of config and rules succeeded, else 0.", mode="mostrecent")
+RELOAD_TIMESTAMP = MetricSpec(
+    "nfrewrite_last_reload_timestamp_seconds", "gauge",
+    "Unix time of the last load or reload attempt, successful or not.", mode="mostrecent")
+OFFLOAD_ENABLED = MetricSpec(
+    "nfrewrite_offload_enabled", "gauge",
+    "1 if an offload feature is on for a bridge port, else 0.", ("port", "feature"),
+    mode="mostrecent")
+WORKER_RESTARTS = MetricSpec(
+    "nfrewrite_worker_restarts_total", "counter",
+    "Worker processes restarted by the supervisor after they died.", ("queue",))
+BUILD_INFO = MetricSpec(
+    "nfrewrite_build_info", "gauge",
+    "Always 1; the labels give the nfrewrite and Python versions.", ("version", "python"),
+    mode="livemax")
+# fmt: on
+
+#: Rule 1: the whole set, in exposition order.
+METRICS: tuple[MetricSpec, ...] = (
+    PACKETS_SEEN,
+    PACKETS_MODIFIED,
+    PACKETS_DROPPED,
+    PACKETS_UNPARSED,
+    HANDLER_ERRORS,
+    PROCESSING_TIME,
+    RULE_APPLIED,
+    SEQADJ_FLOWS,
+    SEQADJ_EVICTIONS,
+    RULES_LOADED,
+    RELOAD_SUCCESSFUL,
+    RELOAD_TIMESTAMP,
+    OFFLOAD_ENABLED,
+    WORKER_RESTARTS,
+    BUILD_INFO,
+)
+
+#: Metrics the kernel-queue collector produces at scrape time (not in the per-process set).
+KERNEL_QUEUE_WAITING = "nfrewrite_kernel_queue_waiting"
+KERNEL_QUEUE_DROPPED = "nfrewrite_kernel_queue_dropped_total"
+KERNEL_QUEUE_USER_DROPPED = "nfrewrite_kernel_queue_user_dropped_total"
+
+
+# -- multiprocess directory ------------------------------------------------------------------------
+def setup_multiprocess_dir(parent: str | None = None) -> str:
+    """Create a fresh private directory for multiprocess values and export it in ``os.environ``.
+
+    Call it in the supervisor before anything imports ``prometheus_client`` and before starting
+    workers.  Returns the path.  Raises RuntimeError if it is too late (the library already chose
+    in-memory values) or if a directory is already set.
+    """
+    if os.environ.get(ENV):
+        raise RuntimeError(f"{ENV} is already set ({os.environ[ENV]}); one directory per run")
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
+        raise RuntimeError(
+            "prometheus_client was imported before setup_multiprocess_dir(): its values would "
+            "stay per-process; call setup_multiprocess_dir() first thing in the supervisor"
+        )
+    path = tempfile.mkdtemp(prefix="nfrewrite-metrics-", dir=parent)  # mode 0700
+    os.environ[ENV] = path
+    return path
+
+
+def cleanup_multiprocess_dir(path: str) -> None:
+    """Remove the value files (``*.db``) and the directory; unset the variable if it is ``path``.
+
+    Only ``*.db`` files are removed: a directory holding anything else is left in place (OSError).
+    """
+    for name in glob.glob(os.path.join(glob.escape(path), "*.db")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+    if os.environ.get(ENV) == path:
+        del os.environ[ENV]
+
+
+def _multiprocess_dir() -> str | None:
+    """The directory if this process writes multiprocess values, else None (checked coherent)."""
+    from prometheus_client import values
+
+    path = os.environ.get(ENV) or None
+    multi = bool(getattr(values.ValueClass, "_multiprocess", False))
+    if multi != (path is not None):
+        raise RuntimeError(
+            f"prometheus_client chose {'multiprocess' if multi else 'in-memory'} values but "
+            f"{ENV} is {'unset' if path is None else 'set'}: setup_multiprocess_dir() must run "
+            "before prometheus_client is imported"
+        )
+    return path
+
+
+# -- the set of metrics ----------------------------------------------------------------------------
+class Metrics:
+    """The metrics of :data:`METRICS` as ``prometheus_client`` objects: one set per process.
+
+    Single-process mode: they are registered in :attr:`registry` (a new one per instance, so
+    tests can make private sets).  Multiprocess mode: registered nowhere (the scrape reads the
+    files), and only one set may exist per process, because two objects for the same series
+    in one process would overwrite each other's file slot; use :func:`default_metrics`.
+    """
+
+    _multiprocess_pid: int | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
+
+        # ``_created`` series exist only in single-process mode; drop them so both modes expose
+        # the same series (process-wide setting; this process is ours).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.multiprocess_dir = _multiprocess_dir()
+        if self.multiprocess_dir is not None:
+            if Metrics._multiprocess_pid == os.getpid():
+                raise RuntimeError("multiprocess mode: one Metrics per process, default_metrics()")
+            Metrics._multiprocess_pid = os.getpid()
+            self.registry: CollectorRegistry | None = None
+        else:
+            self.registry = CollectorRegistry()
+        self._by_name: dict[str, Counter | Gauge | Histogram] = {}
+        for spec in METRICS:
+            made: Counter | Gauge | Histogram
+            if spec.type == "counter":
+                made = Counter(spec.name, spec.help, spec.labels, registry=self.registry)
+            elif spec.type == "gauge":
+                made = Gauge(
+                    spec.name,
+                    spec.help,
+                    spec.labels,
+                    registry=self.registry,
+                    multiprocess_mode=spec.mode,  # type: ignore[arg-type]
+                )
+            elif spec.type == "histogram":
+                made = Histogram(
+                    spec.name, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets
+                )
+            else:  # pragma: no cover - the table is static
+                raise ValueError(f"{spec.name}: unknown type {spec.type!r}")
+            self._by_name[spec.name] = made
+        self.gauge(BUILD_INFO).labels(__version__, platform.python_version()).set(1)
+
+    @property
+    def multiprocess(self) -> bool:
+        return self.multiprocess_dir is not None
+
+    def counter(self, spec: MetricSpec) -> Counter:
+        return cast("Counter", self._by_name[spec.name])
+
+    def gauge(self, spec: MetricSpec) -> Gauge:
+        return cast("Gauge", self._by_name[spec.name])
+
+    def histogram(self, spec: MetricSpec) -> Histogram:
+        return cast("Histogram", self._by_name[spec.name])
+
+
+_default: Metrics | None = None
+_default_lock = threading.Lock()
+
+
+def default_metrics() -> Metrics:
+    """This process's set (created on first use; a forked child keeps using its parent's)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Metrics()
+        return _default
+
+
+# -- worker side: the per-packet hook --------------------------------------------------------------
+def error_kind(exc: BaseException | type[BaseException] | str) -> str:
+    """The ``kind`` label for an exception (or class, or class name): one of :data:`ERROR_KINDS`."""
+    if isinstance(exc, str):
+        return exc if exc in ERROR_KINDS else "other"
+    cls = exc if isinstance(exc, type) else type(exc)
+    for klass in cls.__mro__:
+        if klass.__name__ in ERROR_KINDS and klass.__module__ == "builtins":
+            return klass.__name__
+    return "other"
+
+
+class WorkerMetrics:
+    """The counters one worker (one queue number) feeds; :meth:`observe` is the per-packet call."""
+
+    def __init__(
+        self, queue_num: int, rules: Iterable[str] = (), metrics: Metrics | None = None
+    ) -> None:
+        m = metrics if metrics is not None else default_metrics()
+        q = str(_check_queue(queue_num))
+        self.queue_num = queue_num
+        self._seen = m.counter(PACKETS_SEEN).labels(q).inc
+        self._modified = m.counter(PACKETS_MODIFIED).labels(q).inc
+        self._dropped = m.counter(PACKETS_DROPPED).labels(q).inc
+        unparsed = m.counter(PACKETS_UNPARSED)
+        self._unparsed: dict[str, Callable[..., None]] = {
+            r: unparsed.labels(q, r).inc for r in REASONS
+        }
+        errors = m.counter(HANDLER_ERRORS)
+        self._errors: dict[str, Callable[..., None]] = {
+            k: errors.labels(q, k).inc for k in ERROR_KINDS
+        }
+        self._time = m.histogram(PROCESSING_TIME).labels(q).observe
+        self._rule_counter = m.counter(RULE_APPLIED)
+        self._rules: dict[str, Callable[..., None]] = {}
+        self._flows = m.gauge(SEQADJ_FLOWS).labels(q)
+        self._evictions = m.counter(SEQADJ_EVICTIONS).labels(q)
+        self._flows.set(0)
+        self._evicted_last = 0
+        self.set_rules(rules)
+
+    def set_rules(self, names: Iterable[str]) -> None:
+        """Create the per-rule counters (at 0) for a rule set's names; call at start and reload.
+
+        Counters of rules no longer loaded are kept (a counter must not vanish mid-run); the set
+        stays bounded by the rule names this process has loaded.
+        """
+        for name in names:
+            if name not in self._rules:
+                self._rules[name] = self._rule_counter.labels(name).inc
+
+    def observe(self, result: Result, seconds: float) -> None:
+        """Count one packet from the queue: its outcome, the rules that acted, its time."""
+        self._seen()
+        self._time(seconds)
+        reason = result.unparsed
+        if reason is not None:
+            self._unparsed[reason]()
+            return
+        if result.verdict == DROP:
+            self._dropped()
+        elif result.packet is not None:
+            self._modified()
+        if result.rules:
+            rules = self._rules
+            for name in result.rules:
+                inc = rules.get(name)
+                if inc is None:  # a rule set loaded without set_rules(): still a rule name
+                    self.set_rules((name,))
+                    inc = rules[name]
+                inc()
+
+    def error(self, exc: BaseException | type[BaseException] | str) -> None:
+        """Count an exception raised while handling a packet (see :func:`error_kind`)."""
+        self._errors[error_kind(exc)]()
+
+    def set_flows(self, active: int, evicted_total: int) -> None:
+        """Copy the FlowTable's figures: flows active now, evictions since the table was made.
+
+        ``evicted_total`` is the table's own running count; the counter advances by the
+        difference.  A smaller value than last time means a new table (counting from 0).
+        """
+        self._flows.set(active)
+        delta = evicted_total - self._evicted_last
+        if delta < 0:
+            delta = evicted_total
+        if delta > 0:
+            self._evictions.inc(delta)
+        self._evicted_last = evicted_total
+
+
+# -- kernel queue figures ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One line of ``/proc/net/netfilter/nfnetlink_queue``."""
+
+    queue: int
+    portid: int
+    waiting: int
+    copy_mode: int
+    copy_range: int
+    dropped: int
+    user_dropped: int
+    id_sequence: int
+
+
+_PROC_READ_LIMIT = 8 << 20  # 65536 queues x ~60 bytes fits with room to spare
+
+
+def read_queue_stats(path: str = NFQUEUE_PROC) -> dict[int, QueueStats]:
+    """Parse the kernel's per-queue figures by queue number; a missing file or bad line is skipped.
+
+    Columns: queue, portid, waiting, copy mode, copy range, queue_dropped, user_dropped,
+    id sequence, 1.  Never raises for the file's content or absence.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_PROC_READ_LIMIT)
+    except OSError:
+        return {}
+    out: dict[int, QueueStats] = {}
+    for line in raw.decode("ascii", "replace").splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        try:
+            nums = [int(x) for x in fields[:8]]
+        except ValueError:
+            continue
+        if min(nums) < 0:
+            continue
+        out[nums[0]] = QueueStats(*nums)
+    return out
+
+
+class KernelQueueCollector:
+    """Scrape-time collector: waiting / dropped / user-dropped for our queue numbers only."""
+
+    def __init__(self, queue_nums: Iterable[int], path: str = NFQUEUE_PROC) -> None:
+        self.queue_nums = tuple(sorted({_check_queue(q) for q in queue_nums}))
+        self.path = path
+
+    def _families(self) -> tuple[Any, Any, Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        return (
+            GaugeMetricFamily(
+                KERNEL_QUEUE_WAITING,
+                "Packets in the kernel queue waiting for a verdict (read at scrape time).",
+                labels=["queue"],
+            ),
+            CounterMetricFamily(
+                KERNEL_QUEUE_DROPPED,
+                "Packets the kernel dropped because the queue was full (not counted with "
+                "fail-open: those pass unrewritten).",
+                labels=["queue"],
+            ),
+            CounterMetricFamily(
+                KERNEL_QUEUE_USER_DROPPED,
+                "Packets the kernel dropped because the netlink socket buffer was full (not "
+                "counted with fail-open).",
+                labels=["queue"],
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        waiting, dropped, user_dropped = self._families()
+        stats = read_queue_stats(self.path)
+        for q in self.queue_nums:
+            s = stats.get(q)
+            if s is None:
+                continue
+            label = [str(q)]
+            waiting.add_metric(label, s.waiting)
+            dropped.add_metric(label, s.dropped)
+            user_dropped.add_metric(label, s.user_dropped)
+        yield waiting
+        yield dropped
+        yield user_dropped
+
+
+# -- supervisor side ---------------------------------------------------------------------------
+class SupervisorMetrics:
+    """What the supervisor reports, and :attr:`registry`, the collector to serve on /metrics."""
+
+    def __init__(
+        self,
+        queue_nums: Iterable[int],
+        ports: Iterable[str] = (),
+        metrics: Metrics | None = None,
+        proc_path: str = NFQUEUE_PROC,
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        m = metrics if metrics is not None else default_metrics()
+        self.metrics = m
+        self.queue_nums = tuple(sorted({_check_queue(q) for q in queue_nums}))
+        if not self.queue_nums:
+            raise ValueError("SupervisorMetrics needs at least one queue number")
+        self.ports = frozenset(ports)
+        self._rules_loaded = m.gauge(RULES_LOADED)
+        self._reload_ok = m.gauge(RELOAD_SUCCESSFUL)
+        self._reload_time = m.gauge(RELOAD_TIMESTAMP)
+        self._offloads = m.gauge(OFFLOAD_ENABLED)
+        restarts = m.counter(WORKER_RESTARTS)
+        self._restarts = {q: restarts.labels(str(q)) for q in self.queue_nums}
+
+        self.registry: CollectorRegistry = CollectorRegistry()
+        if m.multiprocess_dir is not None:
+            MultiProcessCollector(  # type: ignore[no-untyped-call]
+                self.registry, path=m.multiprocess_dir
+            )
+        else:
+            assert m.registry is not None
+            self.registry.register(cast("Collector", m.registry))
+        self.kernel = KernelQueueCollector(self.queue_nums, proc_path)
+        self.registry.register(cast("Collector", self.kernel))
+
+    def rules_loaded(self, n: int) -> None:
+        self._rules_loaded.set(n)
+
+    def reload(self, ok: bool, when: float) -> None:
+        """Record a load or reload attempt (the first load at start counts as one)."""
+        self._reload_ok.set(1 if ok else 0)
+        self._reload_time.set(when)
+
+    def offloads(self, port: str, features: Mapping[str, bool]) -> None:
+        """Record a configured bridge port's offload features (ethtool names, e.g. ``gro``)."""
+        if port not in self.ports:
+            raise ValueError(f"offloads for port {port!r}: not a configured bridge port")
+        for feature, on in features.items():
+            self._offloads.labels(port, feature).set(1 if on else 0)
+
+    def worker_restarted(self, queue_num: int) -> None:
+        counter = self._restarts.get(queue_num)
+        if counter is None:
+            raise ValueError(f"worker_restarted({queue_num}): not one of {self.queue_nums}")
+        counter.inc()
+
+    def worker_died(self, pid: int) -> None:
+        """Forget a dead worker's live gauges (its counters stay in the totals)."""
+        path = self.metrics.multiprocess_dir
+        if path is not None:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def _check_queue(q: int) -> int:
+    if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= 65535:
+        raise ValueError(f"queue number {q!r}: want an integer 0..65535")
+    return q
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+_LANDING = b"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>nfrewrite</title></head>
+<body><h1>nfrewrite</h1><p><a href="/metrics">Metrics</a></p></body></html>
+"""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6addr]:port"`` -> (host, port).  The host may not be empty."""
+    host, sep, port_s = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"listen {listen!r}: write an IPv6 address in brackets, '[::1]:9640'")
+    if not sep or not host:
+        raise ValueError(
+            f"listen {listen!r}: want 'host:port' (127.0.0.1 for loopback only, 0.0.0.0 or [::] "
+            "for every interface)"
+        )
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"listen {listen!r}: port must be 0..65535")
+    return host, int(port_s)
+
+
+def make_app(registry: Collector) -> WSGIApplication:
+    """The WSGI app: ``/`` landing page, ``/metrics`` (the library's app), else 404; GET/HEAD."""
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path not in ("/", "/metrics"):
+            return _reply(start_response, "404 Not Found", b"not found\n", head=method == "HEAD")
+        if method not in ("GET", "HEAD"):
+            return _reply(
+                start_response,
+                "405 Method Not Allowed",
+                b"method not allowed\n",
+                extra=[("Allow", "GET, HEAD")],
+            )
+        if path == "/":
+            return _reply(
+                start_response,
+                "200 OK",
+                _LANDING,
+                ctype="text/html; charset=utf-8",
+                head=method == "HEAD",
+            )
+        got: list[Any] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            got[:] = [status, headers]
+            return lambda data: None
+
+        body = b"".join(metrics_app(dict(environ, REQUEST_METHOD="GET"), capture))
+        status, headers = got
+        headers = [*headers, ("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        return [] if method == "HEAD" else [body]
+
+    return app
+
+
+def _reply(
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
+    *,
+    ctype: str = "text/plain; charset=utf-8",
+    extra: list[tuple[str, str]] | None = None,
+    head: bool = False,
+) -> list[bytes]:
+    headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), *(extra or [])]
+    start_response(status, headers)
+    return [] if head else [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class name
+        """No line per request."""
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, sockaddr: tuple[Any, ...], family: socket.AddressFamily) -> None:
+        self.address_family = family
+        super().__init__(sockaddr, _QuietHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would look up the host's FQDN (DNS, maybe slow); not needed.
+        import socketserver
+
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+        self.setup_environ()
+
+
+class Server:
+    """A running metrics HTTP server (daemon thread); :meth:`close` stops it and frees the port."""
+
+    def __init__(self, httpd: _HTTPServer) -> None:
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, name="nfrewrite-metrics-http", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is the real one when 0 was asked for."""
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve(listen: str, registry: Collector) -> Server:
+    """Serve ``registry`` on ``listen`` ("host:port", "[::1]:port") in a daemon thread."""
+    host, port = parse_listen(listen)
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+    )
+    if not infos:  # pragma: no cover - getaddrinfo raises instead
+        raise OSError(f"listen {listen!r}: no address")
+    family, _, _, _, sockaddr = infos[0]
+    return Server(_HTTPServer(sockaddr, family))

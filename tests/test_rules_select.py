@@ -1,0 +1,267 @@
+"""The compiled ruleset: which rules a packet gets, and where their replaces apply.
+
+Sentences from the rules module docstring, each proved here: rules apply in order (file name, then
+position); all patterns are searched in one pass over the original payload; the leftmost match wins,
+ties go to rule order; matches never overlap; a replacement's output is never searched again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nfrewrite.rules import HeaderSet, Match, Replace, Rule, RuleSet, Selection, load_rules
+
+V4_A = ipaddress.IPv4Address("10.1.2.3").packed
+V4_B = ipaddress.IPv4Address("192.0.2.9").packed
+V6_A = ipaddress.IPv6Address("2001:db8::1").packed
+V6_B = ipaddress.IPv6Address("2001:db8:ffff::2").packed
+
+
+def rule(name: str, index: int, *finds: tuple[bytes, bytes], match: Match | None = None) -> Rule:
+    return Rule(
+        name=name, index=index, path="t.toml", line=index + 1, col=1, match=match or Match(),
+        replaces=tuple(Replace(f, w, index + 1, 1) for f, w in finds), set=HeaderSet(),
+        verdict="accept", examples=(),
+    )
+
+
+def load(tmp_path: Path, **files: str) -> RuleSet:
+    d = tmp_path / "rules"
+    d.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (d / f"{name}.toml").write_text(text)
+    ruleset, diags = load_rules(str(d))
+    assert ruleset is not None, [x.format() for x in diags]
+    return ruleset
+
+
+# -- loading into the compiled shape ---------------------------------------------------------
+
+
+def test_rules_are_ordered_by_file_name_then_position(tmp_path: Path) -> None:
+    rs = load(
+        tmp_path,
+        b='[[rule]]\nname = "b1"\nset = { ttl = 1 }\n[[rule]]\nname = "b2"\nset = { ttl = 2 }\n',
+        a='\n[[rule]]\nname = "a1"\nset = { ttl = 3 }\n',
+    )
+    assert [(r.name, r.index) for r in rs.rules] == [("a1", 0), ("b1", 1), ("b2", 2)]
+    assert [(Path(r.path).name, r.line, r.col) for r in rs.rules] == [
+        ("a.toml", 2, 1), ("b.toml", 1, 1), ("b.toml", 4, 1)]
+    assert [Path(f).name for f in rs.files] == ["a.toml", "b.toml"]
+
+
+def test_a_rule_compiles_to_bytes_ranges_and_networks(tmp_path: Path) -> None:
+    rs = load(tmp_path, x="""
+[[rule]]
+name = "x"
+match = { sport = [80, "8000-8080"], dst = ["10.0.0.0/8", "2001:db8::/32"], in_port = "eth1" }
+replace = [ { find = "Server: nginx", with = "Server: web" }, { find_hex = "de ad", with = "é" } ]
+set = { dscp = 10, mss_max = 1360 }
+examples = [ { input = "a", output_hex = "00ff" } ]
+""")
+    [r] = rs.rules
+    assert r.match.sport == ((80, 80), (8000, 8080))
+    assert r.match.dport is None
+    assert r.match.dst == tuple(map(ipaddress.ip_network, ["10.0.0.0/8", "2001:db8::/32"]))
+    assert r.match.in_port == "eth1"
+    assert [(x.find, x.with_) for x in r.replaces] == [
+        (b"Server: nginx", b"Server: web"), (b"\xde\xad", "é".encode())]
+    assert (r.replaces[0].line, r.replaces[0].col) == (5, 13)
+    assert r.set == HeaderSet(dscp=10, mss_max=1360)
+    assert r.verdict == "accept"
+    assert [(e.input, e.output, e.line, e.col) for e in r.examples] == [(b"a", b"\x00\xff", 7, 14)]
+
+
+def test_length_changing_replace_is_an_error_when_the_daemon_forbids_it(tmp_path: Path) -> None:
+    d = tmp_path / "rules"
+    d.mkdir()
+    (d / "x.toml").write_text(
+        '[[rule]]\nname = "x"\nreplace = [ { find = "abc", with = "abcd" }, '
+        '{ find = "xyz", with = "XYZ" } ]\n'
+    )
+    ruleset, diags = load_rules(str(d), allow_length_change=False)
+    assert ruleset is None
+    assert [(d.line, d.col, d.severity) for d in diags] == [(3, 36, "error")]
+    assert diags[0].message.startswith("length-changing replace is not supported yet")
+    ruleset, diags = load_rules(str(d))  # the default allows it
+    assert ruleset is not None and diags == []
+
+
+def test_the_shipped_examples_hold_under_the_replace_semantics() -> None:
+    rules_dir = Path(__file__).resolve().parent.parent / "rules"
+    ruleset, _ = load_rules(str(rules_dir))
+    assert ruleset is not None
+    checked = 0
+    for r in ruleset.rules:
+        for ex in r.examples:
+            out, last = bytearray(), 0
+            for start, end, with_, _rule in Selection((r,)).find_edits(ex.input):
+                out += ex.input[last:start] + with_
+                last = end
+            out += ex.input[last:]
+            assert bytes(out) == ex.output, (r.name, ex.line)
+            checked += 1
+    assert checked >= 3
+
+
+def test_an_empty_rules_dir_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    ruleset, diags = load_rules(str(tmp_path))
+    assert ruleset is not None and len(ruleset) == 0
+    assert [d.severity for d in diags] == ["warning"]
+
+
+def test_the_ruleset_is_immutable(tmp_path: Path) -> None:
+    rs = RuleSet([rule("a", 0)])
+    try:
+        rs._rules = ()  # type: ignore[misc]
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("RuleSet accepted an attribute change")
+
+
+# -- matching ----------------------------------------------------------------------------------
+
+
+def test_match_ports_ranges_lists_and_bridge_ports() -> None:
+    m = Match(sport=((80, 80), (8000, 8080)), in_port="eth1")
+    assert m.matches(4, V4_A, V4_B, 80, 1234, "eth1", None)
+    assert m.matches(4, V4_A, V4_B, 8080, 1234, "eth1", "eth2")
+    assert not m.matches(4, V4_A, V4_B, 8081, 1234, "eth1", None)
+    assert not m.matches(4, V4_A, V4_B, 80, 1234, "eth2", None)
+    assert not m.matches(4, V4_A, V4_B, 80, 1234, None, None)
+
+
+def test_match_addresses_by_family() -> None:
+    m = Match(src=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/48")))
+    assert m.matches(4, V4_A, V4_B, 1, 2, None, None)
+    assert not m.matches(4, V4_B, V4_A, 1, 2, None, None)
+    assert m.matches(6, V6_A, V6_B, 1, 2, None, None)
+    assert not m.matches(6, V6_B, V6_A, 1, 2, None, None)
+    assert m.versions == {4, 6}
+    assert Match(dst=(ipaddress.ip_network("::/0"),)).versions == {6}
+
+
+def test_select_returns_only_matching_rules_in_order() -> None:
+    net = (ipaddress.ip_network("10.0.0.0/8"),)
+    rules = [
+        rule("http", 0, match=Match(sport=((80, 80),))),
+        rule("any", 1),
+        rule("to-10", 2, match=Match(dst=net)),
+        rule("high", 3, match=Match(dport=((1024, 65535),))),
+        rule("ssh", 4, match=Match(dport=((22, 22),))),
+        rule("v6", 5, match=Match(src=(ipaddress.ip_network("::/0"),))),
+    ]
+    rs = RuleSet(rules)
+
+    def names(*args: object) -> list[str]:
+        return [r.name for r in rs.select(*args).rules]  # type: ignore[arg-type]
+
+    assert names(4, V4_B, V4_A, 80, 40000) == ["http", "any", "to-10", "high"]
+    assert names(4, V4_A, V4_B, 80, 40000) == ["http", "any", "high"]
+    assert names(4, V4_A, V4_B, 40000, 22) == ["any", "ssh"]
+    assert names(6, V6_A, V6_B, 40000, 22) == ["any", "ssh", "v6"]
+    for args in [(4, V4_B, V4_A, 80, 40000), (6, V6_A, V6_B, 5, 6), (4, V4_A, V4_B, 1, 2)]:
+        expected = [r.name for r in rules if r.match.matches(*args, None, None)]  # type: ignore[arg-type]
+        assert names(*args) == expected
+
+
+def test_selections_are_shared_per_candidate_set() -> None:
+    rs = RuleSet([rule("http", 0, (b"a", b"b"), match=Match(sport=((80, 80),)))])
+    one = rs.select(4, V4_A, V4_B, 80, 1000)
+    assert rs.select(4, V4_B, V4_A, 80, 2000) is one
+    assert rs.select(6, V6_A, V6_B, 80, 3000) is one
+    assert rs.select(4, V4_A, V4_B, 81, 1000).rules == ()
+
+
+def test_select_agrees_with_match_on_random_packets() -> None:
+    nets = [None, (ipaddress.ip_network("10.0.0.0/8"),), (ipaddress.ip_network("2001:db8::/32"),)]
+    ports = [None, ((80, 80),), ((22, 22), (80, 80)), ((1000, 2000),)]
+    rules = []
+    i = 0
+    for src in nets:
+        for sp in ports:
+            for dp in ports:
+                rules.append(rule(f"r{i}", i, match=Match(sport=sp, dport=dp, src=src)))
+                i += 1
+    rs = RuleSet(rules)
+    addrs = [(4, V4_A, V4_B), (4, V4_B, V4_A), (6, V6_A, V6_B), (6, V6_B, V6_A)]
+    for version, src_a, dst_a in addrs:
+        for sport in (22, 80, 1500, 3000):
+            for dport in (22, 80, 1500, 3000):
+                got = rs.select(version, src_a, dst_a, sport, dport).rules
+                want = tuple(r for r in rules
+                             if r.match.matches(version, src_a, dst_a, sport, dport, None, None))
+                assert got == want
+
+
+# -- find_edits --------------------------------------------------------------------------------
+
+
+def edits(sel: Selection, payload: bytes) -> list[tuple[int, int, bytes, str]]:
+    return [(s, e, w, r.name) for s, e, w, r in sel.find_edits(payload)]
+
+
+def test_every_occurrence_is_found_with_a_single_pattern() -> None:
+    sel = Selection((rule("a", 0, (b"ab", b"X")),))
+    assert edits(sel, b"abab-ab") == [(0, 2, b"X", "a"), (2, 4, b"X", "a"), (5, 7, b"X", "a")]
+    assert edits(sel, b"nothing") == []
+    assert sel.find_edits(bytearray(b"-ab")) == [(1, 3, b"X", sel.rules[0])]
+
+
+def test_leftmost_match_wins_then_rule_order() -> None:
+    sel = Selection((rule("first", 0, (b"bcd", b"1")), rule("second", 1, (b"abc", b"2"),
+                                                                    (b"bc", b"3"))))
+    # "abc" starts further left than "bcd", so the later rule wins there.
+    assert edits(sel, b"abcd") == [(0, 3, b"2", "second")]
+    # At one position the earlier rule wins, even with a shorter pattern.
+    sel2 = Selection((rule("short", 0, (b"ab", b"1")), rule("long", 1, (b"abc", b"2"))))
+    assert edits(sel2, b"abc") == [(0, 2, b"1", "short")]
+    # Within a rule, list order.
+    sel3 = Selection((rule("r", 0, (b"ab", b"1"), (b"abc", b"2")),))
+    assert edits(sel3, b"abc") == [(0, 2, b"1", "r")]
+
+
+def test_matches_do_not_overlap_and_output_is_never_searched() -> None:
+    sel = Selection((rule("a", 0, (b"aa", b"a")), rule("b", 1, (b"ab", b"aa"))))
+    assert edits(sel, b"aaab") == [(0, 2, b"a", "a"), (2, 4, b"aa", "b")]
+    loop = Selection((rule("grow", 0, (b"x", b"xx")),))
+    assert edits(loop, b"xx") == [(0, 1, b"xx", "grow"), (1, 2, b"xx", "grow")]
+
+
+def test_regex_metacharacters_are_literal() -> None:
+    sel = Selection((rule("a", 0, (b".*", b"!")), rule("b", 1, (b"(\n)", b"?"))))
+    assert edits(sel, b"a.*b(\n)") == [(1, 3, b"!", "a"), (4, 7, b"?", "b")]
+
+
+def reference(rules: list[Rule], payload: bytes) -> list[tuple[int, int, bytes, str]]:
+    """The documented semantics, written the slow obvious way."""
+    pats = [(rp.find, rp.with_, r.name) for r in rules for rp in r.replaces]
+    out = []
+    i = 0
+    while i < len(payload):
+        for find, with_, name in pats:
+            if payload.startswith(find, i):
+                out.append((i, i + len(find), with_, name))
+                i += len(find)
+                break
+        else:
+            i += 1
+    return out
+
+
+small = st.binary(min_size=1, max_size=3).map(lambda b: bytes(x % 3 + 97 for x in b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(small, min_size=1, max_size=3), min_size=1, max_size=4),
+       st.binary(max_size=40).map(lambda b: bytes(x % 4 + 97 for x in b)))
+def test_find_edits_equals_the_reference_semantics(
+    finds: list[list[bytes]], payload: bytes
+) -> None:
+    rules = [rule(f"r{i}", i, *[(f, f.upper()) for f in fs]) for i, fs in enumerate(finds)]
+    assert edits(Selection(tuple(rules)), payload) == reference(rules, payload)

@@ -716,7 +716,10 @@ class Server:
     def __init__(self, httpd: _HTTPServer) -> None:
         self._httpd = httpd
         self._thread = threading.Thread(
-            target=httpd.serve_forever, name="nfrewrite-metrics-http", daemon=True
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},  # how long close() waits for the loop to notice
+            name="nfrewrite-metrics-http",
+            daemon=True,
         )
         self._thread.start()
 
@@ -752,4 +755,6 @@ def serve(listen: str, registry: Collector) -> Server:
     if not infos:  # pragma: no cover - getaddrinfo raises instead
         raise OSError(f"listen {listen!r}: no address")
     family, _, _, _, sockaddr = infos[0]
-    return Server(_HTTPServer(sockaddr, family))
+    httpd = _HTTPServer(sockaddr, family)
+    httpd.set_app(make_app(registry))
+    return Server(httpd)

@@ -347,7 +347,7 @@ class Lab:
         return [str(link["ifname"]) for link in json.loads(out)]
 
 
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     end = time.monotonic() + timeout
@@ -393,7 +393,7 @@ def tcp_exchange(
         server.stdin.write(data_s2c)
         server.stdin.close()
         server.stdin = None  # communicate() must not touch it again
-        line = _read_line(server, timeout)
+        line = read_line(server, timeout)
         if line.strip() != b"READY":
             server.kill()
             _, err = server.communicate(timeout=5)

@@ -1,0 +1,118 @@
+"""Raw nfnetlink messages for NFQUEUE configuration that NetfilterQueue does not expose.
+
+Theory of operation
+-------------------
+A queue's flags (``NFQA_CFG_F_FAIL_OPEN``, ``..._GSO``, ...) are set with an ``NFQNL_MSG_CONFIG``
+message: ``nlmsghdr`` + ``nfgenmsg`` (``res_id`` = queue number, big endian) + the attributes
+``NFQA_CFG_MASK`` (which flags to change) and ``NFQA_CFG_FLAGS`` (their new values), both be32. The
+kernel (``nfqnl_recv_config`` in ``net/netfilter/nfnetlink_queue.c``) refuses FLAGS without MASK
+(EINVAL), flags it does not know (EOPNOTSUPP), and - the point that shapes ``nfrewrite.queue`` -
+any config for an existing queue sent from a netlink port id other than the one that bound it
+(``queue->peer_portid != NETLINK_CB(skb).portid`` -> EPERM). So the message must go out on
+NetfilterQueue's own socket: ``socket.socket(fileno=os.dup(fd))`` is a second handle on the very
+same socket (same port id), and this module only builds and parses bytes for it.
+
+ACKs: we ask for one (``NLM_F_ACK``) so that a refused flag is an error, not a silent no-op; the
+caller reads it itself before the packet loop starts. Should an ACK or error ever reach
+libnetfilter_queue instead, libnfnetlink's ``nfnl_handle_packet`` looks up subsystem 0 for
+``NLMSG_ERROR`` (type 2), finds no callbacks and returns -1, which NetfilterQueue ignores: it is
+dropped harmlessly (also shown by a test).
+
+What it must not do: open sockets, block, or guess: every parse checks lengths.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+NETLINK_NETFILTER = 12
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+
+NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_CONFIG = 2
+NFNETLINK_V0 = 0
+
+NFQA_CFG_CMD = 1
+NFQA_CFG_PARAMS = 2
+NFQA_CFG_QUEUE_MAXLEN = 3
+NFQA_CFG_MASK = 4
+NFQA_CFG_FLAGS = 5
+
+NFQA_CFG_F_FAIL_OPEN = 0x1
+NFQA_CFG_F_CONNTRACK = 0x2
+NFQA_CFG_F_GSO = 0x4
+NFQA_CFG_F_UID_GID = 0x8
+NFQA_CFG_F_SECCTX = 0x10
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host order)
+_NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (big endian)
+_NLATTR = struct.Struct("=HH")
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = _NLATTR.size + len(payload)
+    return _NLATTR.pack(length, kind) + payload + b"\0" * (_align4(length) - length)
+
+
+def config_flags_message(
+    queue_num: int, flags: int, mask: int, seq: int, ack: bool = True
+) -> bytes:
+    """NFQNL_MSG_CONFIG setting ``flags`` under ``mask`` on queue ``queue_num``."""
+    if not 0 <= queue_num <= 0xFFFF:
+        raise ValueError(f"queue number out of range: {queue_num}")
+    body = _NFGENMSG.pack(0, NFNETLINK_V0, queue_num)
+    body += _attr(NFQA_CFG_MASK, struct.pack("!I", mask))
+    body += _attr(NFQA_CFG_FLAGS, struct.pack("!I", flags))
+    msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
+    msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, msg_flags, seq, 0) + body
+
+
+@dataclass(frozen=True, slots=True)
+class NlMsg:
+    type: int
+    flags: int
+    seq: int
+    pid: int
+    payload: bytes
+
+    @property
+    def error(self) -> int | None:
+        """For NLMSG_ERROR: 0 (an ACK) or a negative errno; None for other messages."""
+        if self.type != NLMSG_ERROR or len(self.payload) < 4:
+            return None
+        return int(struct.unpack_from("=i", self.payload)[0])
+
+    @property
+    def acked_seq(self) -> int | None:
+        """For NLMSG_ERROR: the sequence number of the request it answers."""
+        if self.type != NLMSG_ERROR or len(self.payload) < 4 + _NLMSGHDR.size:
+            return None
+        return int(_NLMSGHDR.unpack_from(self.payload, 4)[3])
+
+
+def parse(datagram: bytes) -> Iterator[NlMsg]:
+    """The netlink messages of one datagram (stops at the first malformed header)."""
+    off = 0
+    while off + _NLMSGHDR.size <= len(datagram):
+        length, mtype, mflags, seq, pid = _NLMSGHDR.unpack_from(datagram, off)
+        if length < _NLMSGHDR.size or off + length > len(datagram):
+            return
+        yield NlMsg(mtype, mflags, seq, pid, datagram[off + _NLMSGHDR.size : off + length])
+        off += _align4(length)
+
+
+def answer_to(datagram: bytes, seq: int) -> int | None:
+    """If ``datagram`` is the ACK/error for request ``seq``: 0 or -errno; else None."""
+    for msg in parse(datagram):
+        if msg.type == NLMSG_ERROR and msg.acked_seq == seq:
+            return msg.error
+    return None

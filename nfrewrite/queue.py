@@ -1,0 +1,440 @@
+"""The NetfilterQueue loop: bind a queue, hand each packet to the engine, give the verdict.
+
+Theory of operation
+-------------------
+This is the thin shell around the engine. ``QueueWorker`` binds NFQUEUE ``queue_num`` with
+NetfilterQueue (libnetfilter_queue), copy mode "packet", and then:
+
+* raises the netlink socket's receive buffer with ``SO_RCVBUFFORCE`` (root may exceed rmem_max;
+  falls back to ``SO_RCVBUF``) so bursts wait in the socket instead of being lost;
+* sets ``NFQA_CFG_F_FAIL_OPEN`` on the queue (or clears it with ``fail_open=False``): when the
+  queue is full (``maxlen`` packets waiting for a verdict) or our socket buffer is full, the kernel
+  then *accepts* the packet instead of dropping it. NetfilterQueue has no call for this, so
+  ``nfrewrite.nfnl`` builds an ``NFQNL_MSG_CONFIG`` message and it is sent on NetfilterQueue's own
+  socket (a dup of its fd): the kernel takes config for a bound queue only from the netlink port
+  that bound it (EPERM otherwise). The ACK is read here before the loop starts; a packet that
+  arrives meanwhile is kept and handed to libnetfilter_queue first thing in ``run()``.
+  ``--queue-bypass`` in the rule (see ``nfrewrite.firewall``) is the other half: it passes packets
+  while no process is bound at all (stopped, crashed, ``kill -9``).
+* does not set ``NFQA_CFG_F_GSO``: the kernel then segments GSO packets and completes
+  ``CHECKSUM_PARTIAL`` checksums before copying, so the engine always sees wire-sized packets with
+  complete checksums (``PacketMeta.csum_partial`` is False).
+
+Each packet: ``handler(payload, meta) -> (verdict, new_payload | None)``. ``ACCEPT``/``DROP`` are
+the verdicts; ``ACCEPT | TRACK_FLOW`` also sets the ``FLOW_MARK`` bit in the packet mark, which the
+firewall's POSTROUTING rule copies into the conntrack mark so that the whole flow keeps coming to
+the queue (needed once a length-changing edit gave it a sequence offset). A handler exception never
+stops the loop: that packet is accepted unmodified, the exception type is logged once (one line on
+stderr) and counted in ``stats.errors_by_kind``. A payload cut short by the copy range
+(NetfilterQueue copies at most 4016 bytes) is never modified, since a verdict with a payload
+replaces the whole packet.
+
+The loop polls the socket and a wake-up pipe with a timeout, so ``on_idle`` runs at least every
+``idle_interval`` seconds without traffic (the daemon sends ``WATCHDOG=1`` from it) and ``stop()``
+(safe from a signal handler: it sets a flag and writes one byte) ends ``run()`` within
+milliseconds. Datagrams are pulled with ``MSG_DONTWAIT`` through ``NetfilterQueue.run_socket`` in
+batches of ``batch`` so that a flood cannot starve the idle hook.
+
+What it must not do: block forever, let one bad packet stop the queue, leave a packet without a
+verdict, or touch rules (``nfrewrite.firewall`` owns them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from netfilterqueue import NetfilterQueue
+
+from nfrewrite import nfnl
+from nfrewrite.firewall import FLOW_MARK
+
+DROP = 0
+ACCEPT = 1
+#: OR into ACCEPT: mark this packet's flow so every later packet of it comes to the queue.
+TRACK_FLOW = 0x100
+VERDICT_MASK = 0xFF
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+#: NetfilterQueue's largest copy range (its BufferSize 4096 minus 80 bytes of metadata).
+MAX_COPY = 4016
+_RECV_SIZE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class PacketMeta:
+    """What the kernel told us about a queued packet besides its bytes."""
+
+    in_port: str | None  # bridge port it came in on (physindev); None when not bridged
+    out_port: str | None  # bridge port it will leave by (physoutdev); None when not bridged/known
+    indev: str | None
+    outdev: str | None
+    mark: int
+    csum_partial: bool = False
+    queue_num: int = 0
+
+
+Handler = Callable[[bytes, PacketMeta], tuple[int, bytes | None]]
+
+
+class _Packet(Protocol):
+    indev: int
+    outdev: int
+    physindev: int
+    physoutdev: int
+
+    def get_payload(self) -> bytes: ...
+    def get_mark(self) -> int: ...
+    def set_payload(self, payload: bytes) -> None: ...
+    def set_mark(self, mark: int) -> None: ...
+    def accept(self) -> None: ...
+    def drop(self) -> None: ...
+
+
+@dataclass(slots=True)
+class QueueStats:
+    packets: int = 0
+    accepted: int = 0
+    dropped: int = 0
+    modified: int = 0
+    tracked: int = 0
+    truncated: int = 0
+    enobufs: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "packets": self.packets, "accepted": self.accepted, "dropped": self.dropped,
+            "modified": self.modified, "tracked": self.tracked, "truncated": self.truncated,
+            "enobufs": self.enobufs, "errors_by_kind": dict(self.errors_by_kind),
+        }
+
+
+class QueueError(RuntimeError):
+    """Binding or configuring the queue failed; the message says what to check."""
+
+
+def _ip_total_length(payload: bytes) -> int | None:
+    """Length the IP header claims, to detect a copy cut short; None if unparseable."""
+    if len(payload) < 1:
+        return None
+    version = payload[0] >> 4
+    if version == 4 and len(payload) >= 4:
+        return int.from_bytes(payload[2:4], "big")
+    if version == 6 and len(payload) >= 6:
+        return 40 + int.from_bytes(payload[4:6], "big")
+    return None
+
+
+class _BudgetSocket:
+    """What ``NetfilterQueue.run_socket`` reads from: our fd, non-blocking, ``budget`` datagrams.
+
+    Raising ``BlockingIOError(EAGAIN)`` makes run_socket return; ENOBUFS (the kernel telling us
+    it had to drop or fail-open a packet for lack of socket space) is counted and skipped by it.
+    """
+
+    def __init__(self, sock: socket.socket, stats: QueueStats) -> None:
+        self.sock = sock
+        self.stats = stats
+        self.pending: list[bytes] = []
+        self.budget = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        if self.pending:
+            return self.pending.pop(0)
+        if self.budget <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.budget -= 1
+        try:
+            return self.sock.recv(max(bufsize, _RECV_SIZE), socket.MSG_DONTWAIT)
+        except OSError as e:
+            if e.errno == errno.ENOBUFS:
+                self.stats.enobufs += 1
+            raise
+
+
+class QueueWorker:
+    """One bound NFQUEUE and the loop that serves it."""
+
+    def __init__(
+        self,
+        queue_num: int,
+        handler: Handler,
+        maxlen: int = 4096,
+        sock_buf: int = 8 << 20,
+        fail_open: bool = True,
+        *,
+        on_idle: Callable[[], None] | None = None,
+        idle_interval: float = 0.5,
+        batch: int = 64,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.queue_num = queue_num
+        self.handler = handler
+        self.maxlen = maxlen
+        self.sock_buf = sock_buf
+        self.fail_open = fail_open
+        self.on_idle = on_idle
+        self.idle_interval = idle_interval
+        self.batch = batch
+        self.stats = QueueStats()
+        self.rcvbuf: int | None = None
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._logged_kinds: set[str] = set()
+        self._ifnames: dict[int, str | None] = {}
+        self._ifnames_at = 0.0
+        self._nfq: Any = None
+        self._sock: socket.socket | None = None
+        self._reader: _BudgetSocket | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._stopping = False
+        self._seq = int(time.time()) & 0xFFFFFF
+
+    # -- setup ----------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Bind the queue, size the socket buffer, set (or clear) fail-open."""
+        if self._nfq is not None:
+            return
+        nfq = NetfilterQueue()
+        try:
+            with warnings.catch_warnings():
+                # NetfilterQueue warns when the kernel caps the buffer; we set it ourselves below.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                nfq.bind(self.queue_num, self._on_packet, max_len=self.maxlen,
+                         sock_len=min(self.sock_buf, 0x7FFFFFFF // 2))
+        except OSError as e:
+            raise QueueError(
+                f"cannot bind NFQUEUE {self.queue_num}: {e} "
+                "(is another process bound to it? are we root?)"
+            ) from e
+        self._nfq = nfq
+        try:
+            self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
+            self._reader = _BudgetSocket(self._sock, self.stats)
+            self.rcvbuf = self._raise_rcvbuf()
+            self.set_flags(nfnl.NFQA_CFG_F_FAIL_OPEN if self.fail_open else 0,
+                           nfnl.NFQA_CFG_F_FAIL_OPEN)
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            self.unbind()
+            raise
+
+    def _raise_rcvbuf(self) -> int:
+        assert self._sock is not None
+        for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, opt, self.sock_buf)
+                break
+            except OSError:
+                continue
+        return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+    def set_flags(self, flags: int, mask: int, *, wait_ack: bool = True,
+                  timeout: float = 2.0) -> None:
+        """Send NFQNL_MSG_CONFIG flags/mask on the binding socket; raise if the kernel refuses."""
+        if self._sock is None or self._reader is None:
+            raise QueueError("queue is not bound")
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._seq
+        self._sock.sendto(nfnl.config_flags_message(self.queue_num, flags, mask, seq,
+                                                    ack=wait_ack), (0, 0))
+        if not wait_ack:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QueueError(f"no answer from the kernel to the queue {self.queue_num} config")
+            ready, _, _ = select.select([self._sock], [], [], left)
+            if not ready:
+                continue
+            try:
+                data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    continue
+                raise
+            answer = nfnl.answer_to(data, seq)
+            if answer is None:
+                self._reader.pending.append(data)  # a packet: libnetfilter_queue gets it later
+                continue
+            if answer != 0:
+                raise QueueError(
+                    f"kernel refused queue {self.queue_num} flags 0x{flags:x}/0x{mask:x}: "
+                    f"{os.strerror(-answer)}"
+                )
+            return
+
+    # -- per packet -----------------------------------------------------------------------
+    def _ifname(self, index: int) -> str | None:
+        if not index:
+            return None
+        try:
+            return self._ifnames[index]
+        except KeyError:
+            try:
+                name: str | None = socket.if_indextoname(index)
+            except OSError:
+                name = None
+            self._ifnames[index] = name
+            return name
+
+    def _error(self, kind: str, detail: str) -> None:
+        self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
+        if kind not in self._logged_kinds:
+            self._logged_kinds.add(kind)
+            self._log(f"nfrewrite queue {self.queue_num}: {kind}: {detail} "
+                      "(packet accepted unmodified; logged once per kind)")
+
+    def _on_packet(self, pkt: _Packet) -> None:
+        st = self.stats
+        st.packets += 1
+        try:
+            payload = pkt.get_payload()
+            mark = pkt.get_mark()
+            meta = PacketMeta(
+                in_port=self._ifname(pkt.physindev), out_port=self._ifname(pkt.physoutdev),
+                indev=self._ifname(pkt.indev), outdev=self._ifname(pkt.outdev),
+                mark=mark, csum_partial=False, queue_num=self.queue_num,
+            )
+        except Exception as e:  # noqa: BLE001 - a packet we cannot read is passed on
+            self._error(type(e).__name__, str(e))
+            self._verdict(pkt, ACCEPT, None, 0)
+            return
+        try:
+            verdict, new = self.handler(payload, meta)
+            if not isinstance(verdict, int) or (verdict & VERDICT_MASK) not in (ACCEPT, DROP):
+                raise TypeError(f"handler returned verdict {verdict!r}")
+            if new is not None and not isinstance(new, bytes | bytearray | memoryview):
+                raise TypeError(f"handler returned payload of type {type(new).__name__}")
+        except Exception as e:  # noqa: BLE001 - the contract: never stop the loop
+            self._error(type(e).__name__, str(e))
+            self._verdict(pkt, ACCEPT, None, mark)
+            return
+        if new is not None:
+            new = bytes(new)
+            claimed = _ip_total_length(payload)
+            if claimed is None or claimed > len(payload):
+                st.truncated += 1
+                self._error("TruncatedCopy", f"{len(payload)} of {claimed} bytes copied")
+                new = None
+            elif new == payload:
+                new = None
+        self._verdict(pkt, verdict, new, mark)
+
+    def _verdict(self, pkt: _Packet, verdict: int, new: bytes | None, mark: int) -> None:
+        st = self.stats
+        try:
+            if verdict & VERDICT_MASK == DROP:
+                pkt.drop()
+                st.dropped += 1
+                return
+            if verdict & TRACK_FLOW and not mark & FLOW_MARK:
+                pkt.set_mark(mark | FLOW_MARK)
+                st.tracked += 1
+            if new is not None:
+                pkt.set_payload(new)
+                st.modified += 1
+            pkt.accept()
+            st.accepted += 1
+        except Exception as e:  # noqa: BLE001 - e.g. queue unbound meanwhile
+            self._error("VerdictFailed", f"{type(e).__name__}: {e}")
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve packets until ``stop()``; calls ``on_idle`` at least every ``idle_interval``."""
+        self.bind()
+        assert self._sock is not None and self._reader is not None
+        self._stopping = False
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        next_idle = time.monotonic() + self.idle_interval
+        self._drain(budget=self.batch)  # anything that arrived while we configured
+        while not self._stopping:
+            wait_ms = max(0, int((next_idle - time.monotonic()) * 1000))
+            try:
+                events = poller.poll(wait_ms)
+            except InterruptedError:
+                events = []
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 512)
+                else:
+                    self._drain(budget=self.batch)
+            now = time.monotonic()
+            if now >= next_idle:
+                next_idle = now + self.idle_interval
+                self._idle(now)
+
+    def _drain(self, budget: int) -> None:
+        assert self._reader is not None
+        self._reader.budget = budget
+        try:
+            self._nfq.run_socket(self._reader)
+        except OSError as e:
+            self._error("RecvFailed", f"{type(e).__name__}: {e}")
+
+    def _idle(self, now: float) -> None:
+        if now - self._ifnames_at > 30.0:  # ifindexes can be reused: forget names now and then
+            self._ifnames.clear()
+            self._ifnames_at = now
+        if self.on_idle is not None:
+            try:
+                self.on_idle()
+            except Exception as e:  # noqa: BLE001
+                self._error("IdleHookFailed", f"{type(e).__name__}: {e}")
+
+    def stop(self) -> None:
+        """Make ``run()`` return soon. Async-signal-safe enough for a Python signal handler."""
+        self._stopping = True
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def unbind(self) -> None:
+        """Verdict what is already waiting (briefly), then release the queue and our fds."""
+        if self._nfq is not None and self._reader is not None:
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline and self._readable():
+                self._drain(budget=self.batch)
+        if self._nfq is not None:
+            with contextlib.suppress(Exception):
+                self._nfq.unbind()
+        self._nfq = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._reader = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _readable(self) -> bool:
+        if self._sock is None:
+            return False
+        if self._reader is not None and self._reader.pending:
+            return True
+        ready, _, _ = select.select([self._sock], [], [], 0)
+        return bool(ready)
+
+    def __enter__(self) -> QueueWorker:
+        self.bind()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unbind()

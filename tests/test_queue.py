@@ -1,0 +1,314 @@
+"""queue: packets reach the handler and come back; errors, full queues, crashes never stop traffic.
+
+Each kernel test runs a QueueWorker in the lab's appliance namespace (a child ``python -c`` from
+``WORKER`` below), with a plain bridge and our firewall rules queueing TCP port 8080 both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from nfrewrite import nfnl
+from nfrewrite.lab import Lab, LabError, read_line, tcp_exchange
+
+PORT = 8080
+QNUM = 3
+
+WORKER = r'''
+import json, os, signal, socket, sys, time
+from nfrewrite import nfnl
+from nfrewrite.queue import ACCEPT, TRACK_FLOW, QueueWorker
+
+mode, qnum, maxlen, fail_open = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+seen = set()
+
+def passthrough(payload, meta):
+    seen.add((meta.in_port, meta.out_port, meta.indev, meta.outdev, meta.csum_partial))
+    return ACCEPT, None
+
+def boom(payload, meta):
+    raise ValueError("boom")
+
+def rewrite(payload, meta):
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    pkt = IP(payload) if payload[0] >> 4 == 4 else IPv6(payload)
+    data = bytes(pkt[TCP].payload)
+    if b"Server: nginx" not in data:
+        return ACCEPT, None
+    pkt[TCP].remove_payload()
+    pkt[TCP].add_payload(data.replace(b"Server: nginx", b"Server: webxx"))
+    if IP in pkt:
+        del pkt[IP].chksum
+    del pkt[TCP].chksum
+    return ACCEPT, bytes(pkt)
+
+def track(payload, meta):
+    seen.add((meta.in_port, meta.out_port, meta.indev, meta.outdev, meta.csum_partial))
+    return (ACCEPT | TRACK_FLOW, None) if b"MARKME" in payload else (ACCEPT, None)
+
+handler = {"pass": passthrough, "boom": boom, "rewrite": rewrite, "track": track}.get(
+    mode, passthrough)
+idle_calls = []
+w = QueueWorker(qnum, handler, maxlen=maxlen, fail_open=fail_open,
+                on_idle=lambda: idle_calls.append(time.monotonic()), idle_interval=0.25)
+w.bind()
+if mode == "ack":
+    # An ACK nobody waits for lands on libnetfilter_queue's socket; it must be shrugged off.
+    w._sock.sendto(nfnl.config_flags_message(qnum, 1, 1, 4242, ack=True), (0, 0))
+if mode == "eperm":
+    other = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nfnl.NETLINK_NETFILTER)
+    other.bind((0, 0))
+    other.sendto(nfnl.config_flags_message(qnum, 1, 1, 77, ack=True), (0, 0))
+    other.settimeout(2)
+    print(json.dumps({"answer": nfnl.answer_to(other.recv(65536), 77)}), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, lambda *_: w.stop())
+print("READY", flush=True)
+if mode == "norun":
+    while True:
+        time.sleep(1)
+w.run()
+w.unbind()
+out = w.stats.as_dict()
+out["seen"] = sorted(seen, key=repr)
+out["idle_calls"] = len(idle_calls)
+out["rcvbuf"] = w.rcvbuf
+print(json.dumps(out), flush=True)
+'''
+
+
+def start_worker(lab: Lab, mode: str, *, maxlen: int = 4096, fail_open: bool = True
+                 ) -> subprocess.Popen[bytes]:
+    proc: subprocess.Popen[bytes] = lab.popen(
+        "appliance",
+        [sys.executable, "-c", WORKER, mode, str(QNUM), str(maxlen), "1" if fail_open else "0"],
+        env=lab.python_env(),
+    )
+    line = read_line(proc, 15)
+    if line.strip() != b"READY":
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+        raise AssertionError(f"worker did not start: {line!r} {err.decode(errors='replace')}")
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> tuple[dict[str, object], str, float]:
+    """SIGTERM; returns (stats, stderr, seconds until exit)."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, err.decode(errors="replace")
+    return json.loads(out), err.decode(errors="replace"), took
+
+
+def queue_rules(lab: Lab) -> None:
+    code = (
+        "from nfrewrite.firewall import Firewall, QueueMatch\n"
+        f"m = [QueueMatch(dports=[({PORT}, {PORT + 1})]), QueueMatch(sports=[({PORT}, {PORT})])]\n"
+        f"Firewall({QNUM}, 1).install(m, m)\n"
+    )
+    lab.run("appliance", [sys.executable, "-c", code], env=lab.python_env())
+
+
+def proc_queue(lab: Lab) -> dict[str, int]:
+    """Our queue's line of /proc/net/netfilter/nfnetlink_queue, named (see DESIGN.md 5)."""
+    text = lab.run("appliance", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    names = ["queue", "portid", "waiting", "copy_mode", "copy_range", "queue_dropped",
+             "user_dropped", "id_sequence", "one"]
+    for line in text.splitlines():
+        fields = [int(f) for f in line.split()]
+        if fields and fields[0] == QNUM:
+            return dict(zip(names, fields, strict=True))
+    return {}
+
+
+@pytest.fixture
+def qlab() -> Iterator[Lab]:
+    with Lab(make_bridge=True) as lab:
+        lab.wait_reachable()
+        queue_rules(lab)
+        yield lab
+
+
+REQ = b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n"
+RESP = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\n\r\nok"
+
+
+# -- nfnl message building (no kernel) -------------------------------------------------------
+
+
+def test_config_message_layout() -> None:
+    msg = nfnl.config_flags_message(0x1234, nfnl.NFQA_CFG_F_FAIL_OPEN, 0x1, seq=9)
+    length, mtype, flags, seq, pid = struct.unpack_from("=IHHII", msg)
+    assert length == len(msg) == 16 + 4 + 8 + 8
+    assert mtype == (3 << 8) | 2 and flags == nfnl.NLM_F_REQUEST | nfnl.NLM_F_ACK
+    assert (seq, pid) == (9, 0)
+    assert msg[16:20] == b"\x00\x00\x12\x34"  # AF_UNSPEC, version 0, res_id big endian
+    assert msg[20:28] == struct.pack("=HH", 8, nfnl.NFQA_CFG_MASK) + b"\0\0\0\1"
+    assert msg[28:36] == struct.pack("=HH", 8, nfnl.NFQA_CFG_FLAGS) + b"\0\0\0\1"
+
+
+def test_ack_and_error_parsing() -> None:
+    req = nfnl.config_flags_message(1, 1, 1, seq=5)
+    ack = struct.pack("=IHHII", 16 + 4 + 16, nfnl.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", 0)
+    ack += req[:16]
+    assert nfnl.answer_to(ack, 5) == 0
+    assert nfnl.answer_to(ack, 6) is None
+    err = ack[:16] + struct.pack("=i", -1) + ack[20:]
+    assert nfnl.answer_to(err, 5) == -1
+    assert list(nfnl.parse(b"\x01\x02")) == []
+
+
+# -- in the kernel ---------------------------------------------------------------------------
+
+
+@pytest.mark.privileged
+def test_packets_pass_through_a_handler_that_changes_nothing(qlab: Lab) -> None:
+    worker = start_worker(qlab, "pass")
+    for family in (4, 6):
+        res = tcp_exchange(qlab, REQ, RESP, family=family, port=PORT)
+        assert (res.server_received, res.client_received) == (REQ, RESP)
+    stats, _, took = stop_worker(worker)
+    assert took < 2.0  # SIGTERM to exit
+    assert isinstance(stats["packets"], int) and stats["packets"] >= 12
+    assert stats["accepted"] == stats["packets"] and stats["modified"] == 0
+    assert stats["errors_by_kind"] == {}
+    seen = {tuple(s) for s in stats["seen"]}  # type: ignore[attr-defined]
+    assert ("nfr0", "nfr1", "br0", "br0", False) in seen  # client -> server, bridged
+    assert ("nfr1", "nfr0", "br0", "br0", False) in seen  # server -> client
+    assert isinstance(stats["rcvbuf"], int) and stats["rcvbuf"] >= 8 << 20
+
+
+@pytest.mark.privileged
+def test_a_handler_that_raises_does_not_stop_traffic_and_is_counted(qlab: Lab) -> None:
+    worker = start_worker(qlab, "boom")
+    res = tcp_exchange(qlab, REQ, RESP, family=4, port=PORT)
+    assert (res.server_received, res.client_received) == (REQ, RESP)
+    stats, stderr, _ = stop_worker(worker)
+    assert stats["errors_by_kind"] == {"ValueError": stats["packets"]}
+    assert stats["accepted"] == stats["packets"]
+    assert stderr.count("ValueError") == 1  # logged once per kind
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_modified_packet_is_what_the_client_receives(qlab: Lab, family: int) -> None:
+    worker = start_worker(qlab, "rewrite")
+    res = tcp_exchange(qlab, REQ, RESP, family=family, port=PORT)
+    assert res.server_received == REQ
+    assert res.client_received == RESP.replace(b"Server: nginx", b"Server: webxx")
+    stats, _, _ = stop_worker(worker)
+    assert stats["modified"] == 1 and stats["errors_by_kind"] == {}
+
+
+@pytest.mark.privileged
+def test_an_ack_on_the_queue_socket_is_ignored(qlab: Lab) -> None:
+    worker = start_worker(qlab, "ack")
+    res = tcp_exchange(qlab, REQ, RESP, family=4, port=PORT)
+    assert (res.server_received, res.client_received) == (REQ, RESP)
+    stats, _, _ = stop_worker(worker)
+    assert stats["errors_by_kind"] == {}
+
+
+@pytest.mark.privileged
+def test_config_from_another_socket_is_refused_with_eperm(qlab: Lab) -> None:
+    proc = qlab.run("appliance", [sys.executable, "-c", WORKER, "eperm", str(QNUM), "16", "1"],
+                    env=qlab.python_env())
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"answer": -1}  # -EPERM
+
+
+@pytest.mark.privileged
+def test_on_idle_runs_without_traffic(qlab: Lab) -> None:
+    worker = start_worker(qlab, "pass")
+    time.sleep(1.2)
+    stats, _, _ = stop_worker(worker)
+    assert isinstance(stats["idle_calls"], int) and stats["idle_calls"] >= 3
+
+
+def _fill_queue(lab: Lab) -> None:
+    """Park one SYN (to PORT+1, nobody listens) in the queue of a worker that never reads."""
+    code = (
+        "import socket\n"
+        "s = socket.socket()\n"
+        "s.settimeout(0.3)\n"
+        "try:\n"
+        f"    s.connect(('{lab.server_v4}', {PORT + 1}))\n"
+        "except OSError:\n"
+        "    pass\n"
+    )
+    lab.run("client", [sys.executable, "-c", code])
+    deadline = time.monotonic() + 5
+    while proc_queue(lab).get("waiting") != 1:
+        assert time.monotonic() < deadline, proc_queue(lab)
+        time.sleep(0.05)
+
+
+@pytest.mark.privileged
+def test_fail_open_a_full_queue_lets_traffic_through(qlab: Lab) -> None:
+    worker = start_worker(qlab, "norun", maxlen=1, fail_open=True)
+    _fill_queue(qlab)
+    res = tcp_exchange(qlab, REQ, RESP, family=4, port=PORT, timeout=5)
+    assert (res.server_received, res.client_received) == (REQ, RESP)
+    assert proc_queue(qlab)["queue_dropped"] == 0
+    worker.kill()
+
+
+@pytest.mark.privileged
+def test_without_fail_open_a_full_queue_drops(qlab: Lab) -> None:
+    worker = start_worker(qlab, "norun", maxlen=1, fail_open=False)
+    _fill_queue(qlab)
+    with pytest.raises(LabError):
+        tcp_exchange(qlab, REQ, RESP, family=4, port=PORT, timeout=2.5)
+    assert proc_queue(qlab)["queue_dropped"] > 0
+    worker.kill()
+
+
+@pytest.mark.privileged
+def test_kill_9_of_the_bound_process_lets_traffic_through(qlab: Lab) -> None:
+    worker = start_worker(qlab, "norun", maxlen=1, fail_open=False)
+    assert proc_queue(qlab)["portid"] != 0
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while proc_queue(qlab):  # the kernel drops the instance when the socket goes away
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    res = tcp_exchange(qlab, REQ, RESP, family=6, port=PORT, timeout=5)
+    assert (res.server_received, res.client_received) == (REQ, RESP)
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("track", [False, True])
+def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> None:
+    """Only the packet carrying MARKME matches the prefilter; TRACK_FLOW connmarks its flow, and
+    from then on every packet of it, both directions, is queued as well."""
+    with Lab(make_bridge=True) as lab:
+        lab.wait_reachable(families=[4])
+        code = (
+            "from nfrewrite.firewall import Firewall, QueueMatch\n"
+            f"Firewall({QNUM}, 1).install([QueueMatch(literal=b'MARKME')], [])\n"
+        )
+        lab.run("appliance", [sys.executable, "-c", code], env=lab.python_env())
+        worker = start_worker(lab, "track" if track else "pass")
+        res = tcp_exchange(lab, b"MARKME" + b"a" * 10, b"reply", family=4, port=PORT)
+        assert (res.server_received, res.client_received) == (b"MARKME" + b"a" * 10, b"reply")
+        stats, _, _ = stop_worker(worker)
+        if track:
+            assert stats["tracked"] == 1
+            # the marked packet, then at least: server's data + FIN, client's ACKs and FIN
+            assert isinstance(stats["packets"], int) and stats["packets"] >= 5
+            seen = {tuple(s) for s in stats["seen"]}  # type: ignore[attr-defined]
+            assert ("nfr1", "nfr0", "br0", "br0", False) in seen  # server -> client queued too
+        else:
+            assert stats["packets"] == 1 and stats["tracked"] == 0

@@ -367,6 +367,10 @@ class RuleSet:
             raise AttributeError("RuleSet is immutable")
         object.__setattr__(self, name, value)
 
+    def __reduce__(self) -> tuple[type[RuleSet], tuple[tuple[Rule, ...], tuple[str, ...]]]:
+        """Pickle as its rules and files (for worker processes); caches are rebuilt there."""
+        return RuleSet, (self._rules, self._files)
+
     def select(
         self,
         version: int,

@@ -8,6 +8,7 @@ ties go to rule order; matches never overlap; a replacement's output is never se
 from __future__ import annotations
 
 import ipaddress
+import pickle
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,16 @@ def test_the_ruleset_is_immutable(tmp_path: Path) -> None:
         setattr(rs, "_rules", ())  # noqa: B010 - the point is to try
     with pytest.raises(AttributeError):
         setattr(rs, "rules", ())  # noqa: B010
+
+
+def test_a_ruleset_survives_pickling_for_worker_processes() -> None:
+    rules_dir = Path(__file__).resolve().parent.parent / "rules"
+    ruleset, _ = load_rules(str(rules_dir))
+    assert ruleset is not None
+    copy = pickle.loads(pickle.dumps(ruleset))
+    assert copy.rules == ruleset.rules and copy.files == ruleset.files
+    packet = (4, V4_A, V4_B, 80, 1234)
+    assert copy.select(*packet).rules == ruleset.select(*packet).rules
 
 
 # -- matching ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ The compiled shape, which the engine consumes::
 
     Selection                       shared by every packet with the same set of matching rules
       .rules: tuple[Rule, ...]      the rules that match, in rule order
+      .has_replaces: bool           False: find_edits always returns [] (skip the payload)
       .find_edits(payload) -> list[(start, end, replacement, rule)]
 
 ``src``/``dst`` given to ``select``/``matches`` are the raw 4- or 16-byte addresses from the packet.
@@ -251,7 +252,7 @@ class Rule:
 class Selection:
     """The rules that match one kind of packet, with their replace patterns ready to search."""
 
-    __slots__ = ("_patterns", "rules")
+    __slots__ = ("_patterns", "has_replaces", "rules")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
@@ -263,6 +264,7 @@ class Selection:
                     seen.add(rep.find)
                     patterns.append((rep.find, rep.with_, rule))
         self._patterns = tuple(patterns)
+        self.has_replaces = bool(patterns)
 
     def __repr__(self) -> str:
         return f"Selection({[r.name for r in self.rules]!r})"

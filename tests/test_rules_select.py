@@ -220,6 +220,7 @@ def test_every_occurrence_is_found_with_a_single_pattern() -> None:
     sel = Selection((rule("a", 0, (b"ab", b"X")),))
     assert edits(sel, b"abab-ab") == [(0, 2, b"X", "a"), (2, 4, b"X", "a"), (5, 7, b"X", "a")]
     assert edits(sel, b"nothing") == []
+    assert sel.has_replaces and not Selection((rule("b", 1),)).has_replaces
     assert sel.find_edits(bytearray(b"-ab")) == [(1, 3, b"X", sel.rules[0])]
 
 

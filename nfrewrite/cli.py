@@ -91,9 +91,15 @@ CONFIG_ARG = arg(
 # -- subcommands -------------------------------------------------------------------------------
 
 
-@command("check", "validate the config and every rule file; report all errors", CONFIG_ARG)
+@command(
+    "check", "validate the config and every rule file; report all errors", CONFIG_ARG,
+    arg("--no-length-change", action="store_true",
+        help="treat a replace that changes the payload length as an error"),
+)
 def cmd_check(args: argparse.Namespace) -> int:
-    config, ruleset, diagnostics = load_all(args.config)
+    config, ruleset, diagnostics = load_all(
+        args.config, allow_length_change=not args.no_length_change
+    )
     print_diagnostics(diagnostics)
     errors = sum(1 for d in diagnostics if d.severity == "error")
     if errors or config is None or ruleset is None:

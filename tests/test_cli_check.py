@@ -315,6 +315,18 @@ def test_the_shipped_config_and_rules_are_valid() -> None:
     assert result.err == ""  # not even a warning
 
 
+def test_length_changing_replaces_can_be_refused(tmp_path: Path) -> None:
+    spots = lay_out(tmp_path, CONFIG, {
+        "10-x.toml": f'[[rule]]\nname = "a"\nreplace = [ {{ find = "ab", with = {MARK}"abc" }} ]\n',
+    })
+    [(line, col)] = spots["rules/10-x.toml"]
+    assert check(tmp_path).rc == 0
+    result = nfrewrite("check", "--no-length-change", "-c", "nfrewrite.toml", cwd=tmp_path)
+    assert result.rc == 1
+    assert_reported(result.err, f"rules/10-x.toml:{line}:{col}", "error",
+                    "length-changing replace is not supported yet (find is 2 bytes, with is 3)")
+
+
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     result = nfrewrite("check", "-c", "absent.toml", cwd=tmp_path)
     assert result.rc == 1

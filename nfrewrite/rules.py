@@ -622,14 +622,14 @@ class _Loader:
         self, doc: TomlFile, kp: KeyPath, value: object, what: str
     ) -> tuple[int, int] | None:
         if isinstance(value, int) and not isinstance(value, bool):
-            port = doc.want_int(kp, value, f"{what} port", 0, 65535)
+            port = doc.want_int(kp, value, what, 0, 65535)
             return None if port is None else (port, port)
         if not isinstance(value, str):
             doc.error(kp, f"{what} must be a port number, a \"lo-hi\" range or a list of those, "
                           f"not {type_name(value)}")
             return None
         if value.strip().isdigit():
-            doc.error(kp, f"{what} port must be an integer: write {value.strip()} without quotes")
+            doc.error(kp, f"{what} must be an integer: write {value.strip()} without quotes")
             return None
         m = _PORT_RANGE.fullmatch(value)
         if not m:
@@ -639,7 +639,7 @@ class _Loader:
         lo, hi = int(m[1]), int(m[2])
         for part, p in ((1, lo), (2, hi)):
             if p > 65535:
-                doc.error(kp, f"{what} port {p} is out of range (0..65535)",
+                doc.error(kp, f"{what} range: port {p} is out of range (0..65535)",
                           offset=doc.string_offset(kp, value, m.start(part)))
                 return None
         if lo > hi:

@@ -104,13 +104,13 @@ RULE_CASES: list[tuple[str, str, str, str]] = [
     ("quoted integer", f'[[rule]]\nname = "a"\nset = {{ ttl = {MARK}"64" }}\n',
      "error", "set.ttl must be an integer, not string (write 64 without quotes)"),
     ("port out of range", f'[[rule]]\nname = "a"\nmatch = {{ dport = {MARK}70000 }}\n'
-     "set = { ttl = 1 }\n", "error", "dport port 70000 is out of range (0..65535)"),
+     "set = { ttl = 1 }\n", "error", "dport 70000 is out of range (0..65535)"),
     ("port out of range in a list",
      f'[[rule]]\nname = "a"\nmatch = {{ dport = [80, {MARK}70000] }}\nset = {{ ttl = 1 }}\n',
-     "error", "dport port 70000 is out of range"),
+     "error", "dport 70000 is out of range"),
     ("port out of range inside a range string",
      f'[[rule]]\nname = "a"\nmatch = {{ sport = "1-{MARK}70000" }}\nset = {{ ttl = 1 }}\n',
-     "error", "sport port 70000 is out of range"),
+     "error", "sport range: port 70000 is out of range (0..65535)"),
     ("reversed range", f'[[rule]]\nname = "a"\nmatch = {{ sport = {MARK}"90-80" }}\n'
      "set = { ttl = 1 }\n", "error", 'sport range 90-80 is reversed (did you mean "80-90"?)'),
     ("malformed range", f'[[rule]]\nname = "a"\nmatch = {{ sport = {MARK}"80..90" }}\n'

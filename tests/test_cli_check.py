@@ -222,6 +222,8 @@ CONFIG_CASES: list[tuple[str, str, str]] = [
      "flows.idle_timeout -1 is out of range"),
     ("missing rules dir", f'rules_dir = {MARK}"nope"\n', "rules directory 'nope' does not exist"),
     ("rules_dir not a string", f'rules_dir = {MARK}7\n', "rules_dir must be a string, not integer"),
+    ("TOML syntax error", f'[queue{MARK}\nnum = 1\n',
+     "invalid TOML: expected ']' at the end of a table declaration"),
 ]
 
 

@@ -209,7 +209,9 @@ def test_a_modified_packet_is_what_the_client_receives(qlab: Lab, family: int) -
     assert res.server_received == REQ
     assert res.client_received == RESP.replace(b"Server: nginx", b"Server: webxx")
     stats, _, _ = stop_worker(worker)
-    assert stats["modified"] == 1 and stats["errors_by_kind"] == {}
+    # >= 1: a tail-loss probe may retransmit the response while it waits for its verdict
+    assert isinstance(stats["modified"], int) and stats["modified"] >= 1
+    assert stats["errors_by_kind"] == {}
 
 
 @pytest.mark.privileged
@@ -304,11 +306,16 @@ def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> Non
         res = tcp_exchange(lab, b"MARKME" + b"a" * 10, b"reply", family=4, port=PORT)
         assert (res.server_received, res.client_received) == (b"MARKME" + b"a" * 10, b"reply")
         stats, _, _ = stop_worker(worker)
+        seen = {tuple(s) for s in stats["seen"]}  # type: ignore[attr-defined]
+        to_client = ("nfr1", "nfr0", "br0", "br0", False)
+        assert isinstance(stats["packets"], int) and isinstance(stats["tracked"], int)
+        # The MARKME segment may be queued twice: while the first copy waits for its verdict, a
+        # tail-loss probe (PTO >= 10 ms) can retransmit it.
         if track:
-            assert stats["tracked"] == 1
-            # the marked packet, then at least: server's data + FIN, client's ACKs and FIN
-            assert isinstance(stats["packets"], int) and stats["packets"] >= 5
-            seen = {tuple(s) for s in stats["seen"]}  # type: ignore[attr-defined]
-            assert ("nfr1", "nfr0", "br0", "br0", False) in seen  # server -> client queued too
+            assert stats["tracked"] >= 1
+            # then at least: the server's data and FIN, the client's ACKs and FIN
+            assert stats["packets"] >= stats["tracked"] + 3
+            assert to_client in seen  # the other direction is queued too
         else:
-            assert stats["packets"] == 1 and stats["tracked"] == 0
+            assert stats["tracked"] == 0 and 1 <= stats["packets"] <= 2
+            assert to_client not in seen

@@ -8,6 +8,27 @@ compiles it. Validation never stops at the first mistake: each bad value is repo
 ``path:line:col`` (see :mod:`nfrewrite.diagnostics`) and the loader goes on, so one run shows them
 all. Any error means no ruleset (``None``); warnings do not.
 
+Schema (DESIGN §3; every key but ``name`` is optional)::
+
+    [[rule]]
+    name     = "hide-banner"       # unique across files; [a-z0-9][a-z0-9_.-]*, <= 64 characters
+    match    = { protocol = "tcp", # the only one for now (default)
+                 sport = 80,       # dport/sport: int 0..65535, "lo-hi", or a non-empty list
+                 dst = "10.0.0.0/8",  # src/dst: CIDR or list; IPv4/IPv6; host bits set = error
+                 in_port = "eth1" }   # in_port/out_port: a port of a configured [[bridge]]
+                                   # no match at all = every TCP packet
+    replace  = [ { find = "a", with = "b" }, { find_hex = "de ad", with_hex = "" } ]
+    set      = { ttl = 64 }        # ttl 1..255 (IPv4), hop_limit 1..255 (IPv6), dscp 0..63,
+                                   # window 0..65535, mss / mss_max 536..65535 (not both)
+    verdict  = "accept"            # or "drop"
+    examples = [ { input = "a", output = "b" } ]   # or input_hex / output_hex
+
+Warnings (the rule still loads): a rule with no replace, no set and no drop; ``with`` equal to
+``find``; the same ``find`` twice in a rule; ``ttl`` on an IPv6-only rule (``hop_limit`` on an
+IPv4-only one); replace/set on a dropping rule; ``in_port``/``out_port`` with no bridge configured.
+``load_rules(..., allow_length_change=False)`` turns a replace whose ``with`` differs in length
+from its ``find`` into an error (for a daemon that cannot adjust sequence numbers).
+
 The compiled shape, which the engine consumes::
 
     RuleSet

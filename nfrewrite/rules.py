@@ -446,12 +446,9 @@ class RuleSet:
 
 def _exact_ports(ranges: PortRanges | None) -> list[int] | None:
     """The ports of ``ranges`` if they are a few exact ports (worth a dict entry each)."""
-    if ranges is None:
+    if ranges is None or sum(hi - lo + 1 for lo, hi in ranges) > 64:
         return None
-    ports = [p for lo, hi in ranges for p in range(lo, hi + 1)] if len(ranges) <= 64 else []
-    if not ports or len(ports) > 64:
-        return None
-    return ports
+    return [p for lo, hi in ranges for p in range(lo, hi + 1)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,25 +188,28 @@ def test_selections_are_shared_per_candidate_set() -> None:
     assert rs.select(4, V4_A, V4_B, 81, 1000).rules == ()
 
 
-def test_select_agrees_with_match_on_random_packets() -> None:
+def test_select_agrees_with_match_on_a_grid_of_packets() -> None:
     nets = [None, (ipaddress.ip_network("10.0.0.0/8"),), (ipaddress.ip_network("2001:db8::/32"),)]
     ports = [None, ((80, 80),), ((22, 22), (80, 80)), ((1000, 2000),)]
-    rules = []
-    i = 0
+    rules: list[Rule] = []
     for src in nets:
         for sp in ports:
             for dp in ports:
-                rules.append(rule(f"r{i}", i, match=Match(sport=sp, dport=dp, src=src)))
-                i += 1
+                for in_port in (None, "eth1"):
+                    i = len(rules)
+                    rules.append(rule(f"r{i}", i, match=Match(sport=sp, dport=dp, src=src,
+                                                              in_port=in_port)))
     rs = RuleSet(rules)
     addrs = [(4, V4_A, V4_B), (4, V4_B, V4_A), (6, V6_A, V6_B), (6, V6_B, V6_A)]
     for version, src_a, dst_a in addrs:
         for sport in (22, 80, 1500, 3000):
             for dport in (22, 80, 1500, 3000):
-                got = rs.select(version, src_a, dst_a, sport, dport).rules
-                want = tuple(r for r in rules
-                             if r.match.matches(version, src_a, dst_a, sport, dport, None, None))
-                assert got == want
+                for port in (None, "eth1", "eth2"):
+                    got = rs.select(version, src_a, dst_a, sport, dport, port, None).rules
+                    want = tuple(r for r in rules if r.match.matches(
+                        version, src_a, dst_a, sport, dport, port, None))
+                    assert got == want
+                    assert got  # the catch-all rule r0 always matches
 
 
 # -- find_edits --------------------------------------------------------------------------------

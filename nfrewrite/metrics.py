@@ -560,7 +560,11 @@ class SupervisorMetrics:
         restarts = m.counter(WORKER_RESTARTS)
         self._restarts = {q: restarts.labels(str(q)) for q in self.queue_nums}
 
-        self.registry: CollectorRegistry = CollectorRegistry()
+        try:  # lets /metrics?name[]=... filter what the two collectors without names give
+            registry = CollectorRegistry(support_collectors_without_names=True)
+        except TypeError:  # prometheus-client < 0.25: name[] selects nothing, the rest works
+            registry = CollectorRegistry()
+        self.registry: CollectorRegistry = registry
         if m.multiprocess_dir is not None:
             MultiProcessCollector(  # type: ignore[no-untyped-call]
                 self.registry, path=m.multiprocess_dir

@@ -402,6 +402,19 @@ def test_metrics_endpoint_honours_accept_for_openmetrics(server: M.Server) -> No
     assert "nfrewrite_packets_seen" in names
 
 
+def test_metrics_endpoint_filters_by_name(server: M.Server) -> None:
+    status, _, body = request(
+        server,
+        "GET",
+        "/metrics?name[]=nfrewrite_rules_loaded&name[]=nfrewrite_kernel_queue_waiting",
+    )
+    assert status == 200
+    assert {name for name, _ in samples(body.decode())} == {
+        "nfrewrite_rules_loaded",
+        "nfrewrite_kernel_queue_waiting",
+    }
+
+
 def test_landing_page_links_to_metrics(server: M.Server) -> None:
     status, headers, body = request(server, "GET", "/")
     assert status == 200

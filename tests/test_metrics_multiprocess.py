@@ -72,6 +72,9 @@ def scenario(start_method: str, proc_path: str) -> None:
             raise RuntimeError(f"worker {q} did not report")
         workers[q] = (proc, stop)
     alive = generate_latest(sup.registry).decode()
+    restricted = generate_latest(
+        sup.registry.restricted_registry(["nfrewrite_packets_seen_total", "nfrewrite_rules_loaded"])
+    ).decode()
 
     proc0, stop0 = workers[0]
     stop0.set()
@@ -90,6 +93,7 @@ def scenario(start_method: str, proc_path: str) -> None:
             {
                 "dir_mode": dir_mode,
                 "alive": alive,
+                "restricted": restricted,
                 "after_death": after_death,
                 "files": files,
                 "pids": [os.getpid(), proc0.pid, proc1.pid],
@@ -189,6 +193,12 @@ def test_supervisor_figures_and_kernel_queue_show_once(outcome: dict[str, Any]) 
     assert value(got, "nfrewrite_kernel_queue_waiting", queue="0") == 2
     assert not [k for k in got if dict(k[1]).get("queue") == "3"]  # not our queue
     assert not [k for k in got if "pid" in dict(k[1])]  # every gauge combines across processes
+
+
+def test_name_filter_selects_from_the_merged_files(outcome: dict[str, Any]) -> None:
+    got = samples(outcome["restricted"])
+    assert {name for name, _ in got} == {"nfrewrite_packets_seen_total", "nfrewrite_rules_loaded"}
+    assert value(got, "nfrewrite_packets_seen_total", queue="1") == 218
 
 
 def test_a_dead_worker_leaves_its_counts_but_not_its_live_gauges(outcome: dict[str, Any]) -> None:

@@ -356,3 +356,17 @@ def test_the_console_script_is_the_same_command(tmp_path: Path) -> None:
     proc = subprocess.run([str(script), "check", "-c", "nfrewrite.toml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)
     assert (proc.returncode, proc.stdout) == (0, "1 rules in 1 files OK\n")
+
+
+def test_a_runtime_failure_is_one_line_and_exit_4(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nfrewrite import cli
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the disk caught fire")
+
+    monkeypatch.delenv("NFREWRITE_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "load_all", boom)
+    assert cli.main(["check", "-c", "x.toml"]) == 4
+    assert capsys.readouterr().err == "nfrewrite check: error: the disk caught fire\n"

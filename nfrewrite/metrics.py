@@ -67,7 +67,24 @@ proc_path=NFQUEUE_PROC)`` with ``.rules_loaded(n)``, ``.reload(ok, when)``,
 ``.offloads(port, features)``, ``.worker_restarted(queue_num)``, ``.worker_died(pid)``,
 ``.registry`` (what to scrape); ``serve(listen, registry) -> Server`` (``.address``, ``.url``,
 ``.close()``); ``parse_listen(listen)``; ``read_queue_stats(path)``;
-``KernelQueueCollector(queue_nums, path)``.
+``KernelQueueCollector(queue_nums, path)``; ``error_kind(exc)``; the specs (``METRICS``,
+``PACKETS_SEEN`` ...), ``ERROR_KINDS``, ``TIME_BUCKETS``, ``DEFAULT_LISTEN``, ``ENV``.
+
+How the daemon uses it::
+
+    path = metrics.setup_multiprocess_dir()        # first thing: before prometheus_client loads
+    sup = metrics.SupervisorMetrics(queues, ports=bridge_ports)
+    server = metrics.serve(cfg.metrics.listen, sup.registry)
+    sup.rules_loaded(len(ruleset)); sup.reload(True, time.time()); sup.offloads("eth1", {...})
+    ...start workers; in each:  wm = metrics.WorkerMetrics(queue_num, rules=names)
+    ...per packet:  t = perf_counter(); result = engine.process(...);
+                    wm.observe(result, perf_counter() - t)
+    ...now and then: wm.set_flows(flows.flows_active, flows.flows_evicted)
+    ...a worker died: sup.worker_died(pid); restarted: sup.worker_restarted(queue_num)
+    server.close(); metrics.cleanup_multiprocess_dir(path)   # on stop, in this order
+
+``replay`` (one process, no environment variable): ``m = Metrics()``,
+``WorkerMetrics(0, metrics=m)``, and ``prometheus_client.generate_latest(m.registry)``.
 """
 
 from __future__ import annotations

@@ -502,3 +502,29 @@ def test_parse_listen(listen: str, want: tuple[str, int]) -> None:
 def test_parse_listen_rejects(listen: str) -> None:
     with pytest.raises(ValueError, match="listen"):
         M.parse_listen(listen)
+
+
+@pytest.mark.privileged
+def test_the_collector_reads_a_real_bound_queue_in_its_namespace() -> None:
+    """Bind NFQUEUE 4242 in a fresh network namespace and read the kernel's line for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from netfilterqueue import NetfilterQueue\n"
+        "from nfrewrite import metrics as M\n"
+        "q = NetfilterQueue(); q.bind(4242, lambda p: p.accept())\n"
+        "s = M.read_queue_stats()\n"
+        "print(s[4242].portid > 0, s[4242].waiting, s[4242].dropped, s[4242].user_dropped)\n"
+        "q.unbind()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "0", "0", "0"]

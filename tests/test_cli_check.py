@@ -166,6 +166,17 @@ RULE_CASES: list[tuple[str, str, str, str]] = [
      "error", "invalid TOML: duplicate key"),
     ("TOML syntax: unclosed header", f'[[rule{MARK}]\nname = "a"\n', "error",
      "invalid TOML: expected ']]'"),
+    ("error inside [[rule.replace]] tables",
+     '[[rule]]\nname = "a"\n[[rule.replace]]\nfind = "x"\nwith = "y"\n\n'
+     f'[[rule.replace]]  # second\nfind = {MARK}""\nwith = "z"\n',
+     "error", "find must not be empty"),
+    ("error under a [rule.match] header",
+     f'[[rule]]\nname = "a"\nset.ttl = 1\n[rule.match]\nsport = 80\n  {MARK}dst_port = 1\n',
+     "error", "unknown key 'dst_port' in match"),
+    ("error in a dotted key in the second rule",
+     '[[rule]]\nname = "a"\nset.ttl = 1\n\n[[rule]]\nname = "b"\nset.ttl = 1\n'
+     f'match.dport = [ 80,\n   # https\n   {MARK}"443-80" ]\n',
+     "error", "dport range 443-80 is reversed"),
     ("ttl on an IPv6-only rule", f'[[rule]]\nname = "a"\nmatch = {{ dst = "::/0" }}\n'
      f'set = {{ {MARK}ttl = 64 }}\n', "warning", "set.ttl applies to IPv4 only"),
 ]

@@ -362,8 +362,8 @@ class Flow:
         fresh_idx: tuple[int, ...] = ()
         if payload and e > way.hi:
             fresh_idx = self._record_fresh(way, s, payload, find_edits, events)
-        if e > way.hi:
-            way.hi = e
+        if payload and e > way.hi:
+            way.hi = e  # only bytes move it: a bare ACK or FIN beyond a gap does not
 
         action: Action = "send"
         new_payload: bytes | None = None

@@ -197,8 +197,8 @@ def test_bytes_before_the_flow_began_map_with_offset_zero_and_are_never_edited()
 def test_sack_edges_map_back_rounding_inward_and_empty_blocks_are_dropped() -> None:
     f = Flow(None, 0.0)
     seg(f, 0, 0, b"..AB....AB..")  # AB 2..4 -> 2..7, AB 8..10 -> 11..16, end 12 -> 18
-    p = seg(f, 1, 0, ack=0, sack=[(7, 11), (3, 6), (12, 18), (4, 16)])
-    assert p.sack == ((4, 8), (10, 12), (4, 10))
+    p = seg(f, 1, 0, ack=0, sack=[(7, 11), (3, 6), (12, 18), (4, 16), (0, 13)])
+    assert p.sack == ((4, 8), (10, 12), (4, 10), (0, 8))
 
 
 def test_sack_blocks_that_need_no_change_leave_the_option_alone() -> None:

@@ -37,8 +37,10 @@ Retransmissions.  An edit is a function of original stream position, never of ar
 Bytes below ``hi`` are "seen": they get exactly the recorded edits and are never matched again
 (``find_edits`` is told ``fresh_from``, the number of leading seen bytes, and only matches starting
 there are taken).  Bytes below the first segment a flow saw in a direction (the flow is created at
-the first length change) map with offset 0 and are never edited.  A gap (a segment beyond ``hi``,
-the bytes in between never seen) is simply not edited when those bytes show up later.
+the first length change) map with offset 0 and are treated as the engine's stateless path treated
+them before the flow existed: same-length edits found inside that part are applied (not recorded),
+length-changing ones are not.  A gap (a segment beyond ``hi``, the bytes in between never seen) is
+simply not edited when those bytes show up later.
 
 Split edits (the decision).  A retransmission whose boundaries cut an earlier edit (it starts or
 ends strictly inside an original ``find`` span) is EXPANDED to the whole edit: the emitted segment
@@ -187,7 +189,8 @@ class SegmentPlan:
     ``fresh_edits``: indices into what ``find_edits`` returned that were recorded and applied
     (count these per rule); ``replayed_edits``: recorded edits re-applied to seen bytes (do not).
     ``events``: names of what happened: ``trimmed``, ``expanded``, ``refused``, ``fin``, ``rst``,
-    ``closed`` (both FINs acknowledged), ``restarted`` (new SYN on an ended flow), ``drop``.
+    ``closed`` (both FINs acknowledged), ``restarted`` (new SYN on an ended flow), ``drop``,
+    ``stateless`` (same-length edits applied to bytes from before the flow began).
     """
 
     action: Action
@@ -359,6 +362,9 @@ class Flow:
 
         s = _unwrap(seq + syn, way.hi)
         e = s + len(payload)
+        given = payload
+        if payload and s < way.origin and way.floor is None:
+            payload = self._stateless_prefix(payload, way.origin - s, find_edits, events)
         fresh_idx: tuple[int, ...] = ()
         if payload and e > way.hi:
             fresh_idx = self._record_fresh(way, s, payload, find_edits, events)
@@ -379,6 +385,8 @@ class Flow:
                 way, s, e, payload, flags, events
             )
             replayed -= len(fresh_idx)
+        if new_payload is None and payload is not given and action == "send":
+            new_payload = payload
         if action == "send" and new_payload == b"":
             action = "send_empty"  # everything it carried was deleted by edits
         if flags & FIN and action != "drop" and way.fin is None:
@@ -405,6 +413,21 @@ class Flow:
         )
 
     # -- pieces of rewrite -------------------------------------------------------------------
+
+    @staticmethod
+    def _stateless_prefix(
+        payload: bytes, upto: int, find_edits: FindEdits, events: list[str]
+    ) -> bytes:
+        """Same-length edits inside ``payload[:upto]`` (bytes from before the flow began)."""
+        same = sorted(
+            (a, b, r)
+            for a, b, r in find_edits(payload, 0)
+            if b <= upto and len(r) == b - a and payload[a:b] != r
+        )
+        if not same:
+            return payload
+        events.append("stateless")
+        return apply_edits(payload, same)
 
     def _record_fresh(
         self, way: _Way, s: int, payload: bytes, find_edits: FindEdits, events: list[str]

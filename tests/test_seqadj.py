@@ -191,6 +191,17 @@ def test_bytes_before_the_flow_began_map_with_offset_zero_and_are_never_edited()
     assert p.new_seq == 90 and p.payload == b"AB........xxxxx"
 
 
+def test_bytes_before_the_flow_began_get_same_length_edits_as_the_stateless_path_gave() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 100, b"AB")
+    p = seg(f, 0, 90, b"KL.AB....K")  # KL would have been kl without a flow; AB would not grow
+    assert p.new_seq == 90 and p.payload == b"kl.AB....K" and "stateless" in p.events
+    p = seg(f, 0, 96, b"..KLAB")  # straddles the flow's start: KL ends before it
+    assert p.payload == b"..klxxxxx"
+    p = seg(f, 0, 99, b"KAB")  # a match across the flow's start is never taken
+    assert p.payload == b"Kxxxxx" and "stateless" not in p.events
+
+
 # -- SACK -----------------------------------------------------------------------------------------
 
 

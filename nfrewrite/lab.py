@@ -375,11 +375,13 @@ def tcp_exchange(
     port: int = 8080,
     timeout: float = 10.0,
     chunk: int = 0,
+    source: str | None = None,
 ) -> TcpResult:
     """One TCP connection client -> server: each side sends its data, half-closes, reads to EOF.
 
     Returns exactly what each end received. ``chunk`` > 0 sends in writes of that size (several
-    segments). Raises ``LabError`` (with both peers' stderr) on any failure or timeout.
+    segments); ``source`` binds the client to one of its (extra) addresses. Raises ``LabError``
+    (with both peers' stderr) on any failure or timeout.
     """
     env = lab.python_env()
     srv_argv = [
@@ -404,6 +406,8 @@ def tcp_exchange(
             "--connect", lab.addr("server", family), "--port", str(port),
             "--timeout", str(timeout), "--chunk", str(chunk),
         ]
+        if source:
+            cli_argv += ["--source", source]
         client = lab.run("client", cli_argv, input=data_c2s, text=False, timeout=timeout + 5,
                          check=False, env=env)
         try:

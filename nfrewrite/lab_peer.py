@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("role", choices=["server", "client", "ping"])
     ap.add_argument("--bind", default="")
     ap.add_argument("--connect", default="")
+    ap.add_argument("--source", default="")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--chunk", type=int, default=0)
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             fam = socket.AF_INET6 if ":" in args.connect else socket.AF_INET
             conn = socket.socket(fam, socket.SOCK_STREAM)
             conn.settimeout(args.timeout)
+            if args.source:
+                conn.bind((args.source, 0))
             conn.connect((args.connect, args.port))
         with conn:
             conn.settimeout(max(0.1, deadline - time.monotonic()))

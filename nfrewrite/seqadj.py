@@ -59,12 +59,15 @@ Memory.  When the opposite direction acknowledges original position ``A`` (mappe
 sender will never again need edits ending at or below ``A``; they are collapsed into ``base`` and
 ``floor`` becomes the end of the last collapsed edit.  Data below ``floor`` (only ever an old
 duplicate or a retransmission racing the ACK: the receiver has it) is trimmed off; a segment with
-nothing left becomes ``"send_empty"`` (no payload, same ACK and flags, ``seq`` = rewritten floor),
-which the receiver treats exactly as it would have treated the all-old original.  ACKs and SACK
-edges below the rewritten floor are older than an ACK already forwarded; they map with ``base``
-(possibly inexact, always below the floor, so the sender ignores them as old) and such SACK blocks
-are clipped to the floor or dropped.  Each direction also has a cap on kept edits (``max_edits``);
-a segment whose fresh edits would exceed it gets none of them (counted as ``edits_refused``).
+nothing left becomes ``"send_empty"``: no payload, same ACK and flags, ``seq`` = rewritten floor
+minus one (like a keepalive probe), so the receiver answers with an ACK exactly as it would have
+answered the all-old original; this matters when the sender retransmits because our forwarded ACK
+was lost behind us (with FIN the seq is the rewritten floor itself: the FIN's own place).  ACKs
+and SACK edges below the rewritten floor are older than an ACK already forwarded; they map with
+``base`` (possibly inexact, always below the floor, so the sender ignores them as old) and such
+SACK blocks are clipped to the floor or dropped.  Each direction also has a cap on kept edits
+(``max_edits``); a segment whose fresh edits would exceed it gets none of them (counted as
+``edits_refused``).
 
 Same-length edits.  A flow with state records every fresh edit, same-length ones too, so that a
 retransmission with different boundaries is edited identically.  A flow without state needs no
@@ -74,7 +77,8 @@ across segments).
 
 SYN and FIN each consume one sequence number; a SYN's payload starts at ISN + 1.  A flow ends
 after a FIN in both directions, each acknowledged, or on RST; it is kept ``close_grace`` seconds
-more for the last ACKs and retransmissions.  A SYN with a new ISN on an ended flow starts over.
+more for the last ACKs and retransmissions.  A SYN with a new ISN on an ended flow starts over (on
+a live flow it is only mapped: a stray SYN must not wipe the offsets of a working connection).
 
 API (what the engine calls)
 ===========================
@@ -262,12 +266,14 @@ class _Way:
         return -1
 
     def to_new(self, pos: int) -> int:
-        """Original -> rewritten.  Inside an edit: its rewritten start.  Below floor: ``base``."""
+        """Original -> rewritten.  Below ``floor`` (forgotten): ``pos + base``.  Strictly inside an
+        edit (only a bare ACK or probe can point there) keep the distance to the edit's end, so a
+        keepalive at ``snd_una - 1`` stays just below the receiver's ``rcv_nxt``."""
         if self.floor is not None and pos < self.floor:
             return pos + self.base
         i = self.inside(pos)
         if i >= 0:
-            return self.nstarts[i]
+            return max(self.nstarts[i], self.nends[i] - (self.ends[i] - pos))
         return pos + self.offset_at(pos)
 
     def to_orig(self, q: int, round_up: bool) -> int:
@@ -351,7 +357,7 @@ class Flow:
         other = self.ways[1 - direction]
         syn = 1 if flags & SYN else 0
 
-        if syn and way.started and way.isn is not None and way.isn != seq and self.ended:
+        if syn and self.ended and way.started and way.isn != seq:
             self._restart(events)
             way = self.ways[direction]
             other = self.ways[1 - direction]
@@ -367,7 +373,7 @@ class Flow:
             payload = self._stateless_prefix(payload, way.origin - s, find_edits, events)
         fresh_idx: tuple[int, ...] = ()
         if payload and e > way.hi:
-            fresh_idx = self._record_fresh(way, s, payload, find_edits, events)
+            fresh_idx = self._record_fresh(way, s, given, find_edits, events)
         if payload and e > way.hi:
             way.hi = e  # only bytes move it: a bare ACK or FIN beyond a gap does not
 
@@ -469,7 +475,7 @@ class Flow:
                     return "drop", way.to_new(s), None, 0
                 nf = way.new_floor()
                 assert nf is not None
-                return "send_empty", nf, b"", 0
+                return "send_empty", nf if flags & FIN else nf - 1, b"", 0
             lo = floor
             events.append("trimmed")
         hi = e

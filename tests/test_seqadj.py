@@ -262,11 +262,29 @@ def test_old_duplicates_below_the_collapsed_floor_are_trimmed_or_sent_empty() ->
     f = Flow(None, 0.0)
     seg(f, 0, 0, b"AB..AB..")
     seg(f, 1, 0, ack=14)  # all acked: both edits collapsed, floor at 6
-    p = seg(f, 0, 0, b"AB..AB")
-    assert p.action == "send_empty" and p.new_seq == 12 and p.payload == b""
+    p = seg(f, 0, 0, b"AB..AB")  # sent as a probe just below rcv_nxt, so the receiver re-ACKs
+    assert p.action == "send_empty" and p.new_seq == 11 and p.payload == b""
     p = seg(f, 0, 4, b"AB....")
     assert p.action == "send" and p.new_seq == 12 and p.payload == b"...."
     assert "trimmed" in p.events
+
+
+def test_a_keepalive_probe_at_snd_una_minus_one_stays_just_below_rcv_nxt() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..AB")  # rewritten ..xxxxx, rcv_nxt 7
+    assert seg(f, 0, 3, b"").new_seq == 6  # zero-length probe, ack not seen by us yet
+    seg(f, 1, 0, ack=7)  # now acked and collapsed
+    assert seg(f, 0, 3, b"").new_seq == 6
+    p = seg(f, 0, 3, b"?")  # a one-byte (BSD/Windows style) probe
+    assert p.action == "send_empty" and p.new_seq == 6
+
+
+def test_a_fin_retransmitted_with_acked_data_keeps_its_place() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"..AB", flags=ACK | FIN)
+    seg(f, 1, 0, ack=7)  # data acked, FIN not
+    p = seg(f, 0, 0, b"..AB", flags=ACK | FIN)
+    assert p.action == "send_empty" and p.new_seq == 7
 
 
 def test_a_direction_keeps_at_most_max_edits_and_refusals_are_counted() -> None:

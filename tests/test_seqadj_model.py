@@ -215,6 +215,8 @@ class Sim:
             assert body == b""
             deleted = me.img(a) == me.img(b, up=True)
             assert deleted or me.img(b, up=True) <= me.max_q_at_adjuster
+            if not deleted and not flags & FIN:  # a probe below rcv_nxt: the receiver re-ACKs
+                assert start < me.max_q_at_adjuster
         else:
             assert end == me.img(b, up=True), "nothing withheld at the end"
             assert start == me.img(a) or me.img(a) < start <= me.max_q_at_adjuster
@@ -338,3 +340,50 @@ def test_receivers_see_exactly_the_rewritten_streams_and_senders_stay_consistent
     assert s0.fin_acked and s1.fin_acked
     assert sim.closed and sim.flow.ended
     assert sim.flow.edit_count(0) == 0 and sim.flow.edit_count(1) == 0
+
+
+table_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["create", "data", "rst", "fin", "expire"]),
+        st.integers(0, 9),  # which flow
+        st.floats(0.0, 40.0),  # time step
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=table_ops, max_flows=st.integers(1, 6))
+def test_the_flow_table_stays_bounded_and_accounts_for_every_flow(
+    ops: list[tuple[str, int, float]], max_flows: int
+) -> None:
+    table = FlowTable(max_flows=max_flows, idle_timeout=60.0, close_grace=10.0)
+    keys = [flow_key(bytes([10, 0, 0, i]), 1000 + i, b"\x0a\0\0\xfe", 80)[0] for i in range(10)]
+    now = 0.0
+    for op, i, dt in ops:
+        now += dt
+        flow = table.get(keys[i])
+        if op == "create":
+            flow = table.create(keys[i], now)
+            assert table.get(keys[i]) is flow
+        elif flow is not None and op == "data":
+            flow.rewrite(0, 1, None, ACK, b"AB", [], now, find_edits)
+        elif flow is not None and op == "rst":
+            flow.rewrite(1, 1, None, ACK | 0x04, b"", [], now, find_edits)
+            assert flow.ended
+        elif flow is not None and op == "fin":
+            fin = flow.rewrite(0, 100, 100, ACK | FIN, b"", [], now, find_edits)
+            flow.rewrite(1, 100, fin.new_seq + 1, ACK | FIN, b"", [], now, find_edits)
+            flow.rewrite(0, 101, 101, ACK, b"", [], now, find_edits)
+            assert flow.ended
+        elif op == "expire":
+            table.expire(now)
+            for k in keys:
+                f = table.get(k)
+                assert f is None or f.last_seen + 60.0 > now
+                assert f is None or f.ended_at is None or f.ended_at + 10.0 > now
+        assert table.flows_active <= max_flows
+        s = table.stats()
+        assert s["flows_created"] == (
+            s["flows_active"] + s["flows_evicted"] + s["flows_expired"] + s["flows_ended"]
+        )

@@ -191,7 +191,9 @@ class SegmentPlan:
     ``sack``: new SACK blocks (32-bit edges), ``None`` = unchanged; may have fewer blocks than
     given (a block that maps to nothing is dropped; pad the option with NOPs).
     ``fresh_edits``: indices into what ``find_edits`` returned that were recorded and applied
-    (count these per rule); ``replayed_edits``: recorded edits re-applied to seen bytes (do not).
+    (count these per rule), in start order; ``applied``: the same edits as the tuples
+    ``find_edits`` returned; ``replayed_edits``: recorded edits re-applied to seen bytes (not
+    new rewrites: do not count them per rule).
     ``events``: names of what happened: ``trimmed``, ``expanded``, ``refused``, ``fin``, ``rst``,
     ``closed`` (both FINs acknowledged), ``restarted`` (new SYN on an ended flow), ``drop``,
     ``stateless`` (same-length edits applied to bytes from before the flow began).
@@ -203,6 +205,7 @@ class SegmentPlan:
     payload: bytes | None
     sack: tuple[tuple[int, int], ...] | None
     fresh_edits: tuple[int, ...] = ()
+    applied: tuple[Edit, ...] = ()
     replayed_edits: int = 0
     events: tuple[str, ...] = ()
 
@@ -372,8 +375,9 @@ class Flow:
         if payload and s < way.origin and way.floor is None:
             payload = self._stateless_prefix(payload, way.origin - s, find_edits, events)
         fresh_idx: tuple[int, ...] = ()
+        applied: tuple[Edit, ...] = ()
         if payload and e > way.hi:
-            fresh_idx = self._record_fresh(way, s, given, find_edits, events)
+            fresh_idx, applied = self._record_fresh(way, s, given, find_edits, events)
         if payload and e > way.hi:
             way.hi = e  # only bytes move it: a bare ACK or FIN beyond a gap does not
 
@@ -414,6 +418,7 @@ class Flow:
             payload=new_payload,
             sack=new_sack,
             fresh_edits=fresh_idx,
+            applied=applied,
             replayed_edits=max(replayed, 0),
             events=tuple(events),
         )
@@ -437,11 +442,11 @@ class Flow:
 
     def _record_fresh(
         self, way: _Way, s: int, payload: bytes, find_edits: FindEdits, events: list[str]
-    ) -> tuple[int, ...]:
+    ) -> tuple[tuple[int, ...], tuple[Edit, ...]]:
         fresh_from = max(0, way.hi - s)
         found = find_edits(payload, fresh_from)
         if not found:
-            return ()
+            return (), ()
         order = sorted(range(len(found)), key=lambda k: found[k][0])
         last_end = fresh_from
         for k in order:
@@ -456,11 +461,11 @@ class Flow:
             events.append("refused")
             if self._table is not None:
                 self._table.edits_refused += len(found)
-            return ()
+            return (), ()
         for k in order:
             start, end, repl = found[k]
             way.record(s + start, s + end, bytes(repl))
-        return tuple(order)
+        return tuple(order), tuple(found[k] for k in order)
 
     def _plan_payload(
         self, way: _Way, s: int, e: int, payload: bytes, flags: int, events: list[str]

@@ -97,6 +97,7 @@ def test_many_edits_accumulate_grow_and_shrink() -> None:
     f = Flow(None, 0.0)
     p = seg(f, 0, 0, b"AB..CDEF..AB")  # +3 -3 +3
     assert p.payload == b"xxxxx..c..xxxxx" and p.fresh_edits == (0, 1, 2)
+    assert p.applied == ((0, 2, b"xxxxx"), (4, 8, b"c"), (10, 12, b"xxxxx"))
     assert seg(f, 0, 12, b"z").new_seq == 15
     assert seg(f, 0, 13, b"CDEF").payload == b"c"
     assert seg(f, 0, 17, b"z").new_seq == 17

@@ -324,8 +324,6 @@ class Firewall:
         self.variant: Variant = variant or detect_variant()
         if self.variant not in ("nft", "legacy"):
             raise ValueError(f"variant must be 'nft' or 'legacy', not {variant!r}")
-        self._installed = False
-        self._last: dict[int, list[QueueMatch]] = {4: [], 6: []}
 
     # -- public ---------------------------------------------------------------------------
     def install(
@@ -333,12 +331,10 @@ class Firewall:
     ) -> None:
         """Create/refill our chains and make sure each jump exists exactly once."""
         self._load(list(matches_v4), list(matches_v6))
-        self._installed = True
 
     def swap(self, matches_v4: Iterable[QueueMatch], matches_v6: Iterable[QueueMatch]) -> None:
         """Atomically replace our rules (per family); on failure the old rules stay."""
         self._load(list(matches_v4), list(matches_v6))
-        self._installed = True
 
     def remove(self) -> None:
         """Delete our jumps and chains (both families); a no-op for what is already gone."""
@@ -348,7 +344,6 @@ class Firewall:
                 self._remove_family(family)
             except FirewallError as e:
                 errors.append(str(e))
-        self._installed = False
         if errors:
             raise FirewallError("; ".join(errors))
 
@@ -404,7 +399,6 @@ class Firewall:
                 add_forward_jump=fwd == 0, add_post_jump=post == 0, delete_jumps=deletes,
             )
             self._restore(family, text)
-            self._last[family] = matches
 
     def _remove_family(self, family: int) -> None:
         lines = self.save(family).splitlines()

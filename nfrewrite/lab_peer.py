@@ -6,8 +6,7 @@ bytes from a thread (so two large sends cannot deadlock), half-closes (``SHUT_WR
 EOF. The result goes to stdout as one JSON line ``{"received": "<hex>"}``; anything that goes wrong
 (including a timeout: every socket operation has one and the whole run has a deadline) exits 1
 with a one-line reason on stderr. Test tooling for ``nfrewrite.lab``; it never touches anything
-but its
-own socket.
+but its own socket.
 
 ``ping`` mode sends one ICMP echo over a raw socket: the lab hosts have no ``ping`` binary.
 """

@@ -135,6 +135,15 @@ def _ip_total_length(payload: bytes) -> int | None:
     return None
 
 
+def _wait_readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        return bool(poller.poll(int(timeout * 1000)))
+    except InterruptedError:
+        return False
+
+
 class _BudgetSocket:
     """What ``NetfilterQueue.run_socket`` reads from: our fd, non-blocking, ``budget`` datagrams.
 
@@ -204,6 +213,7 @@ class QueueWorker:
         """Bind the queue, size the socket buffer, set (or clear) fail-open."""
         if self._nfq is not None:
             return
+        self._stopping = False  # a stop() between bind() and run() still counts
         nfq = NetfilterQueue()
         try:
             with warnings.catch_warnings():
@@ -254,8 +264,7 @@ class QueueWorker:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise QueueError(f"no answer from the kernel to the queue {self.queue_num} config")
-            ready, _, _ = select.select([self._sock], [], [], left)
-            if not ready:
+            if not _wait_readable(self._sock.fileno(), left):
                 continue
             try:
                 data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
@@ -356,7 +365,6 @@ class QueueWorker:
         """Serve packets until ``stop()``; calls ``on_idle`` at least every ``idle_interval``."""
         self.bind()
         assert self._sock is not None and self._reader is not None
-        self._stopping = False
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -429,8 +437,7 @@ class QueueWorker:
             return False
         if self._reader is not None and self._reader.pending:
             return True
-        ready, _, _ = select.select([self._sock], [], [], 0)
-        return bool(ready)
+        return _wait_readable(self._sock.fileno(), 0.0)
 
     def __enter__(self) -> QueueWorker:
         self.bind()

@@ -200,6 +200,83 @@ def test_ack_and_error_parsing() -> None:
     assert list(nfnl.parse(b"\x01\x02")) == []
 
 
+# -- the per-packet contract, with a stand-in packet (no kernel) ------------------------------
+
+
+class FakePacket:
+    def __init__(self, payload: bytes, mark: int = 0) -> None:
+        self.payload, self.mark = payload, mark
+        self.indev = self.outdev = self.physindev = self.physoutdev = 0
+        self.verdicts: list[str] = []
+        self.new_payload: bytes | None = None
+        self.new_mark: int | None = None
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def get_mark(self) -> int:
+        return self.mark
+
+    def set_payload(self, payload: bytes) -> None:
+        self.new_payload = payload
+
+    def set_mark(self, mark: int) -> None:
+        self.new_mark = mark
+
+    def accept(self) -> None:
+        self.verdicts.append("accept")
+
+    def drop(self) -> None:
+        self.verdicts.append("drop")
+
+
+def _ipv4(payload_len: int = 4, claimed: int | None = None) -> bytes:
+    total = 40 + payload_len if claimed is None else claimed
+    return bytes([0x45, 0]) + total.to_bytes(2, "big") + bytes(36) + b"x" * payload_len
+
+
+def _worker(handler: object, log: list[str]) -> object:
+    from nfrewrite.queue import QueueWorker
+
+    return QueueWorker(0, handler, log=log.append)  # type: ignore[arg-type]
+
+
+def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
+    from nfrewrite.firewall import FLOW_MARK
+    from nfrewrite.queue import ACCEPT, DROP, TRACK_FLOW
+
+    log: list[str] = []
+    answers: list[object] = []
+
+    def handler(payload: bytes, meta: object) -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    w = _worker(handler, log)
+    cases = [
+        ((ACCEPT, None), _ipv4(), ["accept"], None, None),
+        ((DROP, None), _ipv4(), ["drop"], None, None),
+        ((ACCEPT, _ipv4(5)), _ipv4(), ["accept"], _ipv4(5), None),
+        ((ACCEPT | TRACK_FLOW, None), _ipv4(), ["accept"], None, FLOW_MARK | 0x7),
+        (ValueError("x"), _ipv4(), ["accept"], None, None),
+        (ValueError("y"), _ipv4(), ["accept"], None, None),
+        ((7, None), _ipv4(), ["accept"], None, None),  # not a verdict
+        ((ACCEPT, _ipv4(5)), _ipv4(4, claimed=9000), ["accept"], None, None),  # cut-short copy
+    ]
+    for answer, payload, verdicts, new, mark in cases:
+        answers.append(answer)
+        pkt = FakePacket(payload, mark=0x7)
+        w._on_packet(pkt)  # type: ignore[attr-defined]
+        assert (pkt.verdicts, pkt.new_payload, pkt.new_mark) == (verdicts, new, mark), answer
+    st = w.stats  # type: ignore[attr-defined]
+    assert (st.packets, st.accepted, st.dropped, st.modified, st.tracked, st.truncated) == (
+        8, 7, 1, 1, 1, 1)
+    assert st.errors_by_kind == {"ValueError": 2, "TypeError": 1, "TruncatedCopy": 1}
+    assert len(log) == 3 and all(line.count("\n") == 0 for line in log)  # once per kind
+
+
 # -- in the kernel ---------------------------------------------------------------------------
 
 

@@ -162,6 +162,8 @@ class Lab:
         server_offloads: Mapping[str, bool] | None = None,
         prefix: str = DEFAULT_PREFIX,
     ) -> None:
+        if not prefix.isalnum():
+            raise ValueError(f"prefix must be letters/digits only (it is split on '-'): {prefix!r}")
         self.make_bridge = make_bridge
         self.client_offloads = dict(client_offloads or {})
         self.server_offloads = dict(server_offloads or {})

@@ -42,6 +42,16 @@ them before the flow existed: same-length edits found inside that part are appli
 length-changing ones are not.  A gap (a segment beyond ``hi``, the bytes in between never seen) is
 simply not edited when those bytes show up later.
 
+Flows begin mid-stream (at the first length change), so what passed before is known only from
+below: a direction starts at its first segment, or earlier at the first ACK the other side sends
+about it (bytes it acknowledges have certainly passed, so they are never matched as fresh).  Limit:
+bytes that passed before the flow existed and were still unacknowledged when it began look fresh
+if they come again, and so does the flow's first segment itself.  If such a retransmission is cut
+differently (Linux collapses small retransmissions) so that it now contains a length-changing match
+that the first transmission split across two segments, that match is applied to bytes the receiver
+may already hold unedited.  Avoiding this needs a seen-mark for every connection, which the
+no-state fast path deliberately does not keep.
+
 Split edits (the decision).  A retransmission whose boundaries cut an earlier edit (it starts or
 ends strictly inside an original ``find`` span) is EXPANDED to the whole edit: the emitted segment
 starts at the edit's rewritten start (head split) and/or ends at its rewritten end (tail split),
@@ -518,6 +528,8 @@ class Flow:
 
     def _map_ack(self, other: _Way, ack: int, events: list[str]) -> int:
         if not other.started:
+            # first news of the other direction: everything it acknowledges has passed us
+            other.start_at(ack % _MOD, None)
             return ack % _MOD
         q = _unwrap(ack, other.hi + other.top_offset())
         nf = other.new_floor()

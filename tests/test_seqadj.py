@@ -192,6 +192,14 @@ def test_bytes_before_the_flow_began_map_with_offset_zero_and_are_never_edited()
     assert p.new_seq == 90 and p.payload == b"AB........xxxxx"
 
 
+def test_what_the_other_side_acknowledged_before_we_saw_its_data_is_never_fresh() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 0, b"AB", ack=500)  # creates the flow; host 0 has received stream 1 up to 500
+    p = seg(f, 1, 480, b"..........AB........AB..")  # AB at 490 passed before; AB at 500 is new
+    assert p.new_seq == 480 and p.payload == b"..........AB........xxxxx.."
+    assert p.applied == ((20, 22, b"xxxxx"),)
+
+
 def test_bytes_before_the_flow_began_get_same_length_edits_as_the_stateless_path_gave() -> None:
     f = Flow(None, 0.0)
     seg(f, 0, 100, b"AB")

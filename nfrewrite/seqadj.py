@@ -87,8 +87,10 @@ across segments).
 
 SYN and FIN each consume one sequence number; a SYN's payload starts at ISN + 1.  A flow ends
 after a FIN in both directions, each acknowledged, or on RST; it is kept ``close_grace`` seconds
-more for the last ACKs and retransmissions.  A SYN with a new ISN on an ended flow starts over (on
-a live flow it is only mapped: a stray SYN must not wipe the offsets of a working connection).
+more for the last ACKs and retransmissions.  A SYN with a new ISN on an ended flow starts over.  On
+a live flow such a SYN is passed untouched and the state kept (a stray or spoofed SYN must not wipe
+the offsets of a working connection); the flow starts over only when the peer answers it with a
+SYN-ACK (a live peer answers a stray SYN with a challenge ACK instead).
 
 API (what the engine calls)
 ===========================
@@ -205,7 +207,8 @@ class SegmentPlan:
     ``find_edits`` returned; ``replayed_edits``: recorded edits re-applied to seen bytes (not
     new rewrites: do not count them per rule).
     ``events``: names of what happened: ``trimmed``, ``expanded``, ``refused``, ``fin``, ``rst``,
-    ``closed`` (both FINs acknowledged), ``restarted`` (new SYN on an ended flow), ``drop``,
+    ``closed`` (both FINs acknowledged), ``restarted`` (a new connection on this flow's 4-tuple),
+    ``foreign_syn`` (a SYN with a new ISN on a live flow, passed untouched), ``drop``,
     ``stateless`` (same-length edits applied to bytes from before the flow began).
     """
 
@@ -326,7 +329,7 @@ class _Way:
 class Flow:
     """Sequence-adjustment state of one TCP connection (both directions).  See module doc."""
 
-    __slots__ = ("key", "ways", "last_seen", "ended_at", "_table", "max_edits")
+    __slots__ = ("key", "ways", "last_seen", "ended_at", "_table", "max_edits", "_new_syn")
 
     def __init__(
         self,
@@ -341,6 +344,7 @@ class Flow:
         self.ended_at: float | None = None
         self.max_edits = max_edits
         self._table = table
+        self._new_syn: tuple[int, int] | None = None  # (direction, ISN): SYN on a live flow
 
     @property
     def ended(self) -> bool:
@@ -370,8 +374,20 @@ class Flow:
         other = self.ways[1 - direction]
         syn = 1 if flags & SYN else 0
 
-        if syn and self.ended and way.started and way.isn != seq:
-            self._restart(events)
+        if syn and way.started and way.isn != seq:
+            if self.ended:
+                self._restart(events)
+            elif ack is None:
+                # a SYN with a new ISN on a live flow: a reconnect on the same 4-tuple, or a stray.
+                # It belongs to no offset we know: pass it untouched and keep the state.
+                self._new_syn = (direction, seq)
+                events.append("foreign_syn")
+                return SegmentPlan("send", seq % _MOD, None, None, None, events=tuple(events))
+            elif self._new_syn == (1 - direction, (ack - 1) % _MOD):
+                # the peer accepted that SYN: the old connection is gone, a new one begins
+                isn = self._new_syn[1]
+                self._restart(events)
+                self.ways[1 - direction].start_at((isn + 1) % _MOD, isn)
             way = self.ways[direction]
             other = self.ways[1 - direction]
         if not way.started:
@@ -591,6 +607,7 @@ class Flow:
     def _restart(self, events: list[str]) -> None:
         self.ways = (_Way(), _Way())
         self.ended_at = None
+        self._new_syn = None
         events.append("restarted")
 
 

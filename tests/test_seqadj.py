@@ -385,6 +385,29 @@ def test_a_new_syn_on_an_ended_flow_starts_over() -> None:
     assert table.expire(100.0) == 0  # the stale end record does not remove the live flow
 
 
+def test_a_reconnect_on_a_live_flow_starts_over_once_the_peer_accepts_it() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 100, b"AB", flags=SYN)
+    seg(f, 1, 700, flags=SYN | ACK, ack=106)
+    seg(f, 0, 103, b"....")  # the old connection: offset +3
+    p = seg(f, 0, 5000, b"", flags=SYN)  # the client rebooted and reconnects
+    assert "foreign_syn" in p.events and p.new_seq == 5000 and p.new_ack is None
+    assert seg(f, 0, 107, b".").new_seq == 110  # the old state is still there meanwhile
+    p = seg(f, 1, 9000, flags=SYN | ACK, ack=5001)
+    assert "restarted" in p.events and p.new_seq == 9000 and p.new_ack == 5001
+    assert seg(f, 0, 5001, b"..", ack=9001).new_seq == 5001
+    assert f.edit_count(0) == 0
+
+
+def test_a_stray_syn_on_a_live_flow_changes_nothing() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 100, b"AB", flags=SYN)
+    seg(f, 1, 700, flags=SYN | ACK, ack=106)
+    seg(f, 0, 1234, b"", flags=SYN)  # answered by a challenge ACK, not a SYN-ACK
+    assert seg(f, 1, 701, ack=106).new_ack == 103
+    assert seg(f, 0, 103, b".").new_seq == 106
+
+
 def test_a_flow_without_edits_changes_nothing() -> None:
     f = Flow(None, 0.0)
     p = seg(f, 0, 5, b"hello", ack=77, sack=[(80, 90)], find=NONE)

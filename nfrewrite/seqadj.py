@@ -68,11 +68,15 @@ stream; such a segment gets action ``"drop"``.
 Memory.  When the opposite direction acknowledges original position ``A`` (mapped as above), the
 sender will never again need edits ending at or below ``A``; they are collapsed into ``base`` and
 ``floor`` becomes the end of the last collapsed edit.  Data below ``floor`` (only ever an old
-duplicate or a retransmission racing the ACK: the receiver has it) is trimmed off; a segment with
-nothing left becomes ``"send_empty"``: no payload, same ACK and flags, ``seq`` = rewritten floor
-minus one (like a keepalive probe), so the receiver answers with an ACK exactly as it would have
-answered the all-old original; this matters when the sender retransmits because our forwarded ACK
-was lost behind us (with FIN the seq is the rewritten floor itself: the FIN's own place).  ACKs
+duplicate or a retransmission racing the ACK: the receiver has it) is trimmed off.
+
+Empty results.  A data segment with nothing left to emit (all of it below ``floor``, or all of it
+deleted by edits) becomes ``"send_empty"``: no payload, same ACK and flags, and ``seq`` one below
+the rewritten position where its bytes would have gone, like a keepalive probe.  The receiver
+answers such a segment with an ACK, as it answers the original (old data is re-ACKed at once).
+Without that, a sender whose last bytes were deleted, or whose ACK we forwarded was lost behind
+us, would retransmit into silence forever.  With SYN, FIN or RST the seq stays at its exact place
+(they must land there, and SYN and FIN elicit an ACK by themselves).  ACKs
 and SACK edges below the rewritten floor are older than an ACK already forwarded; they map with
 ``base`` (possibly inexact, always below the floor, so the sender ignores them as old) and such
 SACK blocks are clipped to the floor or dropped.  Each direction also has a cap on kept edits
@@ -196,8 +200,9 @@ class SegmentPlan:
     """What the engine must emit for one segment.
 
     ``action``: ``"send"`` (emit with the fields below), ``"send_empty"`` (emit without payload,
-    same flags and ACK: everything it carried is below what the receiver acknowledged) or
-    ``"drop"`` (inconsistent with the recorded stream: a SYN or FIN in the middle of it).
+    same flags and ACK, at ``new_seq``: everything it carried is already acknowledged or was
+    deleted; see "Empty results" in the module doc) or ``"drop"`` (inconsistent with the recorded
+    stream: a SYN or FIN in the middle of it).
     ``new_seq``/``new_ack``: 32-bit header values (``new_ack`` is None iff the ACK was None).
     ``payload``: new payload, ``None`` = unchanged (``b""`` for ``send_empty``).
     ``sack``: new SACK blocks (32-bit edges), ``None`` = unchanged; may have fewer blocks than
@@ -425,6 +430,8 @@ class Flow:
             new_payload = payload
         if action == "send" and new_payload == b"":
             action = "send_empty"  # everything it carried was deleted by edits
+        if action == "send_empty" and not flags & (SYN | FIN | RST):
+            new_seq -= 1  # a probe just below where the bytes went: the receiver re-ACKs
         if flags & FIN and action != "drop" and way.fin is None:
             way.fin = e
             events.append("fin")
@@ -506,7 +513,7 @@ class Flow:
                     return "drop", way.to_new(s), None, 0
                 nf = way.new_floor()
                 assert nf is not None
-                return "send_empty", nf if flags & FIN else nf - 1, b"", 0
+                return "send_empty", nf, b"", 0
             lo = floor
             events.append("trimmed")
         hi = e

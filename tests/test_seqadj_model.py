@@ -223,8 +223,12 @@ class Sim:
 
     def deliver(
         self, d: int, plan: SegmentPlan, a: int, b: int, flags: int, part: tuple[int, int] | None
-    ) -> None:
+    ) -> bool:
+        """Hand the emitted segment to the receiver; True if a real receiver answers with an ACK
+        (it carried data, SYN or FIN, or its seq lies below rcv_nxt, like an old duplicate or a
+        keepalive probe; a bare ACK at or beyond rcv_nxt gets no answer)."""
         me = self.s[d]
+        nxt_before = me.rcv_nxt()
         assert plan.action != "drop", plan
         body = plan.payload if plan.payload is not None else me.data[a:b]
         start = me.offset(plan.new_seq) + (1 if flags & SYN else 0)
@@ -248,16 +252,18 @@ class Sim:
             hi = max(lo + 1, part[1] * len(body) // 1000)
         for i in range(lo, min(hi, len(body))):
             assert me.got.setdefault(start + i, body[i]) == body[i]
+        return bool(body) or bool(flags & (SYN | FIN)) or start < nxt_before
 
     def send(
         self, d: int, a: int, b: int, *, lose: str = "", ack_q: int | None = None,
         sack: list[tuple[int, int]] | None = None, flags: int = ACK,
         part: tuple[int, int] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> bool:  # fmt: skip
+        """One segment from host d; True if its receiver would answer with an ACK."""
         me, peer = self.s[d], self.s[1 - d]
         if lose == "before":
             me.snd_max = max(me.snd_max, b)
-            return
+            return False
         payload = me.data[a:b]
         if ack_q is None and flags & ACK:
             ack_q = peer.rcv_nxt()
@@ -272,13 +278,14 @@ class Sim:
             acked = self.check_ack(d, plan, ack_q)
         self.check_sack(d, plan, sack)
         if lose == "after":
-            return
-        self.deliver(d, plan, a, b, flags, part)
+            return False
+        answered = self.deliver(d, plan, a, b, flags, part)
         if ack_q is not None:
             if peer.fin_sent and acked == len(peer.data) + 1:
                 peer.fin_acked = True
                 acked -= 1
             peer.snd_una = max(peer.snd_una, acked)
+        return answered
 
 
 SETTINGS = settings(
@@ -365,16 +372,17 @@ def exercise(
             part = (p0, data.draw(st.integers(p0, 1000), label="part_hi"))
         sim.send(d, a, b, lose=lose, ack_q=q, sack=sack, part=part)
 
-    # liveness: both senders retransmit from snd_una until everything is acknowledged
+    # liveness: both senders retransmit from snd_una until everything is acknowledged; a receiver
+    # ACKs only what a real one would answer (never a bare ACK at rcv_nxt), so a segment that
+    # vanished into nothing would stall this loop
     for _ in range(400):
         if all(x.snd_una == len(x.data) for x in sim.s):
             break
         for d in (0, 1):
             me, peer = sim.s[d], sim.s[1 - d]
-            if me.snd_una < len(me.data):
-                sim.send(d, me.snd_una, min(len(me.data), me.snd_una + MSS))
-            elif peer.snd_una < len(peer.data):
-                sim.send(d, me.snd_max, me.snd_max)  # a bare ACK
+            outstanding = me.snd_una < len(me.data)
+            if outstanding and sim.send(d, me.snd_una, min(len(me.data), me.snd_una + MSS)):
+                sim.send(1 - d, peer.snd_max, peer.snd_max)  # its answer: a bare ACK
     for d in (0, 1):
         me = sim.s[d]
         assert me.snd_una == len(me.data)

@@ -436,16 +436,7 @@ class TcpPacket:
         return True
 
     def _set_tcp_u32(self, off: int, value: int) -> bool:
-        buf = self.buf
-        old_bytes = bytes(buf[off : off + 4])
-        new_bytes = _u32.pack(value & 0xFFFFFFFF)
-        if old_bytes == new_bytes:
-            return False
-        rel = off - self.l4
-        buf[off : off + 4] = new_bytes
-        self._tcp_csum_adjust(cs.sum_at(old_bytes, rel), cs.sum_at(new_bytes, rel))
-        self.modified = True
-        return True
+        return self._set_tcp_bytes(off, _u32.pack(value & 0xFFFFFFFF))
 
     # -- header edits ----------------------------------------------------------------------------
     def set_ttl(self, value: int) -> bool:
@@ -512,19 +503,37 @@ class TcpPacket:
         return current > maximum and self._set_tcp_u16(opt.offset + 2, maximum)
 
     def set_sack_blocks(self, blocks: Iterable[tuple[int, int]]) -> bool:
-        """Rewrite the edges of the SACK option in place (same number of blocks)."""
+        """Rewrite the SACK option's blocks in place. Fewer blocks than the option held shrink the
+        option and pad the freed bytes with NOPs (the header length stays the same); more blocks
+        than fit raise ValueError."""
         opt = self.find_option(OPT_SACK)
         if opt is None:
             return False
-        changed = False
-        off = opt.offset + 2
-        for left, right in blocks:
-            if off + 8 > opt.offset + opt.length:
-                raise ValueError("more SACK blocks than the option holds")
-            changed |= self._set_tcp_u32(off, left)
-            changed |= self._set_tcp_u32(off + 4, right)
-            off += 8
-        return changed
+        blocks = list(blocks)
+        if 2 + 8 * len(blocks) > opt.length:
+            raise ValueError("more SACK blocks than the option holds")
+        if blocks:
+            new = bytes((OPT_SACK, 2 + 8 * len(blocks))) + b"".join(
+                _u32.pack(left & 0xFFFFFFFF) + _u32.pack(right & 0xFFFFFFFF)
+                for left, right in blocks
+            )
+        else:
+            new = b""
+        new += bytes((OPT_NOP,)) * (opt.length - len(new))
+        return self._set_tcp_bytes(opt.offset, new)
+
+    def _set_tcp_bytes(self, off: int, new: bytes) -> bool:
+        """Overwrite same-length bytes at ``off`` inside the TCP segment, checksum following."""
+        buf = self.buf
+        end = off + len(new)
+        old = bytes(buf[off:end])
+        if old == new:
+            return False
+        rel = off - self.l4
+        buf[off:end] = new
+        self._tcp_csum_adjust(cs.sum_at(old, rel), cs.sum_at(new, rel))
+        self.modified = True
+        return True
 
     # -- payload edits ---------------------------------------------------------------------------
     def apply_edits(self, edits: Iterable[tuple[int, int, bytes]]) -> int:

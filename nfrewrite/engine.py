@@ -1,0 +1,215 @@
+"""The rewrite engine: one queued packet in, a verdict and (maybe) new bytes out.
+
+Theory of operation
+-------------------
+``Engine.process`` is a pure function of (packet bytes, bridge ports, time, engine state). It
+never touches a socket or a clock: the queue loop, the replay tool and the fuzzer all call it the
+same way, which is why the same rules give the same bytes live and offline.
+
+For each packet:
+
+1. :func:`nfrewrite.packet.parse`. Anything that is not a whole, first, well-formed TCP segment is
+   *not ours*: accepted untouched, with the reason reported for the metrics.
+2. ``RuleSet.select`` gives the rules whose match covers this packet (indexed by port, cached).
+3. Rules with ``verdict = "drop"`` drop it. Header edits (TTL/hop limit, DSCP, window, MSS) apply
+   in rule order.
+4. Payload edits: every ``replace`` of every selected rule is found in one pass over the payload
+   as it arrived. Same-length edits need no state. The first length-changing edit of a connection
+   creates a flow in the :class:`~nfrewrite.seqadj.FlowTable`; from then on every segment of that
+   connection, in both directions, goes through the flow's sequence adjuster, which decides which
+   edits apply (by original stream position, so retransmissions get the same edits) and maps
+   seq/ack/SACK numbers.
+5. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
+   held only the pseudo-header seed (TX offload).
+
+The engine's mutable state is the flow table, owned by one worker; the rule set is swapped whole on
+reload (assigning ``engine.ruleset`` is atomic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nfrewrite.packet import ACK, TcpPacket, parse
+from nfrewrite.rules import Rule, RuleSet, Selection
+from nfrewrite.seqadj import Flow, FlowTable, SegmentPlan, flow_key
+
+ACCEPT = 1
+DROP = 0
+EXPIRE_EVERY = 1.0  # seconds between sweeps of the flow table
+
+Edit = tuple[int, int, bytes]
+Found = list[tuple[int, int, bytes, Rule]]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What to do with one packet.
+
+    ``packet`` is the new packet when anything changed, else None (send the original).
+    ``unparsed`` is a reason from :data:`nfrewrite.packet.REASONS` when the packet was not ours.
+    ``rules`` are the names of the rules that changed or dropped it (for per-rule counters).
+    ``track`` is True while the packet's connection carries a sequence offset: the kernel side
+    must then queue every packet of that connection in both directions (connmark).
+    """
+
+    verdict: int
+    packet: bytes | None = None
+    unparsed: str | None = None
+    rules: tuple[str, ...] = ()
+    track: bool = False
+
+
+PASS = Result(ACCEPT)
+
+
+class Engine:
+    """Applies a :class:`RuleSet` to packets; keeps the per-flow sequence state.
+
+    ``flows`` None disables length-changing edits (they are then applied without sequence
+    bookkeeping only if the caller allowed such rules; the daemon always passes a table).
+    """
+
+    def __init__(self, ruleset: RuleSet, flows: FlowTable | None = None) -> None:
+        self.ruleset = ruleset
+        self.flows = flows
+        self._next_expire = 0.0
+
+    def process(
+        self,
+        data: bytes,
+        *,
+        in_port: str | None = None,
+        out_port: str | None = None,
+        now: float = 0.0,
+        csum_partial: bool = False,
+    ) -> Result:
+        pkt = parse(data, csum_partial=csum_partial)
+        if not isinstance(pkt, TcpPacket):
+            return Result(ACCEPT, unparsed=pkt.reason)
+        sel = self.ruleset.select(
+            pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport, in_port, out_port
+        )
+        flows = self.flows
+        flow: Flow | None = None
+        direction = 0
+        if flows is not None and len(flows):
+            if now >= self._next_expire:
+                self._next_expire = now + EXPIRE_EVERY
+                flows.expire(now)
+            key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
+            flow = flows.get(key)
+        rules = sel.rules
+        if not rules and flow is None:
+            return PASS
+
+        fired: list[str] = []
+        for rule in rules:
+            if rule.verdict == "drop":
+                return Result(DROP, rules=(rule.name,))
+            if _apply_header_set(pkt, rule):
+                fired.append(rule.name)
+
+        if flow is None:
+            flow, direction = self._rewrite_stateless(pkt, sel, fired, now)
+        else:
+            if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now):
+                return Result(DROP, track=True)
+
+        names = tuple(dict.fromkeys(fired))
+        track = flow is not None
+        if not pkt.modified:
+            return Result(ACCEPT, rules=names, track=track)
+        return Result(ACCEPT, pkt.finish(), rules=names, track=track)
+
+    # -- payload -------------------------------------------------------------------------------
+    def _rewrite_stateless(
+        self, pkt: TcpPacket, sel: Selection, fired: list[str], now: float
+    ) -> tuple[Flow | None, int]:
+        """Edits for a connection with no sequence state. Returns the flow if one was created."""
+        if pkt.payload_len == 0 or not sel.has_replaces:
+            return None, 0
+        found = sel.find_edits(pkt.payload)
+        if not found:
+            return None, 0
+        if self.flows is None or all(end - start == len(new) for start, end, new, _ in found):
+            pkt.apply_edits([(s, e, n) for s, e, n, _ in found])
+            fired.extend(rule.name for _, _, _, rule in found)
+            return None, 0
+        key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        flow = self.flows.create(key, now)
+        if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now, first=found):
+            raise AssertionError("a new flow never refuses its first segment")
+        return flow, direction
+
+    def _rewrite_with_flow(
+        self,
+        pkt: TcpPacket,
+        flow: Flow,
+        direction: int,
+        sel: Selection,
+        fired: list[str],
+        now: float,
+        first: Found | None = None,
+    ) -> bool:
+        """Run the segment through its flow's sequence adjuster. False: drop the packet."""
+        found: Found = []
+
+        def find_edits(payload: bytes, fresh_from: int) -> list[Edit]:
+            found.extend(first if first is not None else sel.find_edits(payload))
+            return [(s, e, n) for s, e, n, _ in found if s >= fresh_from]
+
+        flags = pkt.flags
+        plan = flow.rewrite(
+            direction,
+            pkt.seq,
+            pkt.ack if flags & ACK else None,
+            flags,
+            pkt.payload,
+            pkt.sack_blocks(),
+            now,
+            find_edits if pkt.payload_len and sel.has_replaces else _no_edits,
+        )
+        if plan.action == "drop":
+            return False
+        _apply_plan(pkt, plan)
+        if plan.applied:
+            by_span = {(s, e): rule.name for s, e, _, rule in found}
+            fired.extend(by_span[(s, e)] for s, e, _ in plan.applied)
+        return True
+
+
+def _no_edits(payload: bytes, fresh_from: int) -> list[Edit]:
+    return []
+
+
+def _apply_plan(pkt: TcpPacket, plan: SegmentPlan) -> None:
+    """Carry a :class:`~nfrewrite.seqadj.SegmentPlan` out on the packet."""
+    if plan.action == "send_empty":
+        pkt.replace_payload(b"")
+    elif plan.payload is not None:
+        pkt.replace_payload(plan.payload)
+    pkt.set_seq(plan.new_seq)
+    if plan.new_ack is not None:
+        pkt.set_ack(plan.new_ack)
+    if plan.sack is not None:
+        pkt.set_sack_blocks(plan.sack)
+
+
+def _apply_header_set(pkt: TcpPacket, rule: Rule) -> bool:
+    """Apply a rule's ``set`` table; True if any field changed."""
+    hs = rule.set
+    changed = False
+    if hs.ttl is not None and pkt.version == 4:
+        changed |= pkt.set_ttl(hs.ttl)
+    if hs.hop_limit is not None and pkt.version == 6:
+        changed |= pkt.set_ttl(hs.hop_limit)
+    if hs.dscp is not None:
+        changed |= pkt.set_dscp(hs.dscp)
+    if hs.window is not None:
+        changed |= pkt.set_window(hs.window)
+    if hs.mss is not None:
+        changed |= pkt.set_mss(hs.mss)
+    if hs.mss_max is not None:
+        changed |= pkt.clamp_mss(hs.mss_max)
+    return changed

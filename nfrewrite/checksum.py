@@ -54,7 +54,7 @@ def sum_at(data: Buffer, offset: int) -> int:
 
 
 def fold_field(total: int) -> int:
-    """The checksum field value that makes ``total`` (sum of all else) verify: ``(-total) % MOD``."""
+    """The field value that makes ``total`` (the sum of all else) verify: ``(-total) % MOD``."""
     return (-total) % MOD
 
 

@@ -438,3 +438,131 @@ def lab(**kw: Any) -> Iterator[Lab]:
     """Functional spelling: ``with lab(make_bridge=True) as l: ...``."""
     with Lab(**kw) as the_lab:
         yield the_lab
+
+
+# -- the daemon in the lab ------------------------------------------------------------------------
+
+LAB_CONFIG = """\
+rules_dir = "rules"
+
+[[bridge]]
+name  = "br0"
+ports = ["nfr0", "nfr1"]
+{offloads}
+[queue]
+num     = {queue_num}
+workers = {workers}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+"""
+
+
+def write_lab_config(
+    directory: str,
+    rules: Mapping[str, str],
+    *,
+    queue_num: int = 0,
+    workers: int = 1,
+    metrics_port: int = 9640,
+    offloads: str = "",
+) -> str:
+    """Write ``nfrewrite.toml`` and ``rules/<name>`` files for the lab's bridge; returns the path.
+
+    Files are made 0600/0700 so the daemon's permission check is satisfied.
+    """
+    os.makedirs(os.path.join(directory, "rules"), mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    for name, text in rules.items():
+        path = os.path.join(directory, "rules", name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+    config = os.path.join(directory, "nfrewrite.toml")
+    with open(config, "w") as f:
+        f.write(LAB_CONFIG.format(queue_num=queue_num, workers=workers,
+                                  metrics_port=metrics_port,
+                                  offloads=f"offloads = {offloads}\n" if offloads else ""))
+    os.chmod(config, 0o600)
+    return config
+
+
+class Daemon:
+    """``nfrewrite run`` inside the lab's appliance namespace, its stderr captured to a file.
+
+    ``start()`` returns once the daemon logged "ready" (or raises LabError with its log).
+    """
+
+    def __init__(self, lab: Lab, config: str, *, env: Mapping[str, str] | None = None) -> None:
+        self.lab = lab
+        self.config = config
+        self.env = {**lab.python_env(), **(env or {})}
+        self.log_path = os.path.join(os.path.dirname(config), f"daemon-{secrets.token_hex(3)}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self._offset = self._log.tell()
+        self.proc = self.lab.popen(
+            "appliance",
+            [sys.executable, "-m", "nfrewrite", "run", "-c", self.config],
+            stdout=self._log, stderr=self._log, env=self.env,
+        )
+        self.wait_log("nfrewrite: ready", timeout)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0, *, after: int = 0) -> None:
+        """Wait until ``text`` appears in the log (past byte ``after``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log()[after:]:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise LabError(f"daemon log never showed {text!r}:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def reload(self, timeout: float = 10.0) -> str:
+        """SIGHUP; waits for the reload to finish; returns the log lines it wrote."""
+        mark = len(self.log())
+        self.signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            tail = self.log()[mark:]
+            if "reload done" in tail or "reload failed" in tail:
+                return tail
+            time.sleep(0.05)
+        raise LabError(f"reload did not finish:\n{self.log()}")
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 5.0) -> int:
+        assert self.proc is not None
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                self._log.close()
+        return rc
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)

@@ -98,6 +98,30 @@ def enable_br_netfilter(proc_bridge: Path = PROC_BRIDGE) -> None:
             raise NetSetupError(f"cannot enable {path}: {e.strerror}") from e
 
 
+CT_TCP_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+
+
+def set_conntrack_tcp_liberal(on: bool, path: Path = CT_TCP_LIBERAL) -> bool | None:
+    """Set conntrack's TCP window checking to liberal (or back); returns the previous setting.
+
+    Why: after a length-changing rewrite, each side acknowledges sequence numbers that conntrack
+    (which saw the packets before we changed them) never saw sent. In strict mode it marks those
+    ACKs INVALID and detaches them from their connection, so the connmark that sends the rest of
+    the flow to the queue no longer matches them and they reach the sender unadjusted. Liberal
+    mode only stops marking out-of-window packets INVALID. Per network namespace. Returns None
+    when conntrack is not there (nothing to do).
+    """
+    try:
+        previous = path.read_text().strip() == "1"
+        if previous != on:
+            path.write_text("1\n" if on else "0\n")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise NetSetupError(f"cannot set {path}: {e.strerror}") from e
+    return previous
+
+
 def read_offloads(ifname: str) -> dict[str, bool]:
     """The offload features of ``ifname`` with short keys rx, tx, tso, gso, gro, lro."""
     with Ethtool() as eth:

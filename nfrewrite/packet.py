@@ -538,7 +538,8 @@ class TcpPacket:
     # -- payload edits ---------------------------------------------------------------------------
     def apply_edits(self, edits: Iterable[tuple[int, int, bytes]]) -> int:
         """Replace payload ranges: each edit is (start, end, new bytes), offsets relative to the
-        original payload, non-overlapping (they are sorted here). Returns the change in payload length.
+        original payload, non-overlapping (they are sorted here). Returns the change in payload
+        length.
 
         IP total/payload length and both checksums follow, incrementally: only the bytes from the
         first changed position onwards are summed (old and new), so an error in the arrival

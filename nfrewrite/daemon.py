@@ -1,0 +1,406 @@
+"""The daemon's lifecycle: start order, worker processes, signals, reload, sd_notify.
+
+Theory of operation
+-------------------
+One supervisor process and ``[queue] workers`` worker processes (one per NFQUEUE number,
+``num .. num+workers-1``). The supervisor never touches a packet; a worker never touches the
+firewall or the network set-up.
+
+Start (each step only after the previous one succeeded)::
+
+    config + rules valid -> metrics dir + HTTP -> bridges/ports/offloads -> workers bound
+    (fail-open set) -> firewall rules installed -> READY=1
+
+so that no packet is queued before a worker is there to take it (and if one were, the rules'
+``--queue-bypass`` would let it pass). Stop is the reverse: STOPPING=1, firewall rules removed
+(new packets stay in the kernel), workers told to stop (they verdict what is waiting and unbind),
+HTTP closed, metrics dir removed. Bridges stay up so traffic keeps flowing without us.
+
+Workers are forked children with ``PR_SET_PDEATHSIG``: if the supervisor is killed (even with
+``kill -9``) they die too, their queues unbind and ``--queue-bypass`` passes traffic; a restart
+re-installs the rules idempotently (one copy). A worker that dies is restarted by the supervisor
+and counted.
+
+Each worker talks to the supervisor over one pipe: "bound" once its queue is configured, a
+heartbeat from its packet loop at least twice a second, and it receives new compiled rule sets.
+The supervisor sends ``WATCHDOG=1`` only while every worker's heartbeat is fresh, so a stuck packet
+loop makes systemd restart the service.
+
+SIGHUP (``systemctl reload``): RELOADING=1, re-read config and rules; on any error log every
+diagnostic (``path:line:col``) and keep the running rules; else swap the kernel prefilter
+atomically and hand the new rule set to every worker (which swaps ``engine.ruleset`` between two
+packets; per-flow sequence state is kept). Then READY=1. Changes to bridges, queue numbers or the
+metrics address need a restart and are reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from nfrewrite import metrics
+from nfrewrite.config import Config, load_all
+from nfrewrite.diagnostics import Diagnostic, has_errors
+from nfrewrite.rules import RuleSet
+
+HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
+BIND_TIMEOUT = 10.0
+STOP_TIMEOUT = 1.5
+PR_SET_PDEATHSIG = 1
+
+
+def log(message: str) -> None:
+    print(f"nfrewrite: {message}", file=sys.stderr, flush=True)
+
+
+class StartError(RuntimeError):
+    """A start step failed; the message is the one-line reason."""
+
+
+def load(config_path: str) -> tuple[Config | None, RuleSet | None, list[Diagnostic]]:
+    config, ruleset, diags = load_all(config_path)
+    if config is not None and ruleset is not None and not has_errors(diags):
+        try:
+            from nfrewrite.filesafety import check_permissions
+        except ImportError:  # pragma: no cover - the module lands with the hardening work
+            return config, ruleset, diags
+        diags = diags + check_permissions(config, ruleset)
+    return config, ruleset, diags
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connection) -> None:
+    """A worker process: one queue, one engine, until SIGTERM."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from time import monotonic, perf_counter
+
+    from nfrewrite.engine import PASS, Engine
+    from nfrewrite.queue import TRACK_FLOW, PacketMeta, QueueWorker
+    from nfrewrite.seqadj import FlowTable
+
+    flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout)
+    engine = Engine(ruleset, flows)
+    wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
+    observe = wm.observe
+    process = engine.process
+
+    def handler(payload: bytes, meta: PacketMeta) -> tuple[int, bytes | None]:
+        t0 = perf_counter()
+        try:
+            res = process(
+                payload,
+                in_port=meta.in_port,
+                out_port=meta.out_port,
+                now=monotonic(),
+                csum_partial=meta.csum_partial,
+            )
+        except Exception as e:
+            wm.error(e)
+            observe(PASS, perf_counter() - t0)
+            raise  # the queue accepts the packet unmodified and logs once per kind
+        observe(res, perf_counter() - t0)
+        if res.track:
+            return res.verdict | TRACK_FLOW, res.packet
+        return res.verdict, res.packet
+
+    def on_idle() -> None:
+        conn.send(("hb",))
+        wm.set_flows(flows.flows_active, flows.flows_evicted)
+        while conn.poll():
+            msg = conn.recv()
+            if msg[0] == "rules":
+                new: RuleSet = msg[1]
+                engine.ruleset = new
+                wm.set_rules([r.name for r in new.rules])
+
+    qw = QueueWorker(
+        queue_num,
+        handler,
+        maxlen=config.queue.maxlen,
+        sock_buf=config.queue.sock_buf,
+        on_idle=on_idle,
+        log=log,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: qw.stop())
+    try:
+        qw.bind()
+    except Exception as e:
+        conn.send(("error", str(e)))
+        return
+    conn.send(("bound",))
+    try:
+        qw.run()
+    finally:
+        qw.unbind()
+
+
+# -- supervisor side --------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    queue_num: int
+    process: Any = None
+    conn: Connection | None = None
+    last_beat: float = 0.0
+
+
+@dataclass
+class Supervisor:
+    config_path: str
+    config: Config
+    ruleset: RuleSet
+    notifier: Any = None
+    workers: list[Worker] = field(default_factory=list)
+    _hup: bool = False
+    _stop: bool = False
+
+    def __post_init__(self) -> None:
+        from nfrewrite.sdnotify import Notifier
+
+        self.notifier = Notifier()
+        self._ctx = multiprocessing.get_context("fork")
+
+    # signals only set flags; the main loop does the work
+    def _on_hup(self, *_: object) -> None:
+        self._hup = True
+
+    def _on_term(self, *_: object) -> None:
+        self._stop = True
+
+    def run(self) -> int:
+        from nfrewrite.firewall import Firewall
+        from nfrewrite.prefilter import compile_prefilter
+
+        cfg = self.config
+        queues = list(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
+        mp_dir = metrics.setup_multiprocess_dir(os.environ.get("RUNTIME_DIRECTORY"))
+        server = None
+        firewall: Firewall | None = None
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        try:
+            self.sup = metrics.SupervisorMetrics(queues, ports=cfg.bridge_ports)
+            server = metrics.serve(cfg.metrics.listen, self.sup.registry)
+            log(f"metrics on http://{cfg.metrics.listen}/metrics")
+            self._setup_network()
+            self._ensure_liberal_conntrack(self.ruleset)
+            for q in queues:
+                self.workers.append(self._start_worker(q))
+            firewall = Firewall(cfg.queue.num, cfg.queue.workers)
+            firewall.install(*compile_prefilter(self.ruleset))
+            self.firewall = firewall
+            self.sup.rules_loaded(len(self.ruleset.rules))
+            self.sup.reload(True, time.time())
+            status = self._status()
+            log(f"ready: {status}")
+            self.notifier.ready(status)
+            self._loop()
+            return 0
+        except StartError as e:
+            log(f"error: {e}")
+            return 4
+        finally:
+            self.notifier.stopping()
+            if firewall is not None:
+                try:
+                    firewall.remove()
+                except Exception as e:  # noqa: BLE001 - keep stopping
+                    log(f"error removing firewall rules: {e}")
+            self._stop_workers()
+            if self._liberal_before is False:
+                from nfrewrite.netsetup import set_conntrack_tcp_liberal
+
+                with contextlib.suppress(Exception):
+                    set_conntrack_tcp_liberal(False)
+            if server is not None:
+                server.close()
+            metrics.cleanup_multiprocess_dir(mp_dir)
+            log("stopped")
+
+    def _status(self) -> str:
+        n = len(self.ruleset.rules)
+        q = self.config.queue
+        last = q.num + q.workers - 1
+        queues = f"queue {q.num}" if q.workers == 1 else f"queues {q.num}-{last}"
+        return f"{n} rules in {len(self.ruleset.files)} files, {queues}"
+
+    _liberal_before: bool | None = None
+    _liberal_set = False
+
+    def _ensure_liberal_conntrack(self, ruleset: RuleSet) -> None:
+        """Length-changing rules need conntrack's liberal TCP window mode (see netsetup)."""
+        from nfrewrite.netsetup import set_conntrack_tcp_liberal
+
+        grows = any(len(r.find) != len(r.with_) for rule in ruleset.rules for r in rule.replaces)
+        if grows and not self._liberal_set:
+            self._liberal_before = set_conntrack_tcp_liberal(True)
+            self._liberal_set = True
+            if self._liberal_before is False:
+                log("length-changing rules: net.netfilter.nf_conntrack_tcp_be_liberal=1 "
+                    "(restored on stop)")
+
+    def _setup_network(self) -> None:
+        from nfrewrite.netsetup import NetSetupError, enable_br_netfilter, setup_bridge
+
+        if not self.config.bridges:
+            log("no [[bridge]] configured: queueing routed (FORWARD) traffic")
+            return
+        try:
+            enable_br_netfilter()
+            for b in self.config.bridges:
+                state = setup_bridge(b.name, b.ports, dict(b.offloads.items()) or None)
+                verb = "created" if state.created else "reused"
+                log(f"bridge {b.name} {verb}, ports {', '.join(b.ports)}")
+                for port in state.ports:
+                    feats = " ".join(
+                        f"{k}={'on' if v else 'off'}" for k, v in port.offloads.items()
+                    )
+                    log(f"port {port.name} offloads: {feats}")
+                    self.sup.offloads(port.name, port.offloads)
+        except NetSetupError as e:
+            raise StartError(str(e)) from e
+
+    def _start_worker(self, queue_num: int) -> Worker:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(queue_num, self.config, self.ruleset, child),
+            name=f"nfrewrite-q{queue_num}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        if not parent.poll(BIND_TIMEOUT):
+            proc.kill()
+            raise StartError(f"worker for queue {queue_num} did not bind in {BIND_TIMEOUT:.0f} s")
+        try:
+            msg = parent.recv()
+        except EOFError:
+            msg = ("error", f"worker exited with code {proc.exitcode}")
+        if msg[0] != "bound":
+            proc.join(1)
+            raise StartError(msg[1])
+        log(f"worker {proc.pid} bound queue {queue_num} (fail-open)")
+        return Worker(queue_num, proc, parent, time.monotonic())
+
+    def _loop(self) -> None:
+        while not self._stop:
+            conns = [w.conn for w in self.workers if w.conn is not None]
+            ready = multiprocessing.connection.wait(conns, timeout=0.25)
+            now = time.monotonic()
+            for w in self.workers:
+                if w.conn in ready:
+                    try:
+                        while w.conn.poll():
+                            if w.conn.recv()[0] == "hb":
+                                w.last_beat = now
+                    except (EOFError, OSError):
+                        pass
+            self._restart_dead_workers()
+            if self._hup:
+                self._hup = False
+                self.reload()
+            if all(now - w.last_beat < HEARTBEAT_STALE for w in self.workers):
+                self.notifier.watchdog(now)
+
+    def _restart_dead_workers(self) -> None:
+        for i, w in enumerate(self.workers):
+            if w.process.is_alive() or self._stop:
+                continue
+            log(f"worker {w.process.pid} for queue {w.queue_num} died "
+                f"(exit {w.process.exitcode}); restarting")
+            self.sup.worker_died(w.process.pid)
+            if w.conn is not None:
+                w.conn.close()
+            try:
+                self.workers[i] = self._start_worker(w.queue_num)
+            except StartError as e:
+                log(f"error: restart failed: {e}")
+                w.conn = None
+                continue
+            self.sup.worker_restarted(w.queue_num)
+
+    def reload(self) -> None:
+        from nfrewrite.prefilter import compile_prefilter
+
+        self.notifier.reloading()
+        log("reload: reading config and rules")
+        config, ruleset, diags = load(self.config_path)
+        for d in diags:
+            print(d.format(), file=sys.stderr, flush=True)
+        if config is None or ruleset is None or has_errors(diags):
+            log("reload failed: keeping the running rules")
+            self.sup.reload(False, time.time())
+            self.notifier.ready(f"reload failed; {self._status()}")
+            return
+        for what in ("bridges", "queue", "metrics"):
+            if getattr(config, what) != getattr(self.config, what):
+                log(f"reload: [{what}] changed; it takes effect at the next restart")
+        try:
+            self._ensure_liberal_conntrack(ruleset)
+            self.firewall.swap(*compile_prefilter(ruleset))
+        except Exception as e:  # noqa: BLE001 - old rules stay in force
+            log(f"reload failed: kernel rules not swapped: {e}")
+            self.sup.reload(False, time.time())
+            self.notifier.ready(f"reload failed; {self._status()}")
+            return
+        self.ruleset = ruleset
+        for w in self.workers:
+            if w.conn is not None:
+                with contextlib.suppress(OSError):
+                    w.conn.send(("rules", ruleset))
+        self.sup.rules_loaded(len(ruleset.rules))
+        self.sup.reload(True, time.time())
+        status = self._status()
+        log(f"reload done: {status}")
+        self.notifier.ready(status)
+
+    def _stop_workers(self) -> None:
+        for w in self.workers:
+            if w.process is not None and w.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for w in self.workers:
+            if w.process is None:
+                continue
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(1)
+
+
+def run(config_path: str, print_diagnostics: Any = None) -> int:
+    """``nfrewrite run``: returns the exit code (0 stopped cleanly, 1 invalid files, 4 failure)."""
+    config, ruleset, diags = load(config_path)
+    for d in diags:
+        print(d.format(), file=sys.stderr, flush=True)
+    if config is None or ruleset is None or has_errors(diags):
+        return 1
+    return Supervisor(config_path, config, ruleset).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience
+    return run((argv or sys.argv[1:])[0])

@@ -1,0 +1,65 @@
+"""Rule set -> kernel prefilter: only packets that some rule could change ever leave the kernel.
+
+Theory of operation
+-------------------
+Each rule's ``match`` becomes one :class:`~nfrewrite.firewall.QueueMatch` (protocol TCP, ports,
+addresses, bridge ports). A rule whose only action is a *same-length* literal ``replace`` (no
+header ``set``, not ``drop``) also gets its ``find`` bytes as an xt ``string`` match, one kernel
+rule per pattern, so a packet without the pattern stays in the kernel. This is sound because a
+pattern the kernel does not see in the packet cannot be in its TCP payload either (the string match scans the whole packet,
+headers included: it can only over-approximate), and a same-length edit leaves every other packet
+of the connection valid as it is.
+
+A length-changing rule gets no literal: once its first edit happens, every later segment of that
+direction must have its sequence number moved, and the connmark that queues the rest of the flow
+is set only when the edited packet's verdict is given. Segments already on their way behind it
+would slip past a string prefilter unadjusted (seen in the lab: a FIN overtook the edited segment
+and reached the server at the old sequence number). Queueing the rule's whole port match keeps the
+direction in order through the queue; the other direction can only answer edited bytes after the
+verdict, by which time the connmark (the rule :mod:`nfrewrite.firewall` always puts first) catches
+it.
+
+Patterns longer than xt_string's 128-byte limit fall back to queueing by match alone.
+"""
+
+from __future__ import annotations
+
+from nfrewrite.firewall import MAX_LITERAL, QueueMatch
+from nfrewrite.rules import Rule, RuleSet
+
+
+def _matches_of(rule: Rule) -> list[QueueMatch]:
+    m = rule.match
+    versions = m.versions
+    base = {
+        "version": next(iter(versions)) if len(versions) == 1 else None,
+        "sports": m.sport,
+        "dports": m.dport,
+        "src": None if m.src is None else tuple(str(n) for n in m.src),
+        "dst": None if m.dst is None else tuple(str(n) for n in m.dst),
+        "in_port": m.in_port,
+        "out_port": m.out_port,
+    }
+    literal_only = (
+        rule.verdict != "drop"
+        and rule.set.empty
+        and rule.replaces
+        and all(len(r.find) <= MAX_LITERAL and len(r.find) == len(r.with_) for r in rule.replaces)
+    )
+    if not literal_only:
+        return [QueueMatch(**base)]  # type: ignore[arg-type]
+    finds = dict.fromkeys(r.find for r in rule.replaces)
+    return [QueueMatch(**base, literal=f) for f in finds]  # type: ignore[arg-type]
+
+
+def compile_prefilter(ruleset: RuleSet) -> tuple[list[QueueMatch], list[QueueMatch]]:
+    """The IPv4 and IPv6 prefilters for ``ruleset`` (duplicates removed, rule order kept)."""
+    v4: dict[QueueMatch, None] = {}
+    v6: dict[QueueMatch, None] = {}
+    for rule in ruleset.rules:
+        for qm in _matches_of(rule):
+            if qm.version in (None, 4):
+                v4[qm] = None
+            if qm.version in (None, 6):
+                v6[qm] = None
+    return list(v4), list(v6)

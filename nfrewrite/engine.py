@@ -154,9 +154,15 @@ class Engine:
     ) -> bool:
         """Run the segment through its flow's sequence adjuster. False: drop the packet."""
         found: Found = []
+        searched = False
 
         def find_edits(payload: bytes, fresh_from: int) -> list[Edit]:
-            found.extend(first if first is not None else sel.find_edits(payload))
+            # The adjuster may ask twice for one segment (the part from before the flow began,
+            # then the fresh part): search the payload once, filter per call.
+            nonlocal searched
+            if not searched:
+                found.extend(first if first is not None else sel.find_edits(payload))
+                searched = True
             return [(s, e, n) for s, e, n, _ in found if s >= fresh_from]
 
         flags = pkt.flags

@@ -27,6 +27,7 @@ from typing import Any
 
 from nfrewrite.config import load_all
 from nfrewrite.diagnostics import Diagnostic
+from nfrewrite.examples import check_examples
 
 __all__ = [
     "EXIT_INVALID",
@@ -100,6 +101,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config, ruleset, diagnostics = load_all(
         args.config, allow_length_change=not args.no_length_change
     )
+    if ruleset is not None:  # every rule's examples through the engine (nfrewrite.examples)
+        diagnostics = diagnostics + check_examples(ruleset)
     print_diagnostics(diagnostics)
     errors = sum(1 for d in diagnostics if d.severity == "error")
     if errors or config is None or ruleset is None:

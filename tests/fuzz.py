@@ -534,7 +534,8 @@ def _lie(rng: random.Random, buf: bytearray) -> None:
         if choice == 1:
             buf[0] = 0x40 | rng.randrange(16)
         elif choice == 2:
-            struct.pack_into("!H", buf, 2, rng.choice((0, n - 1, n + 1, rng.randrange(65536), n)))
+            total = rng.choice((0, n - 1, n + 1, rng.randrange(65536), n))
+            struct.pack_into("!H", buf, 2, total & 0xFFFF)
         elif choice == 3:
             buf[6] = rng.choice((0x20, 0x00, 0x40, 0x01, rng.randrange(256)))
             buf[7] = rng.choice((0, 0, 1, rng.randrange(256)))

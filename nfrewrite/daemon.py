@@ -56,6 +56,7 @@ from nfrewrite.rules import RuleSet
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
 BIND_TIMEOUT = 10.0
 STOP_TIMEOUT = 1.5
+RELOAD_TIMEOUT = 3.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -70,11 +71,13 @@ class StartError(RuntimeError):
 def load(config_path: str) -> tuple[Config | None, RuleSet | None, list[Diagnostic]]:
     config, ruleset, diags = load_all(config_path)
     if config is not None and ruleset is not None and not has_errors(diags):
-        try:
-            from nfrewrite.filesafety import check_permissions
-        except ImportError:  # pragma: no cover - the module lands with the hardening work
-            return config, ruleset, diags
-        diags = diags + check_permissions(config, ruleset)
+        from nfrewrite.filesafety import check_permissions
+
+        security = getattr(config, "security", None)
+        strict = bool(getattr(security, "strict_permissions", True))
+        diags = diags + check_permissions(
+            config.path, config.rules_dir, ruleset.files, strict=strict
+        )
     return config, ruleset, diags
 
 
@@ -132,6 +135,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
                 new: RuleSet = msg[1]
                 engine.ruleset = new
                 wm.set_rules([r.name for r in new.rules])
+                conn.send(("rules-ok",))
 
     qw = QueueWorker(
         queue_num,
@@ -308,22 +312,34 @@ class Supervisor:
     def _loop(self) -> None:
         while not self._stop:
             conns = [w.conn for w in self.workers if w.conn is not None]
-            ready = multiprocessing.connection.wait(conns, timeout=0.25)
+            self._read_messages(timeout=0.25)
             now = time.monotonic()
-            for w in self.workers:
-                if w.conn in ready:
-                    try:
-                        while w.conn.poll():
-                            if w.conn.recv()[0] == "hb":
-                                w.last_beat = now
-                    except (EOFError, OSError):
-                        pass
             self._restart_dead_workers()
             if self._hup:
                 self._hup = False
                 self.reload()
             if all(now - w.last_beat < HEARTBEAT_STALE for w in self.workers):
                 self.notifier.watchdog(now)
+
+    def _read_messages(self, timeout: float) -> set[int]:
+        """Wait up to ``timeout`` for worker messages; note heartbeats; return the indexes of the
+        workers that confirmed a new rule set."""
+        conns = [w.conn for w in self.workers if w.conn is not None]
+        ready = multiprocessing.connection.wait(conns, timeout=timeout)
+        now = time.monotonic()
+        confirmed: set[int] = set()
+        for i, w in enumerate(self.workers):
+            if w.conn is None or w.conn not in ready:
+                continue
+            try:
+                while w.conn.poll():
+                    kind = w.conn.recv()[0]
+                    w.last_beat = now
+                    if kind == "rules-ok":
+                        confirmed.add(i)
+            except (EOFError, OSError):
+                pass
+        return confirmed
 
     def _restart_dead_workers(self) -> None:
         for i, w in enumerate(self.workers):
@@ -367,10 +383,17 @@ class Supervisor:
             self.notifier.ready(f"reload failed; {self._status()}")
             return
         self.ruleset = ruleset
-        for w in self.workers:
+        pending: set[int] = set()
+        for i, w in enumerate(self.workers):
             if w.conn is not None:
                 with contextlib.suppress(OSError):
                     w.conn.send(("rules", ruleset))
+                    pending.add(i)
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while pending and time.monotonic() < deadline:
+            pending -= self._read_messages(timeout=0.1)
+        if pending:
+            log(f"reload: {len(pending)} worker(s) did not confirm the new rules in time")
         self.sup.rules_loaded(len(ruleset.rules))
         self.sup.reload(True, time.time())
         status = self._status()

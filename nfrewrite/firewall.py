@@ -324,6 +324,8 @@ class Firewall:
         self.variant: Variant = variant or detect_variant()
         if self.variant not in ("nft", "legacy"):
             raise ValueError(f"variant must be 'nft' or 'legacy', not {variant!r}")
+        #: per family: did the mangle table exist before we first loaded rules? (None: not known)
+        self._table_existed: dict[int, bool] = {}
 
     # -- public ---------------------------------------------------------------------------
     def install(
@@ -392,6 +394,9 @@ class Firewall:
 
     def _load(self, v4: list[QueueMatch], v6: list[QueueMatch]) -> None:
         for family, matches in ((4, v4), (6, v6)):
+            if family not in self._table_existed:
+                everything = self._run(_tool(family, self.variant, "save"), [], None)
+                self._table_existed[family] = f"*{TABLE}" in everything.splitlines()
             fwd, post = self._jump_counts(family)
             deletes = [FORWARD_JUMP] * max(0, fwd - 1) + [POST_JUMP] * max(0, post - 1)
             text = restore_text(
@@ -408,6 +413,20 @@ class Firewall:
         for chain in (CHAIN, POST_CHAIN):
             if chain in chains:
                 cmds += [f"-F {chain}", f"-X {chain}"]
-        if not cmds:
+        if cmds:
+            self._restore(family, "\n".join([f"*{TABLE}", *cmds, "COMMIT"]) + "\n")
+        self._drop_table_we_created(family)
+
+    def _drop_table_we_created(self, family: int) -> None:
+        """nf_tables only: if installing our rules created the mangle table and it is as empty as
+        we found the host (built-in chains, ACCEPT policies, no rules), delete it again, so that
+        ``iptables-save`` is exactly as before. (Legacy tables are kernel modules: they stay.)"""
+        if self.variant != "nft" or self._table_existed.get(family, True):
             return
-        self._restore(family, "\n".join([f"*{TABLE}", *cmds, "COMMIT"]) + "\n")
+        lines = [ln for ln in self.save(family).splitlines() if ln and not ln.startswith("#")]
+        pristine = all(
+            ln in (f"*{TABLE}", "COMMIT") or (ln.startswith(":") and " ACCEPT " in ln)
+            for ln in lines
+        )
+        if pristine:
+            self._run("nft", ["delete", "table", "ip" if family == 4 else "ip6", TABLE], None)

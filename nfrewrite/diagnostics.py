@@ -13,6 +13,9 @@ The small typed accessors (:meth:`TomlFile.want_int`, :meth:`TomlFile.want_str`,
 value's type and range and report a precise message when it is wrong, returning ``None``; the caller
 then simply skips that value and goes on, so one run reports every mistake.
 
+A file larger than :data:`MAX_FILE_SIZE` (1 MiB) is refused before it is read or parsed: tomllib
+would otherwise spend seconds on a 10 MB string before any validator could say it is too long.
+
 This module knows nothing about nfrewrite's schema; ``config.py`` and ``rules.py`` do.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +33,7 @@ from typing import Literal
 from nfrewrite.tomlpos import KeyPath, Pos, locate, scan_positions
 
 __all__ = [
+    "MAX_FILE_SIZE",
     "Diagnostic",
     "Severity",
     "TomlFile",
@@ -38,6 +43,14 @@ __all__ = [
 ]
 
 Severity = Literal["error", "warning"]
+
+MAX_FILE_SIZE = 1024 * 1024  # bytes; a bigger config or rule file is refused before it is read
+
+
+def _size(n: int) -> str:
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):.1f} MiB"
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +121,25 @@ class TomlFile:
     # -- reading ---------------------------------------------------------------------------------
 
     @classmethod
-    def read(cls, path: str) -> TomlFile:
-        """Read and parse ``path``. Problems become diagnostics; ``data`` is then ``None``."""
+    def read(cls, path: str, max_size: int = MAX_FILE_SIZE) -> TomlFile:
+        """Read and parse ``path``. Problems become diagnostics; ``data`` is then ``None``.
+
+        A file larger than ``max_size`` bytes is refused before it is read (its size from
+        ``fstat``; at most ``max_size + 1`` bytes are ever read, for files that do not know their
+        size), so a huge file costs nothing: no config or rule file is that large by accident.
+        """
         doc = cls(path)
         try:
             with open(path, "rb") as fh:
-                raw = fh.read()
+                size = os.fstat(fh.fileno()).st_size
+                raw = b"" if size > max_size else fh.read(max_size + 1)
         except OSError as exc:
             doc._add("error", 0, 0, f"cannot read: {exc.strerror or exc}")
+            return doc
+        if size > max_size or len(raw) > max_size:
+            shown = f"{_size(size)}, " if size > max_size else ""
+            doc._add("error", 0, 0, f"file is too large ({shown}more than {_size(max_size)}, the "
+                                    "limit for a config or rule file): is this the right file?")
             return doc
         return cls.parse(path, raw, doc)
 

@@ -29,6 +29,11 @@ IPv4-only one); replace/set on a dropping rule; ``in_port``/``out_port`` with no
 ``load_rules(..., allow_length_change=False)`` turns a replace whose ``with`` differs in length
 from its ``find`` into an error (for a daemon that cannot adjust sequence numbers).
 
+Limits (a clear error, never a hang or a gigabyte of memory): at most ``MAX_RULE_FILES`` (1000)
+rule files, each at most 1 MiB (``diagnostics.MAX_FILE_SIZE``, refused before it is read), at most
+``MAX_RULES`` (10,000) rules in all (counting invalid ones; files after the one that crosses the
+limit are not read), and every ``find``/``with``/example at most ``MAX_BYTES`` (64 KiB).
+
 The compiled shape, which the engine consumes::
 
     RuleSet
@@ -111,6 +116,7 @@ __all__ = [
     "RuleSet",
     "Selection",
     "load_rules",
+    "rule_files",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -119,6 +125,9 @@ Edit = tuple[int, int, bytes, "Rule"]
 
 RULE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 RULE_NAME_MAX = 64
+MAX_RULES = 10_000  # rules in all files together
+MAX_RULE_FILES = 1000  # *.toml files in the rules directory
+MAX_BYTES = 64 * 1024  # one find / with / example input or output
 VERDICTS = ("accept", "drop")
 PROTOCOLS = ("tcp",)
 
@@ -471,6 +480,29 @@ def load_rules(
     values (an empty collection means no bridge is configured: such a match is then a warning).
     """
     loader = _Loader(allow_length_change, bridge_ports)
+    files, diagnostics = rule_files(rules_dir)
+    if files is None:
+        return None, diagnostics
+    for n, path in enumerate(files):
+        if loader.full:
+            diagnostics.append(Diagnostic(rules_dir, 0, 0, "error", f"{len(files) - n} more rule "
+                                          f"files not read: the limit of {MAX_RULES} rules is "
+                                          "reached"))
+            break
+        doc = TomlFile.read(path)
+        if doc.data is not None:
+            loader.load_file(doc, doc.data)
+        doc.sort()
+        diagnostics.extend(doc.diagnostics)
+    if has_errors(diagnostics):
+        return None, diagnostics
+    return RuleSet(loader.rules, files), diagnostics
+
+
+def rule_files(rules_dir: str) -> tuple[list[str] | None, list[Diagnostic]]:
+    """The rule files ``load_rules`` reads, in order: ``rules_dir/*.toml``, regular files, names
+    not starting with ``.``. None (with an error) when the directory cannot be listed or holds
+    more than ``MAX_RULE_FILES`` of them."""
     try:
         names = sorted(os.listdir(rules_dir))
     except OSError as exc:
@@ -483,20 +515,15 @@ def load_rules(
         if n.endswith(".toml") and not n.startswith(".")
         and os.path.isfile(os.path.join(rules_dir, n))
     ]
-    diagnostics: list[Diagnostic] = []
+    if len(files) > MAX_RULE_FILES:
+        problem = (f"{len(files)} rule files (*.toml) in the rules directory; at most "
+                   f"{MAX_RULE_FILES} are allowed (merge them)")
+        return None, [Diagnostic(rules_dir, 0, 0, "error", problem)]
     if not files:
-        diagnostics.append(
+        return files, [
             Diagnostic(rules_dir, 0, 0, "warning", "no rule files (*.toml) in the rules directory")
-        )
-    for path in files:
-        doc = TomlFile.read(path)
-        if doc.data is not None:
-            loader.load_file(doc, doc.data)
-        doc.sort()
-        diagnostics.extend(doc.diagnostics)
-    if has_errors(diagnostics):
-        return None, diagnostics
-    return RuleSet(loader.rules, files), diagnostics
+        ]
+    return files, []
 
 
 class _Loader:
@@ -507,6 +534,8 @@ class _Loader:
         self.bridge_ports = bridge_ports
         self.rules: list[Rule] = []
         self.names: dict[str, str] = {}  # name -> "path:line:col" of its first definition
+        self.seen = 0  # [[rule]] entries read, valid or not (MAX_RULES counts these)
+        self.full = False  # MAX_RULES reached: read no further
 
     def load_file(self, doc: TomlFile, data: dict[str, object]) -> None:
         doc.check_keys((), data, ("rule",), "a rule file")
@@ -525,6 +554,12 @@ class _Loader:
                                  f"{type_name(entries)}")
             return
         for i, entry in enumerate(entries):
+            if self.seen >= MAX_RULES:
+                doc.error(("rule", i), f"too many rules: at most {MAX_RULES} in all rule files "
+                                       f"together ({len(entries) - i} more in this file not read)")
+                self.full = True
+                return
+            self.seen += 1
             table = doc.want_table(("rule", i), entry, "a rule")
             if table is not None:
                 rule = self.rule(doc, ("rule", i), table)
@@ -757,17 +792,26 @@ class _Loader:
     def bytes_of(
         self, doc: TomlFile, kp: KeyPath, table: dict[str, object], text_key: str, hex_key: str
     ) -> bytes | None:
-        """The bytes given by ``text_key`` (UTF-8 text) or ``hex_key`` (hex) — exactly one."""
+        """The bytes given by ``text_key`` (UTF-8 text) or ``hex_key`` (hex) — exactly one —
+        at most ``MAX_BYTES`` of them."""
         if text_key in table and hex_key in table:
             doc.error(kp + (hex_key,), f"give {text_key} or {hex_key}, not both", key=True)
             return None
         if text_key in table:
+            key = text_key
             text = doc.want_str(kp + (text_key,), table[text_key], text_key)
-            return None if text is None else text.encode()
-        if hex_key in table:
-            return self.hex(doc, kp + (hex_key,), table[hex_key], hex_key)
-        doc.error(kp, f"missing {text_key} (or {hex_key})")
-        return None
+            value = None if text is None else text.encode()
+        elif hex_key in table:
+            key = hex_key
+            value = self.hex(doc, kp + (hex_key,), table[hex_key], hex_key)
+        else:
+            doc.error(kp, f"missing {text_key} (or {hex_key})")
+            return None
+        if value is not None and len(value) > MAX_BYTES:
+            doc.error(kp + (key,), f"{key} is {len(value)} bytes; at most {MAX_BYTES} are allowed "
+                                   "(a pattern longer than a packet can never match)")
+            return None
+        return value
 
     def hex(self, doc: TomlFile, kp: KeyPath, value: object, what: str) -> bytes | None:
         text = doc.want_str(kp, value, what)

@@ -24,10 +24,17 @@ Schema (DESIGN §2; defaults in brackets)::
     [flows]
     max          = 65536           # [65536] tracked flows, 1..2**31-1
     idle_timeout = 300             # [300] seconds (integer or float) > 0, at most a week
+    [security]
+    strict_permissions = true      # [true] false: a rule file or the rules directory that is
+                                   # writable by group/others or owned by another user is only
+                                   # a warning. The config file itself is always checked (this
+                                   # switch is read from it; see nfrewrite.filesafety)
 
 :func:`load_all` loads the config and then the rules of its ``rules_dir``, passing the configured
 bridge ports so ``in_port``/``out_port`` can be checked against them; diagnostics of both come back
-in one list (config first, then rule files in the order they are read).
+in one list (config first, then the ownership/permission check of the config file, the rules
+directory and the rule files (:mod:`nfrewrite.filesafety`), then rule files in the order they are
+read). Any file larger than 1 MiB is refused before it is read (``diagnostics.MAX_FILE_SIZE``).
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ import os
 from dataclasses import dataclass, field
 
 from nfrewrite.diagnostics import Diagnostic, TomlFile, has_errors, type_name
-from nfrewrite.rules import RuleSet, load_rules
+from nfrewrite.filesafety import check_permissions
+from nfrewrite.rules import RuleSet, load_rules, rule_files
 from nfrewrite.tomlpos import KeyPath
 
 __all__ = [
@@ -48,16 +56,18 @@ __all__ = [
     "MetricsConfig",
     "Offloads",
     "QueueConfig",
+    "SecurityConfig",
     "load_all",
     "load_config",
 ]
 
-TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows")
+TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security")
 BRIDGE_KEYS = ("name", "ports", "offloads")
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro", "sg")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf")
 METRICS_KEYS = ("listen",)
 FLOWS_KEYS = ("max", "idle_timeout")
+SECURITY_KEYS = ("strict_permissions",)
 
 INT31 = 2**31 - 1
 WEEK = 7 * 24 * 3600
@@ -118,6 +128,11 @@ class FlowsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    strict_permissions: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str  # the config file as given
     rules_dir: str = "rules"  # resolved against the config file's directory
@@ -125,6 +140,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     flows: FlowsConfig = field(default_factory=FlowsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def bridge_ports(self) -> tuple[str, ...]:
@@ -142,12 +158,21 @@ def load_config(path: str) -> tuple[Config | None, list[Diagnostic]]:
 
 
 def load_all(
-    config_path: str, *, allow_length_change: bool = True
+    config_path: str,
+    *,
+    allow_length_change: bool = True,
+    permissions: bool = True,
+    euid: int | None = None,
 ) -> tuple[Config | None, RuleSet | None, list[Diagnostic]]:
     """Config, then the rules of its ``rules_dir``; all diagnostics of both in one list.
 
     Rules are still loaded (to report their errors) when the config has errors elsewhere, but not
     when the config cannot be parsed or its ``rules_dir`` is invalid.
+
+    ``permissions`` (default on): check who may write the config file, the rules directory and
+    the rule files (:func:`nfrewrite.filesafety.check_permissions`, ``euid`` = the daemon's user,
+    default this process's). An error there makes the config (config file) or the ruleset (rules)
+    ``None``, like any other error: the daemon refuses to start or to reload.
     """
     doc = TomlFile.read(config_path)
     config = None if doc.data is None else _build(doc, doc.data)
@@ -170,6 +195,14 @@ def load_all(
     doc.sort()
     diagnostics = list(doc.diagnostics)
     config_ok = not has_errors(diagnostics)
+    rules_ok = True
+    if permissions and os.path.exists(config_path):
+        files = rule_files(rules_dir)[0] if rules_dir is not None else None
+        found = check_permissions(config_path, rules_dir, files or (), euid=euid,
+                                  strict=_strict(doc.data))
+        diagnostics.extend(found)
+        config_ok &= not has_errors(d for d in found if d.path == config_path)
+        rules_ok = not has_errors(d for d in found if d.path != config_path)
     ruleset: RuleSet | None = None
     if rules_dir is not None:
         ports = config.bridge_ports if config is not None else None
@@ -177,9 +210,19 @@ def load_all(
             rules_dir, allow_length_change=allow_length_change, bridge_ports=ports
         )
         diagnostics.extend(rule_diags)
+    if not rules_ok:
+        ruleset = None
     if not config_ok:
         return None, ruleset, diagnostics
     return config, ruleset, diagnostics
+
+
+def _strict(data: dict[str, object] | None) -> bool:
+    """``security.strict_permissions`` as written, for the permission check (default True; a
+    value that is not a boolean is reported by the validator and counts as True here)."""
+    security = data.get("security") if data is not None else None
+    value = security.get("strict_permissions") if isinstance(security, dict) else None
+    return value if isinstance(value, bool) else True
 
 
 def _resolve(config_path: str, rules_dir: str) -> str:
@@ -202,9 +245,17 @@ def _build(doc: TomlFile, data: dict[str, object]) -> Config | None:
     queue = _queue(doc, data["queue"]) if "queue" in data else QueueConfig()
     metrics = _metrics(doc, data["metrics"]) if "metrics" in data else MetricsConfig()
     flows = _flows(doc, data["flows"]) if "flows" in data else FlowsConfig()
+    security = SecurityConfig()
+    if "security" in data:
+        table = _table(doc, "security", data["security"], SECURITY_KEYS)
+        if "strict_permissions" in table:
+            kp: KeyPath = ("security", "strict_permissions")
+            strict = doc.want_bool(kp, table["strict_permissions"], "security.strict_permissions")
+            security = SecurityConfig(strict if strict is not None else True)
     if has_errors(doc.diagnostics):
         return None
-    return Config(doc.path, _resolve(doc.path, rules_dir), bridges, queue, metrics, flows)
+    return Config(doc.path, _resolve(doc.path, rules_dir), bridges, queue, metrics, flows,
+                  security)
 
 
 def _bridges(doc: TomlFile, value: object) -> tuple[Bridge, ...]:

@@ -1,0 +1,207 @@
+"""The daemon refuses files that someone else could have written (sshd's StrictModes).
+
+The config file, the rules directory and every rule file must be writable by their owner only and
+owned by root or by the user the daemon runs as; ``[security] strict_permissions = false`` turns
+the rules' problems into warnings, never the config file's own. Checked through the pure function,
+through ``load_all`` (what the daemon and ``check`` call) and through the real ``nfrewrite check``.
+Ownership tests chown to a uid nobody has (12345) and need root; ownership is restored after.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfrewrite.config import load_all
+from nfrewrite.filesafety import check_permissions
+
+STRANGER = 12345  # a uid that is neither root nor the daemon's user
+RULE = '[[rule]]\nname = "ok"\nset = { ttl = 64 }\n'
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Path]:
+    """nfrewrite.toml (0644), rules/ (0755), rules/a.toml (0644), all owned by this user.
+    Owner and mode are put back afterwards, whatever a test did to them."""
+    (tmp_path / "nfrewrite.toml").write_text('rules_dir = "rules"\n')
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "a.toml").write_text(RULE)
+    paths = [tmp_path / "nfrewrite.toml", tmp_path / "rules", tmp_path / "rules" / "a.toml"]
+    for p in paths:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    yield tmp_path
+    for p in paths:
+        if p.exists():
+            if os.geteuid() == 0:
+                os.chown(p, 0, 0)
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def _check(tree: Path, *, euid: int | None = None, strict: bool = True) -> list[str]:
+    diags = check_permissions(
+        str(tree / "nfrewrite.toml"), str(tree / "rules"), [str(tree / "rules" / "a.toml")],
+        euid=euid, strict=strict,
+    )
+    assert all(d.line == 0 and d.col == 0 for d in diags)  # about the file as a whole
+    return [d.format() for d in diags]
+
+
+def test_files_writable_only_by_their_owner_pass(tree: Path) -> None:
+    assert _check(tree) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "who"),
+    [(0o666, "group and others"), (0o664, "group"), (0o646, "others"), (0o620, "group")],
+)
+def test_a_file_writable_by_group_or_others_is_an_error(tree: Path, mode: int, who: str) -> None:
+    rule = tree / "rules" / "a.toml"
+    rule.chmod(mode)
+    assert _check(tree) == [
+        f"{rule}: error: rule file is writable by {who} (mode {mode:04o}): anyone who can write "
+        f"it controls what is rewritten; fix: chmod go-w {rule}"
+    ]
+
+
+def test_a_world_writable_rules_directory_and_config_are_errors(tree: Path) -> None:
+    (tree / "rules").chmod(0o777)
+    (tree / "nfrewrite.toml").chmod(0o666)
+    found = _check(tree)
+    assert len(found) == 2
+    assert found[0].startswith(f"{tree}/nfrewrite.toml: error: config file is writable by group "
+                               "and others (mode 0666)")
+    assert found[1].startswith(f"{tree}/rules: error: rules directory is writable by group and "
+                               "others (mode 0777)")
+
+
+@needs_root
+def test_a_file_owned_by_another_user_is_an_error(tree: Path) -> None:
+    rule = tree / "rules" / "a.toml"
+    os.chown(rule, STRANGER, -1)
+    assert _check(tree) == [
+        f"{rule}: error: rule file is owned by uid {STRANGER}, not root (the daemon's user); "
+        f"fix: chown root {rule}"
+    ]
+
+
+@needs_root
+def test_files_owned_by_the_daemons_own_user_pass(tree: Path) -> None:
+    for p in (tree / "nfrewrite.toml", tree / "rules", tree / "rules" / "a.toml"):
+        os.chown(p, STRANGER, -1)
+    assert _check(tree, euid=STRANGER) == []
+    # ... and root-owned files too, for a daemon running as that user
+    os.chown(tree / "rules", 0, -1)
+    assert _check(tree, euid=STRANGER) == []
+    # another non-root user is not the daemon's
+    found = _check(tree, euid=STRANGER + 1)
+    assert len(found) == 2 and f"not root or uid {STRANGER + 1}" in found[0]
+
+
+def test_strict_off_makes_the_rules_problems_warnings_but_not_the_configs(tree: Path) -> None:
+    (tree / "rules" / "a.toml").chmod(0o666)
+    (tree / "nfrewrite.toml").chmod(0o664)
+    found = _check(tree, strict=False)
+    assert found[0].startswith(f"{tree}/nfrewrite.toml: error: config file is writable by group")
+    assert found[1].startswith(f"{tree}/rules/a.toml: warning: rule file is writable")
+
+
+def test_a_path_that_cannot_be_checked_is_reported(tree: Path) -> None:
+    diags = check_permissions(str(tree / "nfrewrite.toml"), None, [str(tree / "gone.toml")])
+    assert [d.format() for d in diags] == [
+        f"{tree}/gone.toml: error: cannot check the rule file's owner and mode: "
+        "No such file or directory"
+    ]
+
+
+# -- through load_all (what the daemon calls at start and on reload) -------------------------------
+
+
+def test_load_all_refuses_a_group_writable_rule_file(tree: Path) -> None:
+    (tree / "rules" / "a.toml").chmod(0o664)
+    config, ruleset, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert config is not None and ruleset is None
+    assert [d.severity for d in diags] == ["error"]
+    assert "rule file is writable by group" in diags[0].message
+
+
+def test_load_all_refuses_a_world_writable_config_even_if_it_says_not_strict(tree: Path) -> None:
+    cfg = tree / "nfrewrite.toml"
+    cfg.write_text('rules_dir = "rules"\n[security]\nstrict_permissions = false\n')
+    cfg.chmod(0o666)
+    config, ruleset, diags = load_all(str(cfg))
+    assert config is None and ruleset is not None
+    assert [(d.path, d.severity) for d in diags] == [(str(cfg), "error")]
+
+
+def test_load_all_with_strict_permissions_off_warns_about_rules(tree: Path) -> None:
+    (tree / "nfrewrite.toml").write_text('rules_dir = "rules"\n[security]\n'
+                                         "strict_permissions = false\n")
+    (tree / "rules").chmod(0o775)
+    config, ruleset, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert config is not None and ruleset is not None
+    assert config.security.strict_permissions is False
+    assert [(d.path, d.severity) for d in diags] == [(str(tree / "rules"), "warning")]
+
+
+def test_strict_permissions_must_be_a_boolean(tree: Path) -> None:
+    (tree / "nfrewrite.toml").write_text('[security]\nstrict_permissions = "no"\n')
+    config, _, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert config is None
+    assert [d.format().splitlines()[0] for d in diags] == [
+        f"{tree}/nfrewrite.toml:2:22: error: security.strict_permissions must be true or false, "
+        "not string"
+    ]
+
+
+def test_load_all_can_skip_the_check(tree: Path) -> None:
+    (tree / "rules" / "a.toml").chmod(0o666)
+    config, ruleset, diags = load_all(str(tree / "nfrewrite.toml"), permissions=False)
+    assert config is not None and ruleset is not None and diags == []
+
+
+# -- through the real command ----------------------------------------------------------------------
+
+
+def nfrewrite_check(config: Path) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("nfrewrite")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "nfrewrite"]
+    return subprocess.run([*cmd, "check", "-c", str(config)], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@needs_root
+def test_check_refuses_a_rule_file_owned_by_a_stranger_and_accepts_it_once_fixed(
+    tree: Path,
+) -> None:
+    rule = tree / "rules" / "a.toml"
+    os.chown(rule, STRANGER, -1)
+    rule.chmod(0o666)
+    proc = nfrewrite_check(tree / "nfrewrite.toml")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"{rule}: error: rule file is writable by group and others (mode 0666): anyone who can "
+        f"write it controls what is rewritten; fix: chmod go-w {rule}",
+        f"{rule}: error: rule file is owned by uid {STRANGER}, not root (the daemon's user); "
+        f"fix: chown root {rule}",
+        "nfrewrite: check failed: 2 errors",
+    ]
+    os.chown(rule, 0, -1)
+    rule.chmod(0o644)
+    proc = nfrewrite_check(tree / "nfrewrite.toml")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "1 rules in 1 files OK"), proc.stderr
+
+
+def test_check_refuses_a_world_writable_config(tree: Path) -> None:
+    (tree / "nfrewrite.toml").chmod(0o646)
+    proc = nfrewrite_check(tree / "nfrewrite.toml")
+    assert proc.returncode == 1
+    assert f"{tree}/nfrewrite.toml: error: config file is writable by others (mode 0646)" in (
+        proc.stderr
+    )

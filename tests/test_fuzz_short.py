@@ -60,9 +60,9 @@ def _server(payload: bytes, seq: int) -> bytes:
 
 
 def test_segment_reaching_back_before_the_flow_and_into_fresh_bytes() -> None:
-    """Found by the first fuzz run (seed 1): a segment that starts before the flow's first byte and ends past
-    everything seen made the adjuster ask the engine for edits twice; the engine's matcher
-    appended its findings again on the second call, so the adjuster saw each edit twice
+    """Found by the first fuzz run (seed 1): a segment that starts before the flow's first byte
+    and ends past everything seen made the adjuster ask the engine for edits twice; the engine's
+    matcher appended its findings again on the second call, so the adjuster saw each edit twice
     (``ValueError: find_edits returned ... overlapping``) and ``process`` raised."""
     engine = Engine(fuzz.load_fuzz_rules(), FlowTable())
     first = engine.process(_server(b"nginx", 1000), now=1.0)

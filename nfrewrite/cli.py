@@ -123,13 +123,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 @command(
-    "replay", "apply the rules to a capture, offline", CONFIG_ARG,
-    arg("input", metavar="IN.pcap", help="capture to read"),
-    arg("output", metavar="OUT.pcap", help="capture to write"),
+    "replay", "apply the rules to a capture, offline (summary on stdout)", CONFIG_ARG,
+    arg("input", metavar="IN.pcap", help="capture to read (pcap or pcapng; Ethernet, raw IP, "
+        "Linux cooked SLL/SLL2)"),
+    arg("output", metavar="OUT.pcap", help="capture to write (pcap, same link type)"),
+    arg("--csum-partial", choices=("auto", "yes", "no"), default="auto",
+        help="TCP checksums of the input hold only the pseudo-header sum (a capture on a sender "
+             "with TX offload): auto = per rewritten packet, when it does not verify but equals "
+             "that sum (default); yes = always; no = never"),
+    arg("--in-port", metavar="PORT", default=None,
+        help="bridge port the packets came in on (for rules with match.in_port)"),
+    arg("--out-port", metavar="PORT", default=None,
+        help="bridge port the packets go out on (for rules with match.out_port)"),
 )
 def cmd_replay(args: argparse.Namespace) -> int:
-    print("nfrewrite replay: not implemented yet", file=sys.stderr)
-    return EXIT_NOT_IMPLEMENTED
+    from nfrewrite.replay import ReplayError, replay, stderr_progress
+
+    config, ruleset, diagnostics = load_all(args.config)
+    print_diagnostics(diagnostics)
+    if config is None or ruleset is None or any(d.severity == "error" for d in diagnostics):
+        print("nfrewrite replay: invalid config or rules (see nfrewrite check)", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        summary = replay(
+            ruleset, args.input, args.output, flows=config.flows,
+            csum_partial=args.csum_partial, in_port=args.in_port, out_port=args.out_port,
+            progress=stderr_progress(),
+        )
+    except ReplayError as exc:
+        print(f"nfrewrite replay: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(summary.format())
+    return EXIT_OK
 
 
 # -- plumbing ----------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ For each packet:
 3. Rules with ``verdict = "drop"`` drop it. Header edits (TTL/hop limit, DSCP, window, MSS) apply
    in rule order.
 4. Payload edits: every ``replace`` of every selected rule is found in one pass over the payload
-   as it arrived. Same-length edits need no state. The first length-changing edit of a connection
-   creates a flow in the :class:`~nfrewrite.seqadj.FlowTable`; from then on every segment of that
-   connection, in both directions, goes through the flow's sequence adjuster, which decides which
-   edits apply (by original stream position, so retransmissions get the same edits) and maps
-   seq/ack/SACK numbers.
+   as it arrived (length-changing ones are left out when they would grow the datagram past
+   65,535 bytes, the IP length fields' limit). Same-length edits need no state. The first
+   length-changing edit of a connection creates a flow in the
+   :class:`~nfrewrite.seqadj.FlowTable`; from then on every segment of that connection, in both
+   directions, goes through the flow's sequence adjuster, which decides which edits apply (by
+   original stream position, so retransmissions get the same edits) and maps seq/ack/SACK
+   numbers.
 5. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
    held only the pseudo-header seed (TX offload).
 
@@ -129,7 +131,7 @@ class Engine:
         """Edits for a connection with no sequence state. Returns the flow if one was created."""
         if pkt.payload_len == 0 or not sel.has_replaces:
             return None, 0
-        found = sel.find_edits(pkt.payload)
+        found = _fitting(pkt, sel.find_edits(pkt.payload))
         if not found:
             return None, 0
         if self.flows is None or all(end - start == len(new) for start, end, new, _ in found):
@@ -161,7 +163,7 @@ class Engine:
             # then the fresh part): search the payload once, filter per call.
             nonlocal searched
             if not searched:
-                found.extend(first if first is not None else sel.find_edits(payload))
+                found.extend(first if first is not None else _fitting(pkt, sel.find_edits(payload)))
                 searched = True
             return [(s, e, n) for s, e, n, _ in found if s >= fresh_from]
 
@@ -178,6 +180,10 @@ class Engine:
         )
         if plan.action == "drop":
             return False
+        if plan.payload is not None and len(plan.payload) - pkt.payload_len > pkt.room:
+            # recorded edits replayed on a bigger re-cut of the stream would overflow the IP
+            # length field; nothing valid can be sent: drop, the sender retransmits
+            return False
         _apply_plan(pkt, plan)
         if plan.applied:
             by_span = {(s, e): rule.name for s, e, _, rule in found}
@@ -187,6 +193,14 @@ class Engine:
 
 def _no_edits(payload: bytes, fresh_from: int) -> list[Edit]:
     return []
+
+
+def _fitting(pkt: TcpPacket, found: Found) -> Found:
+    """``found``, without its length-changing edits if together they would grow the datagram
+    past 65,535 bytes (a GSO super-packet near the limit): those bytes then pass unedited."""
+    if sum(len(new) - (end - start) for start, end, new, _ in found) <= pkt.room:
+        return found
+    return [f for f in found if len(f[2]) == f[1] - f[0]]
 
 
 def _apply_plan(pkt: TcpPacket, plan: SegmentPlan) -> None:

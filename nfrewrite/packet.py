@@ -297,6 +297,12 @@ class TcpPacket:
         return bytes(self.buf[self.l4 + self.doff : self.end])
 
     @property
+    def room(self) -> int:
+        """How many bytes the datagram may still grow: IPv4's total length and IPv6's payload
+        length are 16-bit fields (jumbograms are not ours)."""
+        return 0xFFFF - (self.end if self.version == 4 else self.end - 40)
+
+    @property
     def segment_len(self) -> int:
         """TCP header + payload length (the pseudo-header's length field)."""
         return self.end - self.l4
@@ -552,12 +558,22 @@ class TcpPacket:
         old_seg_len = self.end - l4
         delta = sum(len(new) - (end - start) for start, end, new in edits)
         if delta == 0:
-            # Same length: each edited region is summed on its own, before and after.
+            # Same length: each edited region is weighed on its own, before and after (as
+            # cs.sum_at does, inlined: a segment often carries dozens of edits), and the
+            # differences go into the checksum field in one update.
+            old_total = new_total = 0
+            from_bytes = int.from_bytes
             for start, end, new in edits:
                 a, b = base + start, base + end
-                old_sum = cs.sum_at(buf[a:b], a - l4)
+                old_v = from_bytes(buf[a:b], "big")
+                new_v = from_bytes(new, "big")
+                if (b - l4) & 1:  # region ends at an odd offset: its last byte is a high byte
+                    old_v <<= 8
+                    new_v <<= 8
+                old_total += old_v
+                new_total += new_v
                 buf[a:b] = new
-                self._tcp_csum_adjust(old_sum, cs.sum_at(new, a - l4))
+            self._tcp_csum_adjust(old_total % cs.MOD, new_total % cs.MOD)
             self.modified = True
             return 0
         # Length changes: everything from the first edit to the segment's end moves.

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
@@ -76,3 +77,37 @@ def test_segment_reaching_back_before_the_flow_and_into_fresh_bytes() -> None:
     assert got[Raw].load == b"0123456789" + b"a-much-longer-name" * 2
     assert got[TCP].seq == 990
     assert fuzz.oracle(_server(b"0123456789nginxnginx", 990), res.packet, False) is None
+
+
+def _big(version: int, payload: bytes, sport: int = 80) -> bytes:
+    net = fuzz.Net(4, fuzz.V4[0], fuzz.V4[3]) if version == 4 else fuzz.Net(6, fuzz.V6[0],
+                                                                             fuzz.V6[1])
+    return fuzz.build(net, sport, 4000, 1000, 1, 0x18, payload)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_growing_edit_that_would_overflow_the_ip_length_is_left_out(version: int) -> None:
+    """Found by the fuzzer (super-packets near 64 KiB): an edit growing a datagram past 65,535
+    bytes made ``_set_ip_length`` write a 17-bit value (``ValueError: byte must be in
+    range(0, 256)``). Such edits are now left out: the packet passes unedited, no flow begins."""
+    most = 0xFFFF - 20 - (20 if version == 4 else 0)  # payload bytes that fit
+    payload = b"nginx" + b"x" * (most - 5)
+    raw = _big(version, payload)
+    flows = FlowTable()
+    res = Engine(fuzz.load_fuzz_rules(), flows).process(raw)
+    assert (res.verdict, res.packet, res.rules, len(flows)) == (ACCEPT, None, (), 0)
+    # one that still fits is made
+    fits = b"nginx" + b"x" * (most - 5 - 13)
+    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(_big(version, fits))
+    assert res.packet is not None and res.rules == ("grow",)
+    out = parse(res.packet)
+    assert isinstance(out, TcpPacket) and out.payload_len == most
+    assert fuzz.tcp_residual(out) == 0 and fuzz.ip_residual(out) == 0
+
+
+def test_same_length_edits_are_still_made_when_the_growing_ones_do_not_fit() -> None:
+    most = 0xFFFF - 40
+    payload = b"Server: nginx" + b"x" * (most - 13 - 5) + b"nginx"
+    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(_big(4, payload))
+    assert res.packet is not None and res.rules == ("banner",)
+    assert res.packet[40:53] == b"Server: webby" and res.packet.endswith(b"nginx")

@@ -32,13 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nfrewrite.packet import ACK, TcpPacket, parse
+from nfrewrite.packet import ACK, FIN, TcpPacket, parse
 from nfrewrite.rules import Rule, RuleSet, Selection
 from nfrewrite.seqadj import Flow, FlowTable, SegmentPlan, flow_key
 
 ACCEPT = 1
 DROP = 0
 EXPIRE_EVERY = 1.0  # seconds between sweeps of the flow table
+#: Largest IP packet a grown segment may become (a larger arriving packet raises it for itself).
+DEFAULT_MTU = 1500
 
 Edit = tuple[int, int, bytes]
 Found = list[tuple[int, int, bytes, Rule]]
@@ -72,9 +74,12 @@ class Engine:
     bookkeeping only if the caller allowed such rules; the daemon always passes a table).
     """
 
-    def __init__(self, ruleset: RuleSet, flows: FlowTable | None = None) -> None:
+    def __init__(
+        self, ruleset: RuleSet, flows: FlowTable | None = None, *, mtu: int = DEFAULT_MTU
+    ) -> None:
         self.ruleset = ruleset
         self.flows = flows
+        self.mtu = mtu
         self._next_expire = 0.0
 
     def process(
@@ -177,6 +182,7 @@ class Engine:
             pkt.sack_blocks(),
             now,
             find_edits if pkt.payload_len and sel.has_replaces else _no_edits,
+            max(self.mtu, len(pkt.buf)) - pkt.l4 - pkt.doff,
         )
         if plan.action == "drop":
             return False
@@ -209,6 +215,8 @@ def _apply_plan(pkt: TcpPacket, plan: SegmentPlan) -> None:
         pkt.replace_payload(b"")
     elif plan.payload is not None:
         pkt.replace_payload(plan.payload)
+    if plan.clear_fin:
+        pkt.set_flags(pkt.flags & ~FIN)
     pkt.set_seq(plan.new_seq)
     if plan.new_ack is not None:
         pkt.set_ack(plan.new_ack)

@@ -70,6 +70,14 @@ sender will never again need edits ending at or below ``A``; they are collapsed 
 ``floor`` becomes the end of the last collapsed edit.  Data below ``floor`` (only ever an old
 duplicate or a retransmission racing the ACK: the receiver has it) is trimmed off.
 
+Growing past the MTU.  A segment that grows may no longer fit the link (a bridge drops what
+exceeds the port's MTU, and NFQUEUE gives back one packet per packet). Given ``max_payload``, a
+longer result is cut at the last position that is not inside a replacement: the receiver
+acknowledges the part it got, the ACK maps back exactly (the cut is at an edit boundary), and the
+sender retransmits the rest, which is replayed with the recorded edits (its bytes count as seen).
+A FIN on a cut segment is removed (``clear_fin``): it belongs after the bytes left behind and
+comes again with them. Costs a retransmission per cut segment, never correctness.
+
 Empty results.  A data segment with nothing left to emit (all of it below ``floor``, or all of it
 deleted by edits) becomes ``"send_empty"``: no payload, same ACK and flags, and ``seq`` one below
 the rewritten position where its bytes would have gone, like a keepalive probe.  The receiver
@@ -226,6 +234,7 @@ class SegmentPlan:
     applied: tuple[Edit, ...] = ()
     replayed_edits: int = 0
     events: tuple[str, ...] = ()
+    clear_fin: bool = False  # the segment was cut: its FIN goes with the bytes left behind
 
 
 class _Way:
@@ -308,6 +317,15 @@ class _Way:
             return self.starts[j]
         return self.ends[j]
 
+    def cut_before(self, new_start: int, limit: int) -> int:
+        """The longest rewritten length <= ``limit`` from ``new_start`` that does not end strictly
+        inside a replacement (0 if the first replacement alone is too long)."""
+        q = new_start + limit
+        j = bisect_right(self.nstarts, q) - 1
+        if j >= 0 and self.nstarts[j] < q < self.nends[j]:
+            q = self.nstarts[j]
+        return max(0, q - new_start)
+
     def new_floor(self) -> int | None:
         return None if self.floor is None else self.floor + self.base
 
@@ -371,8 +389,13 @@ class Flow:
         sack: Sequence[tuple[int, int]],
         now: float,
         find_edits: FindEdits,
+        max_payload: int | None = None,
     ) -> SegmentPlan:
-        """Plan the emission of one segment travelling in ``direction`` (0 or 1)."""
+        """Plan the emission of one segment travelling in ``direction`` (0 or 1).
+
+        ``max_payload``: the most payload bytes the emitted segment may carry (what the link's MTU
+        leaves after the headers); a segment that grew past it is cut (see "Growing past the MTU"
+        in the module doc)."""
         events: list[str] = []
         self._touch(now)
         way = self.ways[direction]
@@ -428,6 +451,19 @@ class Flow:
             replayed -= len(fresh_idx)
         if new_payload is None and payload is not given and action == "send":
             new_payload = payload
+        clear_fin = False
+        if (
+            max_payload is not None
+            and action == "send"
+            and new_payload is not None
+            and len(new_payload) > max_payload
+            and not flags & SYN
+        ):
+            keep = way.cut_before(new_seq, max_payload)
+            if 0 < keep < len(new_payload):
+                new_payload = new_payload[:keep]
+                clear_fin = bool(flags & FIN)
+                events.append("cut")
         if action == "send" and new_payload == b"":
             action = "send_empty"  # everything it carried was deleted by edits
         if action == "send_empty" and not flags & (SYN | FIN | RST):
@@ -454,6 +490,7 @@ class Flow:
             applied=applied,
             replayed_edits=max(replayed, 0),
             events=tuple(events),
+            clear_fin=clear_fin,
         )
 
     # -- pieces of rewrite -------------------------------------------------------------------

@@ -1,0 +1,296 @@
+"""``make bench``: the appliance against its limits, side by side, in one run.
+
+    python -m bench.run                 # ~5 s per measurement, 3 interleaved rounds
+    python -m bench.run --quick         # ~1 s per measurement, 1 round (a smoke check)
+    python -m bench.run --duration 3 --rounds 5 --json out.json
+
+Theory of operation
+-------------------
+Each row is a *case*: an appliance mode (:mod:`bench.lab_bench`) and what is measured in it. A
+round runs every case once, setting its mode up and tearing it down again; odd rounds run the
+cases in reverse order, so slow drift of a shared machine hits every case alike (A B C .. C B A),
+and each figure is the median over rounds. Then the ratios are printed with their goals, PASS or
+MISS, and everything (every round's raw figures too) goes to ``bench/results.json``.
+
+Rows (client -> server, one TCP flow unless said otherwise; every stream carries the pattern
+``NFREWRITE-BENCH!`` every 64 bytes, ~22 times per full-size segment):
+
+  1  plain bridge, no netfilter hook at all (bridge-nf-call-* = 0): the limit
+  2  daemon, one rule on another port: the prefilter keeps the flow in the kernel
+  3  bench/ref_nfq.py: NFQUEUE, every packet accepted unread (the kernel round trip alone)
+  4  daemon, same-length replace of the pattern (every full-size segment edited ~22 times)
+  4q daemon, every packet queued, nothing edited (``set ttl = 64`` on Linux's own TTL 64):
+     splits row 4's cost into "queue + parse" and "find + edit"
+  5  daemon, length-changing replace (shorter) of the pattern
+  6  row 4's rule after 999 others (on other ports, before it in the chain)
+  7  8 flows from 8 client addresses, daemon row 4 with 1 worker, then 2 workers
+  8  bench/scapy_loop.py: row 4's job done with NetfilterQueue + scapy
+
+plus packets/s with small segments (MSS 100) for 3 and 4, and the TCP ping-pong round trip
+(1 byte each way; p50/p99) for 1, 3 and 4 (for 3 and 4 the client -> server half is queued).
+
+It must clean up after itself on any exit: the lab (its namespaces and every process in them)
+goes on Ctrl-C and SIGTERM too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench import lab_bench as lb
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+
+
+@dataclass
+class Case:
+    key: str
+    label: str
+    mode: Callable[[lb.Bench], AbstractContextManager[dict[str, Any]]]
+    flows: int = 1
+    small: bool = False  # also measure small-packet rate
+    latency: bool = False  # also measure ping-pong
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def cases(sources: list[str]) -> list[Case]:
+    same = {"10-same.toml": lb.rule_same(), "20-ping.toml": lb.RULE_PING}
+    thousand = {"10-others.toml": lb.rules_others(999), "90-same.toml": lb.rule_same(),
+                "95-ping.toml": lb.RULE_PING}
+    noedit = {"10-noedit.toml": lb.RULE_PING.replace("bench-ping", "bench-noedit")
+              .replace(str(lb.PING_PORT), str(lb.BULK_PORT))}
+    hexes = (lb.PATTERN.hex(), lb.SAME.hex())
+    return [
+        Case("1", "plain bridge, no daemon (limit)", lambda b: b.plain(), latency=True),
+        Case("2", "daemon, rules not matching (kernel)",
+             lambda b: b.daemon({"10-elsewhere.toml": lb.RULE_ELSEWHERE})),
+        Case("3", "reference NFQUEUE accept loop", lambda b: b.nfq("bench.ref_nfq"),
+             small=True, latency=True),
+        Case("4", "daemon, same-length replace", lambda b: b.daemon(same),
+             small=True, latency=True),
+        Case("4q", "daemon, queued, no edit (split of 4)", lambda b: b.daemon(noedit)),
+        Case("5", "daemon, length-changing replace",
+             lambda b: b.daemon({"10-shorter.toml": lb.rule_shorter()})),
+        Case("6", "daemon, 1000 rules (row 4's last)", lambda b: b.daemon(thousand)),
+        Case("7a", "daemon 1 worker, 8 flows", lambda b: b.daemon(same, workers=1), flows=8),
+        Case("7b", "daemon 2 workers, 8 flows", lambda b: b.daemon(same, workers=2), flows=8),
+        Case("8", "scapy NFQUEUE rewrite loop (anchor)",
+             lambda b: b.nfq("bench.scapy_loop", "--find", hexes[0], "--with", hexes[1])),
+    ]
+
+
+def _one(bench: lb.Bench, case: Case, sources: list[str], duration: float,
+         ping_count: int) -> dict[str, Any]:
+    run: dict[str, Any] = {}
+    with case.mode(bench) as info:
+        srcs = sources[: case.flows] if case.flows > 1 else []
+        run["bulk"] = bench.throughput(duration, flows=case.flows, sources=srcs)
+        if case.small:
+            run["small"] = bench.throughput(duration, mss=lb.SMALL_MSS)
+        if case.latency:
+            run["latency"] = bench.latency(ping_count)
+    if "counts" in info:
+        run["program_counts"] = info["counts"]
+    return run
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    value: float
+    goal: str
+    ok: bool
+
+
+def summarize(by_key: dict[str, Case], micro: dict[str, dict[str, float]]) -> tuple[
+        dict[str, dict[str, float]], list[Goal]]:
+    med: dict[str, dict[str, float]] = {}
+    for key, case in by_key.items():
+        m: dict[str, float] = {
+            "gbps": _median([r["bulk"]["gbps"] for r in case.runs]),
+            "queued_pps": _median([r["bulk"]["queued_pps"] for r in case.runs]),
+        }
+        if case.small:
+            m["small_pps"] = _median([r["small"]["queued_pps"] for r in case.runs])
+        if case.latency:
+            m["p50_us"] = _median([r["latency"]["p50_us"] for r in case.runs])
+            m["p99_us"] = _median([r["latency"]["p99_us"] for r in case.runs])
+        med[key] = m
+
+    def ratio(a: str, b: str, what: str = "gbps") -> float:
+        return med[a][what] / med[b][what] if med[b][what] else float("nan")
+
+    goals = [
+        Goal("2 / 1   daemon, no match / plain bridge", ratio("2", "1"), ">= 0.95",
+             ratio("2", "1") >= 0.95),
+        Goal("4 / 3   same-length replace / reference", ratio("4", "3"), ">= 0.85",
+             ratio("4", "3") >= 0.85),
+        Goal("5 / 3   length-changing / reference", ratio("5", "3"), ">= 0.7",
+             ratio("5", "3") >= 0.7),
+        Goal("6 / 4   1000 rules / 1 rule", ratio("6", "4"), ">= 0.9", ratio("6", "4") >= 0.9),
+        Goal("7b / 7a 2 workers / 1 worker (8 flows)", ratio("7b", "7a"), ">= 1.4",
+             ratio("7b", "7a") >= 1.4),
+        Goal("4 / 8   daemon / scapy anchor", ratio("4", "8"), ">= 30", ratio("4", "8") >= 30),
+        Goal("micro: packet core speedup vs scapy", micro["packet"]["packet_speedup"], ">= 40",
+             micro["packet"]["packet_speedup"] >= 40),
+        Goal("micro: match 1000 rules / 1 rule", micro["match"]["ratio"], "<= 1.2",
+             micro["match"]["ratio"] <= 1.2),
+    ]
+    return med, goals
+
+
+def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list[Goal],
+          micro: dict[str, dict[str, float]], split: dict[str, Any], args: Any) -> str:
+    lines = [
+        f"nfrewrite bench: {args.rounds} round(s) x {args.duration:g} s per measurement, "
+        f"medians; kernel {platform.release()}, {os.cpu_count()} CPUs",
+        "",
+        f"{'#':<3} {'case':<40} {'Gbit/s':>8} {'queued pkt/s':>13} {'small pkt/s':>12} "
+        f"{'RTT p50 us':>11} {'p99 us':>8}",
+    ]
+    for key, case in by_key.items():
+        m = med[key]
+        small = f"{m['small_pps']:12.0f}" if "small_pps" in m else f"{'':>12}"
+        lat = (f"{m['p50_us']:11.1f} {m['p99_us']:8.1f}" if "p50_us" in m
+               else f"{'':>11} {'':>8}")
+        qpps = f"{m['queued_pps']:13.0f}" if m["queued_pps"] else f"{'-':>13}"
+        lines.append(f"{key:<3} {case.label:<40} {m['gbps']:8.3f} {qpps} {small} {lat}")
+    lines += ["", f"{'ratio':<46} {'figure':>8}  {'goal':<8}  result"]
+    for g in goals:
+        lines.append(f"{g.name:<46} {g.value:8.3f}  {g.goal:<8}  {'PASS' if g.ok else 'MISS'}")
+    extra = [
+        ("small packets 4 / 3 (pkt/s)", med["4"]["small_pps"] / med["3"]["small_pps"]),
+        ("4q / 3   queued, no edit / reference", med["4q"]["gbps"] / med["3"]["gbps"]),
+    ]
+    for name, value in extra:
+        lines.append(f"{name:<46} {value:8.3f}  {'-':<8}  info")
+    p = micro["packet"]
+    mm = micro["match"]
+    lines += [
+        "",
+        f"added round trip, queued (4 - 1): p50 {med['4']['p50_us'] - med['1']['p50_us']:.1f} us,"
+        f" p99 {med['4']['p99_us'] - med['1']['p99_us']:.1f} us; NFQUEUE alone (3 - 1): p50 "
+        f"{med['3']['p50_us'] - med['1']['p50_us']:.1f} us, "
+        f"p99 {med['3']['p99_us'] - med['1']['p99_us']:.1f} us",
+        f"per queued packet, from pkt/s of rows 3/4q/4/8: ref "
+        f"{_us(med['3']['queued_pps'])}, queue+parse {_us(med['4q']['queued_pps'])}, "
+        f"+find+edit {_us(med['4']['queued_pps'])}, scapy {_us(med['8']['queued_pps'])} us",
+        f"micro: packet core {p['packet_nfrewrite_ns'] / 1000:.2f} us vs scapy "
+        f"{p['packet_scapy_ns'] / 1000:.1f} us; match {mm['match_1_rule_ns']:.0f} ns (1 rule) vs "
+        f"{mm['match_1000_rules_ns']:.0f} ns (1000 rules)",
+        f"workers: 8 flows from {', '.join(split['sources'])}; --queue-balance hashes the "
+        f"address pair only; packets per queue in 7b: {split['per_queue']}",
+    ]
+    return "\n".join(lines)
+
+
+def _us(pps: float) -> str:
+    return f"{1e6 / pps:.1f}" if pps else "-"
+
+
+def _split(case: Case) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for r in case.runs:
+        for q, n in r["bulk"]["queued"].items():
+            total[int(q)] = total.get(int(q), 0) + n
+    return dict(sorted(total.items()))
+
+
+def _rounds(n: int, items: list[Case]) -> Iterator[tuple[int, Case]]:
+    for r in range(n):
+        for case in (items if r % 2 == 0 else list(reversed(items))):
+            yield r, case
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 s per measurement, 1 round")
+    p.add_argument("--duration", type=float, default=None, help="seconds per measurement [5]")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds [3]")
+    p.add_argument("--ping-count", type=int, default=None, help="ping-pong rounds [2000]")
+    p.add_argument("--only", default="", help="comma-separated case keys (others skipped)")
+    p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--json", default=RESULTS, help=f"results file [{RESULTS}]")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (1.0 if args.quick else 5.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.ping_count = args.ping_count or (300 if args.quick else 2000)
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    log = _log
+    try:
+        micro: dict[str, dict[str, float]] = {}
+        if args.no_micro:
+            micro = {"packet": {"packet_speedup": float("nan"), "packet_nfrewrite_ns": 0,
+                                "packet_scapy_ns": 0},
+                     "match": {"ratio": float("nan"), "match_1_rule_ns": 0,
+                               "match_1000_rules_ns": 0}}
+        else:
+            from bench import bench_match, bench_packet
+
+            log("micro-benchmarks: packet core, rule matching")
+            micro = {"packet": bench_packet.run(), "match": bench_match.run()}
+        with lb.bench_lab() as bench:
+            log(f"lab {bench.lab.tag} up; finding client addresses for both queues")
+            sources, where = bench.balanced_sources()
+            items = cases(sources)
+            if args.only:
+                keep = set(args.only.split(","))
+                items = [c for c in items if c.key in keep]
+            for r, case in _rounds(args.rounds, items):
+                log(f"round {r + 1}/{args.rounds}: {case.key} {case.label}")
+                case.runs.append(_one(bench, case, sources, args.duration, args.ping_count))
+    except KeyboardInterrupt:
+        print("bench: interrupted; lab removed", file=sys.stderr)
+        return 130
+    by_key = {c.key: c for c in items}
+    split = {"sources": sources, "queue_of_address": where,
+             "per_queue": _split(by_key["7b"]) if "7b" in by_key else {}}
+    results: dict[str, Any] = {
+        "args": {"duration": args.duration, "rounds": args.rounds,
+                 "ping_count": args.ping_count},
+        "kernel": platform.release(), "cpus": os.cpu_count(),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "micro": micro, "workers_split": split,
+        "runs": {k: c.runs for k, c in by_key.items()},
+    }
+    complete = all(k in by_key for k in ("1", "2", "3", "4", "4q", "5", "6", "7a", "7b", "8"))
+    if complete:
+        med, goals = summarize(by_key, micro)
+        results["medians"] = med
+        results["goals"] = [g.__dict__ for g in goals]
+        print(table(by_key, med, goals, micro, split, args))
+    else:
+        for k, c in by_key.items():
+            print(k, c.label, [round(r["bulk"]["gbps"], 3) for r in c.runs])
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    log(f"results in {args.json} ({results['elapsed_s']} s)")
+    return 0
+
+
+def _log(line: str) -> None:
+    print(f"bench: {line}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,8 @@ def test_a_short_bench_run_gives_a_figure_for_every_row_and_goal(tmp_path: objec
     proc = _bench("--quick", "--duration", "0.3", "--ping-count", "50", "--json", out)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    results = json.load(open(out))
+    with open(out) as f:
+        results = json.load(f)
     for row in ROWS:
         assert results["medians"][row]["gbps"] > 0, row
     for row in ("3", "4", "4q", "5", "6", "7a", "7b", "8"):  # these go through NFQUEUE

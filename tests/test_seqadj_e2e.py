@@ -141,7 +141,9 @@ HTTP_RULE = """
 [[rule]]
 name = "server-banner"
 match = { sport = 8080 }
-replace = [ { find = "Server: SimpleHTTP/", with = "Server: nfrewrite-lab-httpd (was SimpleHTTP)/" } ]
+replace = [
+  { find = "Server: SimpleHTTP/", with = "Server: nfrewrite-lab-httpd (was SimpleHTTP)/" },
+]
 """
 
 

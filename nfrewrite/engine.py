@@ -182,7 +182,8 @@ class Engine:
             pkt.sack_blocks(),
             now,
             find_edits if pkt.payload_len and sel.has_replaces else _no_edits,
-            max(self.mtu, len(pkt.buf)) - pkt.l4 - pkt.doff,
+            # bytes after the datagram (link padding) stay after it: they count against the MTU
+            max(self.mtu, len(pkt.buf)) - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff,
         )
         if plan.action == "drop":
             return False

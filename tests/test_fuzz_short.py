@@ -96,12 +96,13 @@ def test_a_growing_edit_that_would_overflow_the_ip_length_is_left_out(version: i
     flows = FlowTable()
     res = Engine(fuzz.load_fuzz_rules(), flows).process(raw)
     assert (res.verdict, res.packet, res.rules, len(flows)) == (ACCEPT, None, (), 0)
-    # one that still fits is made
+    # one that still fits is made (and, like any grown segment, cut to the size it came in at)
     fits = b"nginx" + b"x" * (most - 5 - 13)
-    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(_big(version, fits))
-    assert res.packet is not None and res.rules == ("grow",)
+    raw = _big(version, fits)
+    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(raw)
+    assert res.packet is not None and res.rules == ("grow",) and len(res.packet) <= len(raw)
     out = parse(res.packet)
-    assert isinstance(out, TcpPacket) and out.payload_len == most
+    assert isinstance(out, TcpPacket) and out.payload.startswith(b"a-much-longer-name")
     assert fuzz.tcp_residual(out) == 0 and fuzz.ip_residual(out) == 0
 
 
@@ -111,3 +112,17 @@ def test_same_length_edits_are_still_made_when_the_growing_ones_do_not_fit() -> 
     res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(_big(4, payload))
     assert res.packet is not None and res.rules == ("banner",)
     assert res.packet[40:53] == b"Server: webby" and res.packet.endswith(b"nginx")
+
+
+def test_link_padding_counts_against_the_mtu() -> None:
+    """Found by the fuzzer: the MTU cut measured the room with the bytes after the datagram
+    (link padding) included, and those bytes are kept after it, so a padded packet that grew
+    left larger than max(MTU, its size)."""
+    net = fuzz.Net(4, fuzz.V4[0], fuzz.V4[3])
+    payload = b"nginx " * 230  # 1380 bytes; grows by 13 per match
+    raw = fuzz.build(net, 80, 4000, 1000, 1, 0x18, payload) + b"\0" * 200  # 1420 + padding
+    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(raw)
+    assert res.packet is not None and res.rules[0] == "grow"
+    assert len(res.packet) <= len(raw) and res.packet.endswith(b"\0" * 200)
+    out = parse(res.packet)
+    assert isinstance(out, TcpPacket) and fuzz.tcp_residual(out) == 0

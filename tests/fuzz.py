@@ -41,7 +41,10 @@ Invariants checked on EVERY packet (:func:`check`):
    SACK, header fields), and likewise the IPv4 header checksum. A packet that verified leaves
    verifying; a corrupt one leaves corrupt by exactly the same error. In partial mode the output
    must verify (the seed was completed). Bytes after the IP datagram (link padding) are kept.
-5. The flow table's books balance: created == active + evicted + expired + ended.
+5. A grown packet is never larger than ``max(engine.mtu, input length)`` (the engine cuts grown
+   segments at an edit boundary rather than exceed the link's MTU); a SYN carrying data is never
+   cut (seqadj's rule), so it is exempt.
+6. The flow table's books balance: created == active + evicted + expired + ended.
 
 The oracle sample checks 4 again with scapy's own dissection and checksum functions.
 """
@@ -634,7 +637,9 @@ class Stats:
     engine_seconds: float = 0.0  # inside Engine.process only
 
 
-def check(data: bytes, res: object, csum_partial: bool, stats: Stats) -> str | None:
+def check(
+    data: bytes, res: object, csum_partial: bool, stats: Stats, mtu: int = 1500
+) -> str | None:
     """The invariants for one packet; a description of the first one broken, or None."""
     from nfrewrite.engine import Result
 
@@ -679,6 +684,8 @@ def check(data: bytes, res: object, csum_partial: bool, stats: Stats) -> str | N
         return "bytes after the IP datagram changed"
     if out.end - out.l4 != pin.end - pin.l4:
         stats.length_changed += 1
+    if len(res.packet) > max(mtu, len(data)) and not pin.flags & SYN:
+        return f"grew to {len(res.packet)} bytes, more than max(MTU {mtu}, {len(data)} in)"
     out_tcp = tcp_residual(out)
     if csum_partial:
         if out_tcp:
@@ -777,10 +784,15 @@ class Report:
         for v in self.violations[:MAX_REPORTED]:
             lines += [
                 f"VIOLATION at packet {v.index} (csum_partial={v.csum_partial}): {v.what}",
-                f"  packet: {v.packet.hex()}",
+                f"  packet ({len(v.packet)} bytes): {_hex(v.packet)}",
                 f"  reproduce: python -m tests.fuzz --seed {self.seed} --count {v.index + 1}",
             ]
         return "\n".join(lines)
+
+
+def _hex(data: bytes, most: int = 4096) -> str:
+    text = data.hex()
+    return text if len(text) <= most else text[:most] + "... (the rest: run the reproducer)"
 
 
 def load_fuzz_rules() -> RuleSet:
@@ -854,7 +866,7 @@ def run(count: int = DEFAULT_COUNT, seed: int = 1, oracle_every: int = ORACLE_EV
             t0 = time.perf_counter()
             res = engine.process(data, now=now, csum_partial=csum_partial)
             stats.engine_seconds += time.perf_counter() - t0
-            what = check(data, res, csum_partial, stats)
+            what = check(data, res, csum_partial, stats, engine.mtu)
             if what is None and res.packet is not None and stats.modified % oracle_every == 0:
                 try:
                     what = oracle(data, res.packet, csum_partial)

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -344,6 +345,79 @@ def test_failed_reload_flips_success_to_0_and_a_good_one_back_to_1(workdir: str,
         assert s2[key("nfrewrite_rule_applied_total", rule="pear-upper")] == 0
 
 
+# -- 2b. a worker killed and restarted -----------------------------------------------------------
+def _worker_pids(daemon: Daemon, queue: int) -> list[int]:
+    """Worker pids for ``queue`` in the order the daemon logged binding them."""
+    marker = f" bound queue {queue} "
+    return [int(line.split()[2]) for line in daemon.log().splitlines() if marker in line]
+
+
+def test_counts_survive_a_worker_killed_and_restarted(workdir: str, lab: Lab) -> None:
+    config = write_lab_config(workdir, {"10.toml": WORD_RULE}, metrics_port=METRICS_PORT)
+    n1, n2 = 4, 3
+    with Daemon(lab, config) as daemon:
+        lab.wait_reachable()
+        s0 = samples(scrape(lab))
+        tcp0 = tcp_counters(lab, "client")
+        traffic(lab, [(None, lab.server_v4)] * n1, "apple")
+        s1 = samples(scrape(lab))
+        (first,) = _worker_pids(daemon, 0)
+        mark = len(daemon.log())
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_log(" bound queue 0 ", after=mark)
+        (_, second) = _worker_pids(daemon, 0)
+        assert second != first
+        traffic(lab, [(None, lab.server_v6)] * n2, "apple")
+        tcp2 = tcp_counters(lab, "client")
+        s2 = samples(scrape(lab))
+
+    retrans = tcp2["Tcp.RetransSegs"] - tcp0["Tcp.RetransSegs"]
+    seen1 = delta(s0, s1, "nfrewrite_packets_seen_total", queue="0")
+    seen2 = delta(s0, s2, "nfrewrite_packets_seen_total", queue="0")
+    assert n1 <= seen1 and n1 + n2 <= seen2 <= n1 + n2 + retrans, (seen1, seen2, retrans)
+    if retrans == 0:
+        assert (seen1, seen2) == (n1, n1 + n2)  # the dead worker's counts stay in the total
+    for name in ("nfrewrite_packets_modified_total", "nfrewrite_packet_processing_seconds_count"):
+        assert delta(s0, s2, name, queue="0") == seen2, name
+    assert delta(s0, s2, "nfrewrite_rule_applied_total", rule="word") == seen2
+    assert delta(s0, s2, "nfrewrite_worker_restarts_total", queue="0") == 1
+    # live gauges: the dead worker's copies are gone, one series each remains
+    assert s2[key("nfrewrite_seqadj_flows", queue="0")] == 0
+    build = [k for k in s2 if k[0] == "nfrewrite_build_info"]
+    assert len(build) == 1 and s2[build[0]] == 1
+    assert s2[key("nfrewrite_last_reload_successful")] == 1
+    assert set(s0) == set(s2)  # no series appeared or vanished
+
+
+# -- 2c. flows with a sequence offset ------------------------------------------------------------
+GROW_RULE = """
+[[rule]]
+name = "grow"
+match = { dport = 8080 }
+replace = [ { find = "apple", with = "apples" } ]
+"""
+
+
+def test_flows_with_a_sequence_offset_show_in_the_gauge(workdir: str, lab: Lab) -> None:
+    config = write_lab_config(workdir, {"10.toml": GROW_RULE}, metrics_port=METRICS_PORT)
+    n = 2
+    gauge = key("nfrewrite_seqadj_flows", queue="0")
+    with Daemon(lab, config):
+        lab.wait_reachable()
+        assert samples(scrape(lab))[gauge] == 0
+        got = traffic(lab, [(None, lab.server_v4), (None, lab.server_v6)], "apple")
+        assert got.received == [b"apples %d\n" % i for i in range(n)]
+        # the worker copies its flow table's size at least twice a second; an ended flow stays
+        # in the table for its close grace (10 s), longer than this test
+        deadline = time.monotonic() + 5
+        while (value := samples(scrape(lab))[gauge]) != n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert value == n
+        s = samples(scrape(lab))
+    assert s[key("nfrewrite_seqadj_flow_evictions_total", queue="0")] == 0
+    assert s[key("nfrewrite_rule_applied_total", rule="grow")] >= n
+
+
 # -- 3. a real Prometheus scrapes it; promtool accepts a real scrape -------------------------------
 @pytest.fixture
 def prometheus_bins() -> tuple[str, str]:
@@ -413,7 +487,7 @@ MAY_BE_PENDING = {"NfrewriteNoPackets"}
 
 
 def test_a_real_prometheus_scrapes_the_daemon_and_promtool_accepts_its_text(
-    workdir: str, lab: Lab, prometheus_bins: tuple[str, str]
+    prometheus_bins: tuple[str, str], workdir: str, lab: Lab
 ) -> None:
     prometheus, promtool = prometheus_bins
     n = 5

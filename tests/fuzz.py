@@ -581,7 +581,7 @@ def crafted(rng: random.Random) -> bytes:
                        sack=[(rng.getrandbits(32), rng.getrandbits(32))
                              for _ in range(rng.randint(0, 4))],
                        eol=rng.random() < 0.2)
-    payload = bytearray(random_payload(rng, rng.randint(0, 300)))
+    payload = bytearray(random_payload(rng, rng.randint(0, 1600)))
     if rng.random() < 0.01:
         headers = len(build(net, 1, 1, 0, 0, 0, b"", opts))
         most = 0xFFFF - (headers if net.version == 4 else headers - 40)
@@ -591,8 +591,11 @@ def crafted(rng: random.Random) -> bytes:
             pattern = rng.choice(PATTERNS)
             at = rng.randrange(size - len(pattern))
             payload[at : at + len(pattern)] = pattern
-    return build(net, rng.randrange(65536), rng.choice(SERVER_PORTS), rng.getrandbits(32),
-                 rng.getrandbits(32), rng.randrange(256), bytes(payload), opts)
+    raw = build(net, rng.randrange(65536), rng.choice(SERVER_PORTS), rng.getrandbits(32),
+                rng.getrandbits(32), rng.randrange(256), bytes(payload), opts)
+    if rng.random() < 0.2:  # link padding after the datagram
+        raw += bytes(rng.randint(1, 300))
+    return raw
 
 
 def random_bytes(rng: random.Random) -> bytes:

@@ -115,9 +115,10 @@ def test_same_length_edits_are_still_made_when_the_growing_ones_do_not_fit() -> 
 
 
 def test_link_padding_counts_against_the_mtu() -> None:
-    """Found by the fuzzer: the MTU cut measured the room with the bytes after the datagram
-    (link padding) included, and those bytes are kept after it, so a padded packet that grew
-    left larger than max(MTU, its size)."""
+    """Found while checking the fuzzer's size invariant against the MTU cut (and since then
+    caught by it: crafted packets carry padding): the cut measured the room with the bytes
+    after the datagram (link padding) included, and those bytes are kept after it, so a padded
+    packet that grew left larger than max(MTU, its size)."""
     net = fuzz.Net(4, fuzz.V4[0], fuzz.V4[3])
     payload = b"nginx " * 230  # 1380 bytes; grows by 13 per match
     raw = fuzz.build(net, 80, 4000, 1000, 1, 0x18, payload) + b"\0" * 200  # 1420 + padding

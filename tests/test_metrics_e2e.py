@@ -21,6 +21,7 @@ FAILS under CI (``CI=true``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -244,6 +245,20 @@ def add_client_addresses(lab: Lab, v4: Sequence[str], v6: Sequence[str]) -> None
         lab.run("client", ["ip", "-6", "addr", "add", f"{a}/64", "dev", "eth0", "nodad"])
 
 
+@contextlib.contextmanager
+def running(lab: Lab, config: str) -> Iterator[Daemon]:
+    """The daemon with its metrics directory under the test's directory (``RUNTIME_DIRECTORY``,
+    as systemd gives it), stopped with SIGTERM at the end: it must exit 0 and remove that
+    directory.  On a failure it is killed, and its files go with the test's directory."""
+    rundir = os.path.join(os.path.dirname(config), "run")
+    os.makedirs(rundir, mode=0o700, exist_ok=True)
+    with Daemon(lab, config, env={"RUNTIME_DIRECTORY": rundir}) as daemon:
+        assert len(os.listdir(rundir)) == 1  # nfrewrite-metrics-*, private
+        yield daemon
+        assert daemon.stop() == 0
+        assert os.listdir(rundir) == []
+
+
 @pytest.fixture
 def workdir() -> Iterator[str]:
     # requested before ``lab`` by every test, so it is removed after the lab killed everything
@@ -264,7 +279,7 @@ def test_counters_move_by_exactly_the_packets_the_kernel_queued(workdir: str, la
     sources = [(None, lab.server_v4), ("198.18.0.11", lab.server_v4),
                (None, lab.server_v6), ("2001:2::11", lab.server_v6)]
     pairs = [sources[i % len(sources)] for i in range(N)]
-    with Daemon(lab, config):
+    with running(lab, config):
         lab.wait_reachable()
         before = samples(scrape(lab))
         k_before = kernel_enqueued(lab, workdir)
@@ -318,7 +333,7 @@ def test_failed_reload_flips_success_to_0_and_a_good_one_back_to_1(workdir: str,
     ok, ts, loaded = ("nfrewrite_last_reload_successful", "nfrewrite_last_reload_timestamp_seconds",
                       "nfrewrite_rules_loaded")
     t_start = time.time()
-    with Daemon(lab, config) as daemon:
+    with running(lab, config) as daemon:
         s0 = samples(scrape(lab))
         assert s0[key(ok)] == 1
         assert t_start <= s0[key(ts)] <= time.time()
@@ -355,7 +370,7 @@ def _worker_pids(daemon: Daemon, queue: int) -> list[int]:
 def test_counts_survive_a_worker_killed_and_restarted(workdir: str, lab: Lab) -> None:
     config = write_lab_config(workdir, {"10.toml": WORD_RULE}, metrics_port=METRICS_PORT)
     n1, n2 = 4, 3
-    with Daemon(lab, config) as daemon:
+    with running(lab, config) as daemon:
         lab.wait_reachable()
         s0 = samples(scrape(lab))
         tcp0 = tcp_counters(lab, "client")
@@ -402,7 +417,7 @@ def test_flows_with_a_sequence_offset_show_in_the_gauge(workdir: str, lab: Lab) 
     config = write_lab_config(workdir, {"10.toml": GROW_RULE}, metrics_port=METRICS_PORT)
     n = 2
     gauge = key("nfrewrite_seqadj_flows", queue="0")
-    with Daemon(lab, config):
+    with running(lab, config):
         lab.wait_reachable()
         assert samples(scrape(lab))[gauge] == 0
         got = traffic(lab, [(None, lab.server_v4), (None, lab.server_v6)], "apple")
@@ -504,7 +519,7 @@ def test_a_real_prometheus_scrapes_the_daemon_and_promtool_accepts_its_text(
         f"--storage.tsdb.path={tsdb}",
         f"--web.listen-address={PROMETHEUS_LISTEN}",
     ]
-    with Daemon(lab, config), open(prom_log_path, "wb") as prom_log:
+    with running(lab, config), open(prom_log_path, "wb") as prom_log:
         prom = lab.popen("appliance", argv, stdout=subprocess.DEVNULL, stderr=prom_log,
                          stdin=subprocess.DEVNULL)
         try:
@@ -598,7 +613,7 @@ def test_label_values_stay_in_fixed_sets_whatever_the_traffic(workdir: str, lab:
         "version": {nfrewrite.__version__},
         "python": {platform.python_version()},
     }
-    with Daemon(lab, config):
+    with running(lab, config):
         lab.wait_reachable()
         first = traffic(lab, [(a, lab.server_v4) for a in v4[:3]]
                         + [(a, lab.server_v6) for a in v6[:3]], "apple pear")

@@ -7,8 +7,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := build-essential libnetfilter-queue-dev pkg-config iptables nftables ethtool \
-                iproute2 tshark tcpdump iperf3 curl procps kmod systemd
+                iproute2 tshark tcpdump iperf3 curl procps kmod systemd prometheus
 PYTEST_ARGS ?=
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+OPT := /opt/nfrewrite
 
 .PHONY: test demo bench fuzz soak lint install deps venv clean
 
@@ -34,6 +38,9 @@ $(VENV)/.installed: pyproject.toml .stamp-apt
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+demo: deps
+	$(BIN)/python -m nfrewrite.demo
+
 lint: deps
 	$(BIN)/ruff check nfrewrite tests bench
 	$(BIN)/mypy
@@ -46,6 +53,29 @@ fuzz: deps
 
 soak: deps
 	$(BIN)/python -m tests.soak
+
+# A self-contained venv in /opt/nfrewrite, the command on PATH, the unit, an example /etc/nfrewrite
+# (never overwriting an existing config), and the service user. DESTDIR stages everything for a
+# package build (the venv is then built for its final path and must not be moved elsewhere).
+install: .stamp-apt
+	$(PYTHON) -m venv $(DESTDIR)$(OPT)
+	$(DESTDIR)$(OPT)/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(OPT)/bin/pip install -q .
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/systemd/system \
+	  $(DESTDIR)/etc/nfrewrite/rules $(DESTDIR)$(PREFIX)/share/doc/nfrewrite
+	ln -sf $(OPT)/bin/nfrewrite $(DESTDIR)$(PREFIX)/bin/nfrewrite
+	install -m 0644 systemd/nfrewrite.service $(DESTDIR)/etc/systemd/system/nfrewrite.service
+	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/nfrewrite/README.md
+	test -e $(DESTDIR)/etc/nfrewrite/nfrewrite.toml || \
+	  install -m 0644 nfrewrite.toml $(DESTDIR)/etc/nfrewrite/nfrewrite.toml
+	for f in rules/*.toml; do \
+	  test -e $(DESTDIR)/etc/nfrewrite/$$f || install -m 0644 $$f $(DESTDIR)/etc/nfrewrite/$$f; \
+	done
+	chmod 0755 $(DESTDIR)/etc/nfrewrite $(DESTDIR)/etc/nfrewrite/rules
+	if [ -z "$(DESTDIR)" ] && ! id nfrewrite >/dev/null 2>&1; then \
+	  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin nfrewrite; \
+	fi
+	if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null; then systemctl daemon-reload || true; fi
 
 clean:
 	rm -rf $(VENV) .stamp-* build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -543,6 +543,10 @@ def test_a_real_prometheus_scrapes_the_daemon_and_promtool_accepts_its_text(
             t_shown = time.time()
             up = prom_get(lab, "/api/v1/query", query='up{job="nfrewrite"}')["result"]
             assert [u["value"][1] for u in up] == ["1"]
+            # every sample of a scrape was ingested: as many series as the text has samples
+            for q in ("scrape_samples_scraped", 'count({__name__=~"nfrewrite_.+"})'):
+                res = prom_get(lab, "/api/v1/query", query=q)["result"]
+                assert [float(r["value"][1]) for r in res] == [len(direct)], (q, res)
             seen = prom_get(lab, "/api/v1/query",
                             query='sum(nfrewrite_packets_seen_total{job="nfrewrite"})')["result"]
             assert float(seen[0]["value"][1]) == direct[
@@ -570,6 +574,10 @@ def test_a_real_prometheus_scrapes_the_daemon_and_promtool_accepts_its_text(
             except subprocess.TimeoutExpired:
                 prom.kill()
                 prom.wait(5)
+
+        with open(prom_log_path) as f:
+            errors = [line for line in f if "level=error" in line]
+        assert not errors, errors
 
         # promtool accepts a real scrape of the running daemon, without a single lint remark
         text = scrape(lab)

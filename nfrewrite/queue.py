@@ -201,6 +201,10 @@ class QueueWorker:
         self._logged_kinds: set[str] = set()
         self._ifnames: dict[int, str | None] = {}
         self._ifnames_at = 0.0
+        #: (physindev, physoutdev, indev, outdev, mark) -> its PacketMeta: packets of a bridge
+        #: come with a handful of such tuples, and building the frozen dataclass per packet costs
+        #: more than the lookup. Cleared with the interface names.
+        self._metas: dict[tuple[int, int, int, int, int], PacketMeta] = {}
         self._nfq: Any = None
         self._sock: socket.socket | None = None
         self._reader: _BudgetSocket | None = None
@@ -299,6 +303,18 @@ class QueueWorker:
             self._ifnames[index] = name
             return name
 
+    def _meta(self, key: tuple[int, int, int, int, int]) -> PacketMeta:
+        physindev, physoutdev, indev, outdev, mark = key
+        meta = PacketMeta(
+            in_port=self._ifname(physindev), out_port=self._ifname(physoutdev),
+            indev=self._ifname(indev), outdev=self._ifname(outdev),
+            mark=mark, csum_partial=False, queue_num=self.queue_num,
+        )
+        if len(self._metas) >= 1024:  # marks are the host's to choose: stay bounded
+            self._metas.clear()
+        self._metas[key] = meta
+        return meta
+
     def _error(self, kind: str, detail: str) -> None:
         self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
         if kind not in self._logged_kinds:
@@ -312,11 +328,10 @@ class QueueWorker:
         try:
             payload = pkt.get_payload()
             mark = pkt.get_mark()
-            meta = PacketMeta(
-                in_port=self._ifname(pkt.physindev), out_port=self._ifname(pkt.physoutdev),
-                indev=self._ifname(pkt.indev), outdev=self._ifname(pkt.outdev),
-                mark=mark, csum_partial=False, queue_num=self.queue_num,
-            )
+            key = (pkt.physindev, pkt.physoutdev, pkt.indev, pkt.outdev, mark)
+            meta = self._metas.get(key)
+            if meta is None:
+                meta = self._meta(key)
         except Exception as e:  # noqa: BLE001 - a packet we cannot read is passed on
             self._error(type(e).__name__, str(e))
             self._verdict(pkt, ACCEPT, None, 0)
@@ -398,6 +413,7 @@ class QueueWorker:
     def _idle(self, now: float) -> None:
         if now - self._ifnames_at > 30.0:  # ifindexes can be reused: forget names now and then
             self._ifnames.clear()
+            self._metas.clear()
             self._ifnames_at = now
         if self.on_idle is not None:
             try:

@@ -96,6 +96,8 @@ CONFIG_ARG = arg(
     "check", "validate the config and every rule file; report all errors", CONFIG_ARG,
     arg("--no-length-change", action="store_true",
         help="treat a replace that changes the payload length as an error"),
+    arg("--show-kernel-rules", action="store_true",
+        help="also print the iptables/ip6tables rules (kernel prefilter) the daemon would load"),
 )
 def cmd_check(args: argparse.Namespace) -> int:
     config, ruleset, diagnostics = load_all(
@@ -112,14 +114,25 @@ def cmd_check(args: argparse.Namespace) -> int:
             summary += f", {warnings} warning{'s' if warnings != 1 else ''}"
         print(f"nfrewrite: check failed: {summary}", file=sys.stderr)
         return EXIT_INVALID
+    if args.show_kernel_rules:
+        from nfrewrite.firewall import render
+        from nfrewrite.prefilter import compile_prefilter
+
+        print(render(*compile_prefilter(ruleset), config.queue.num, config.queue.workers), end="")
     print(f"{len(ruleset.rules)} rules in {len(ruleset.files)} files OK")
     return EXIT_OK
 
 
-@command("run", "run the daemon in the foreground", CONFIG_ARG)
+@command(
+    "run",
+    "run the daemon in the foreground: bridges, queue workers, kernel rules, metrics "
+    "(SIGHUP reloads rules, SIGTERM stops and removes the kernel rules)",
+    CONFIG_ARG,
+)
 def cmd_run(args: argparse.Namespace) -> int:
-    print("nfrewrite run: not implemented yet", file=sys.stderr)
-    return EXIT_NOT_IMPLEMENTED
+    from nfrewrite.daemon import run
+
+    return run(args.config)
 
 
 @command(

@@ -114,6 +114,7 @@ class QueueMatch:
     in_port: str | None = None
     out_port: str | None = None
     literal: bytes | None = None
+    syn_only: bool = False  # only segments with SYN set (the MSS option lives only there)
 
     def __post_init__(self) -> None:
         if self.version not in (None, 4, 6):
@@ -229,6 +230,8 @@ def compile_rules(
                 tail += ["--physdev-in", m.in_port]
             if m.out_port:
                 tail += ["--physdev-out", m.out_port]
+        if m.syn_only:
+            tail += ["-m", "tcp", "--tcp-flags", "SYN", "SYN"]
         if m.literal is not None:
             tail += ["-m", "string", "--algo", "bm", "--hex-string", f"|{m.literal.hex()}|"]
         for s in srcs:

@@ -6,8 +6,8 @@ Each rule's ``match`` becomes one :class:`~nfrewrite.firewall.QueueMatch` (proto
 addresses, bridge ports). A rule whose only action is a *same-length* literal ``replace`` (no
 header ``set``, not ``drop``) also gets its ``find`` bytes as an xt ``string`` match, one kernel
 rule per pattern, so a packet without the pattern stays in the kernel. This is sound because a
-pattern the kernel does not see in the packet cannot be in its TCP payload either (the string match scans the whole packet,
-headers included: it can only over-approximate), and a same-length edit leaves every other packet
+pattern the kernel does not see in the packet cannot be in its TCP payload either (the string
+match scans the whole packet, headers included: it can only over-approximate), and a same-length edit leaves every other packet
 of the connection valid as it is.
 
 A length-changing rule gets no literal: once its first edit happens, every later segment of that
@@ -18,6 +18,9 @@ and reached the server at the old sequence number). Queueing the rule's whole po
 direction in order through the queue; the other direction can only answer edited bytes after the
 verdict, by which time the connmark (the rule :mod:`nfrewrite.firewall` always puts first) catches
 it.
+
+A rule whose only action is an MSS edit queues only segments with SYN set (``--tcp-flags SYN
+SYN``: SYN and SYN-ACK), the only ones that carry the option.
 
 Patterns longer than xt_string's 128-byte limit fall back to queueing by match alone.
 """
@@ -46,6 +49,15 @@ def _matches_of(rule: Rule) -> list[QueueMatch]:
         and rule.replaces
         and all(len(r.find) <= MAX_LITERAL and len(r.find) == len(r.with_) for r in rule.replaces)
     )
+    hs = rule.set
+    mss_only = (
+        rule.verdict != "drop"
+        and not rule.replaces
+        and (hs.mss is not None or hs.mss_max is not None)
+        and hs.ttl is None and hs.hop_limit is None and hs.dscp is None and hs.window is None
+    )
+    if mss_only:
+        return [QueueMatch(**base, syn_only=True)]  # type: ignore[arg-type]
     if not literal_only:
         return [QueueMatch(**base)]  # type: ignore[arg-type]
     finds = dict.fromkeys(r.find for r in rule.replaces)

@@ -311,7 +311,6 @@ class Supervisor:
 
     def _loop(self) -> None:
         while not self._stop:
-            conns = [w.conn for w in self.workers if w.conn is not None]
             self._read_messages(timeout=0.25)
             now = time.monotonic()
             self._restart_dead_workers()

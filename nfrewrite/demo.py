@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 from nfrewrite.lab import Daemon, Lab, tcp_exchange
 
@@ -108,7 +107,7 @@ def run_demo() -> int:
             caps = {}
             for role in ("client", "server"):
                 pcap = os.path.join(work, f"{role}.pcap")
-                proc = lab.popen(role, ["tcpdump", "-U", "-n", "-i", "eth0", "-w", pcap,  # type: ignore[arg-type]
+                proc = lab.popen(role, ["tcpdump", "-U", "-n", "-i", "eth0", "-w", pcap,
                                         "tcp port 8080"], stdout=subprocess.DEVNULL)
                 assert proc.stderr is not None
                 for _ in range(3):

@@ -7,8 +7,8 @@ addresses, bridge ports). A rule whose only action is a *same-length* literal ``
 header ``set``, not ``drop``) also gets its ``find`` bytes as an xt ``string`` match, one kernel
 rule per pattern, so a packet without the pattern stays in the kernel. This is sound because a
 pattern the kernel does not see in the packet cannot be in its TCP payload either (the string
-match scans the whole packet, headers included: it can only over-approximate), and a same-length edit leaves every other packet
-of the connection valid as it is.
+match scans the whole packet, headers included: it can only over-approximate), and a same-length
+edit leaves every other packet of the connection valid as it is.
 
 A length-changing rule gets no literal: once its first edit happens, every later segment of that
 direction must have its sequence number moved, and the connmark that queues the rest of the flow

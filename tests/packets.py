@@ -33,7 +33,10 @@ def tcp_options(draw: st.DrawFn) -> list[tuple[str, Any]]:
         ("SAckOK", b""),
         ("Timestamp", (draw(u32), draw(u32))),
         ("NOP", None),
-        ("SAck", tuple(draw(st.lists(u32, min_size=2, max_size=6).map(lambda v: v[: len(v) // 2 * 2])))),
+        (
+            "SAck",
+            tuple(draw(st.lists(u32, min_size=2, max_size=6).map(lambda v: v[: len(v) // 2 * 2]))),
+        ),
     ]
     chosen = draw(st.lists(st.sampled_from(range(len(pool))), max_size=6, unique=True))
     opts = [pool[i] for i in chosen]

@@ -42,7 +42,12 @@ def test_parse_agrees_with_scapy(c: Crafted) -> None:
     tcp = c.pkt[TCP]
     assert pkt.version == c.version
     assert (pkt.sport, pkt.dport) == (tcp.sport, tcp.dport)
-    assert (pkt.seq, pkt.ack, pkt.flags, pkt.window) == (tcp.seq, tcp.ack, int(tcp.flags), tcp.window)
+    assert (pkt.seq, pkt.ack, pkt.flags, pkt.window) == (
+        tcp.seq,
+        tcp.ack,
+        int(tcp.flags),
+        tcp.window,
+    )
     assert pkt.urgent == tcp.urgptr
     assert pkt.doff == tcp.dataofs * 4
     assert pkt.payload == c.payload
@@ -68,7 +73,9 @@ def test_parse_agrees_with_scapy(c: Crafted) -> None:
 def _random_edits(pkt: TcpPacket, rnd: random.Random) -> None:
     """Apply a random sequence of every kind of edit the core offers."""
     for _ in range(rnd.randint(1, 6)):
-        kind = rnd.choice(("ttl", "dscp", "window", "flags", "mss", "seq", "ack", "payload", "sack"))
+        kind = rnd.choice(
+            ("ttl", "dscp", "window", "flags", "mss", "seq", "ack", "payload", "sack")
+        )
         if kind == "ttl":
             pkt.set_ttl(rnd.randint(1, 255))
         elif kind == "dscp":
@@ -98,7 +105,10 @@ def _random_edits(pkt: TcpPacket, rnd: random.Random) -> None:
                 new = rnd.randbytes(rnd.randint(0, 15))
                 edits.append((start, end, new))
                 pos = end + 1
-            if pkt.payload_len + sum(len(b) - (e - s) for s, e, b in edits) + pkt.l4 + pkt.doff < 65000:
+            if (
+                pkt.payload_len + sum(len(b) - (e - s) for s, e, b in edits) + pkt.l4 + pkt.doff
+                < 65000
+            ):
                 pkt.apply_edits(edits)
 
 

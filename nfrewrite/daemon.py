@@ -69,16 +69,8 @@ class StartError(RuntimeError):
 
 
 def load(config_path: str) -> tuple[Config | None, RuleSet | None, list[Diagnostic]]:
-    config, ruleset, diags = load_all(config_path)
-    if config is not None and ruleset is not None and not has_errors(diags):
-        from nfrewrite.filesafety import check_permissions
-
-        security = getattr(config, "security", None)
-        strict = bool(getattr(security, "strict_permissions", True))
-        diags = diags + check_permissions(
-            config.path, config.rules_dir, ruleset.files, strict=strict
-        )
-    return config, ruleset, diags
+    """Config and rules, validated as ``nfrewrite check`` does (file permissions included)."""
+    return load_all(config_path)
 
 
 # -- worker side ------------------------------------------------------------------------------

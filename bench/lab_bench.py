@@ -55,6 +55,7 @@ SHORT = b"NFR-BENCH"  # length-changing replacement (shorter: a longer one would
 #                        segments past the 1500-byte MTU, and the bridge drops those)
 PERIOD = 64
 SMALL_MSS = 100  # -> 88 payload bytes with timestamps: >= PERIOD + len(PATTERN) - 1
+_TICKS = os.sysconf("SC_CLK_TCK")
 EXTRA_SOURCES = tuple(f"198.18.0.{i}" for i in range(10, 26))
 BR_NF = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables")
 
@@ -98,6 +99,15 @@ def rules_others(count: int) -> str:
         out.append(f'[[rule]]\nname = "other-{i}"\nmatch = {match}\n'
                    f'replace = [ {{ find = "pattern-{i}", with = "PATTERN-{i}" }} ]\n')
     return "\n".join(out)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, idle) jiffies of all CPUs, from /proc/stat (read only: the machine is shared, so
+    "how busy were the CPUs during the run" is part of every figure)."""
+    with open("/proc/stat") as f:
+        cols = [int(x) for x in f.readline().split()[1:]]
+    idle = cols[3] + cols[4]  # idle + iowait
+    return sum(cols) - idle, idle
 
 
 class Bench:
@@ -222,14 +232,38 @@ class Bench:
         if sources:
             argv += ["--sources", ",".join(sources)]
         before, queued_before = self._in_segs(), self.queue_ids()
+        cpu_before, app_before = _cpu_times(), self.appliance_cpu()
         proc = self.lab.run("client", argv, env=self.env, timeout=duration + 90)
+        cpu_after, app_after = _cpu_times(), self.appliance_cpu()
         segs, queued_after = self._in_segs() - before, self.queue_ids()
         result: dict[str, Any] = json.loads(proc.stdout)
+        busy = cpu_after[0] - cpu_before[0]
+        total = busy + cpu_after[1] - cpu_before[1]
+        result["cpu_busy"] = busy / total if total else 0.0
+        result["app_cpu_s"] = sum(t - app_before.get(pid, 0.0) for pid, t in app_after.items())
         result["server_segs_ps"] = segs / result["elapsed"]
         per_queue = {q: n - queued_before.get(q, 0) for q, n in queued_after.items()}
         result["queued"] = {q: n for q, n in per_queue.items() if n > 0}
-        result["queued_pps"] = sum(result["queued"].values()) / result["elapsed"]
+        queued = sum(result["queued"].values())
+        result["queued_pps"] = queued / result["elapsed"]
+        # CPU the appliance's processes (daemon workers, reference loop) spent per queued packet:
+        # unlike packets/s it does not depend on how much of the CPUs other work left them.
+        result["app_cpu_us_per_pkt"] = result["app_cpu_s"] / queued * 1e6 if queued else 0.0
         return result
+
+    def appliance_cpu(self) -> dict[int, float]:
+        """user + system CPU seconds of every process living in the appliance namespace."""
+        out: dict[int, float] = {}
+        listing = subprocess.run(["ip", "netns", "pids", self.lab.ns_name("appliance")],
+                                 capture_output=True, text=True, timeout=10, check=False).stdout
+        for pid in (int(tok) for tok in listing.split() if tok.isdigit()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+        return out
 
     def latency(self, count: int) -> dict[str, float]:
         argv = [self.py, "-m", "bench.traffic", "ping", "--connect", self.lab.server_v4,

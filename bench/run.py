@@ -124,6 +124,7 @@ def summarize(by_key: dict[str, Case], micro: dict[str, dict[str, float]]) -> tu
         m: dict[str, float] = {
             "gbps": _median([r["bulk"]["gbps"] for r in case.runs]),
             "queued_pps": _median([r["bulk"]["queued_pps"] for r in case.runs]),
+            "cpu_us_per_pkt": _median([r["bulk"]["app_cpu_us_per_pkt"] for r in case.runs]),
         }
         if case.small:
             m["small_pps"] = _median([r["small"]["queued_pps"] for r in case.runs])
@@ -156,12 +157,15 @@ def summarize(by_key: dict[str, Case], micro: dict[str, dict[str, float]]) -> tu
 
 def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list[Goal],
           micro: dict[str, dict[str, float]], split: dict[str, Any], args: Any) -> str:
+    busy = _median([r["bulk"]["cpu_busy"] for c in by_key.values() for r in c.runs])
     lines = [
         f"nfrewrite bench: {args.rounds} round(s) x {args.duration:g} s per measurement, "
         f"medians; kernel {platform.release()}, {os.cpu_count()} CPUs",
+        f"machine: load average {args.load[0]} at start, {args.load[1]} at end; all CPUs "
+        f"{busy:.0%} busy during the median bulk run (other work on the machine counts too)",
         "",
-        f"{'#':<3} {'case':<40} {'Gbit/s':>8} {'queued pkt/s':>13} {'small pkt/s':>12} "
-        f"{'RTT p50 us':>11} {'p99 us':>8}",
+        f"{'#':<3} {'case':<40} {'Gbit/s':>8} {'queued pkt/s':>13} {'CPU us/pkt':>11} "
+        f"{'small pkt/s':>12} {'RTT p50 us':>11} {'p99 us':>8}",
     ]
     for key, case in by_key.items():
         m = med[key]
@@ -169,13 +173,18 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
         lat = (f"{m['p50_us']:11.1f} {m['p99_us']:8.1f}" if "p50_us" in m
                else f"{'':>11} {'':>8}")
         qpps = f"{m['queued_pps']:13.0f}" if m["queued_pps"] else f"{'-':>13}"
-        lines.append(f"{key:<3} {case.label:<40} {m['gbps']:8.3f} {qpps} {small} {lat}")
+        cpu = f"{m['cpu_us_per_pkt']:11.1f}" if m["cpu_us_per_pkt"] else f"{'-':>11}"
+        lines.append(f"{key:<3} {case.label:<40} {m['gbps']:8.3f} {qpps} {cpu} {small} {lat}")
     lines += ["", f"{'ratio':<46} {'figure':>8}  {'goal':<8}  result"]
     for g in goals:
         lines.append(f"{g.name:<46} {g.value:8.3f}  {g.goal:<8}  {'PASS' if g.ok else 'MISS'}")
     extra = [
         ("small packets 4 / 3 (pkt/s)", med["4"]["small_pps"] / med["3"]["small_pps"]),
         ("4q / 3   queued, no edit / reference", med["4q"]["gbps"] / med["3"]["gbps"]),
+        ("4 / 3 by CPU per packet (3's us / 4's us)",
+         med["3"]["cpu_us_per_pkt"] / med["4"]["cpu_us_per_pkt"]),
+        ("5 / 3 by CPU per packet", med["3"]["cpu_us_per_pkt"] / med["5"]["cpu_us_per_pkt"]),
+        ("4 / 8 by CPU per packet", med["8"]["cpu_us_per_pkt"] / med["4"]["cpu_us_per_pkt"]),
     ]
     for name, value in extra:
         lines.append(f"{name:<46} {value:8.3f}  {'-':<8}  info")
@@ -187,9 +196,11 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
         f" p99 {med['4']['p99_us'] - med['1']['p99_us']:.1f} us; NFQUEUE alone (3 - 1): p50 "
         f"{med['3']['p50_us'] - med['1']['p50_us']:.1f} us, "
         f"p99 {med['3']['p99_us'] - med['1']['p99_us']:.1f} us",
-        f"per queued packet, from pkt/s of rows 3/4q/4/8: ref "
+        "CPU us/pkt: CPU time (user + system) of the appliance namespace's processes per queued "
+        "packet; it does not depend on the share of the CPUs other work leaves them",
+        f"wall us per queued packet, from pkt/s of rows 3/4q/4/8: ref "
         f"{_us(med['3']['queued_pps'])}, queue+parse {_us(med['4q']['queued_pps'])}, "
-        f"+find+edit {_us(med['4']['queued_pps'])}, scapy {_us(med['8']['queued_pps'])} us",
+        f"+find+edit {_us(med['4']['queued_pps'])}, scapy {_us(med['8']['queued_pps'])}",
         f"micro: packet core {p['packet_nfrewrite_ns'] / 1000:.2f} us vs scapy "
         f"{p['packet_scapy_ns'] / 1000:.1f} us; match {mm['match_1_rule_ns']:.0f} ns (1 rule) vs "
         f"{mm['match_1000_rules_ns']:.0f} ns (1000 rules)",
@@ -197,6 +208,10 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
         f"address pair only; packets per queue in 7b: {split['per_queue']}",
     ]
     return "\n".join(lines)
+
+
+def _loadavg(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
 
 
 def _us(pps: float) -> str:
@@ -236,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     started = time.monotonic()
+    load_start = os.getloadavg()
     log = _log
     try:
         micro: dict[str, dict[str, float]] = {}
@@ -262,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; lab removed", file=sys.stderr)
         return 130
+    args.load = (_loadavg(load_start), _loadavg(os.getloadavg()))
     by_key = {c.key: c for c in items}
     split = {"sources": sources, "queue_of_address": where,
              "per_queue": _split(by_key["7b"]) if "7b" in by_key else {}}
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {"duration": args.duration, "rounds": args.rounds,
                  "ping_count": args.ping_count},
         "kernel": platform.release(), "cpus": os.cpu_count(),
-        "elapsed_s": round(time.monotonic() - started, 1),
+        "elapsed_s": round(time.monotonic() - started, 1), "loadavg": args.load,
         "micro": micro, "workers_split": split,
         "runs": {k: c.runs for k, c in by_key.items()},
     }

@@ -13,7 +13,7 @@ Schema (DESIGN §2; defaults in brackets)::
     [[bridge]]                     # zero or more
     name     = "br0"               # required; Linux interface name (<= 15 bytes)
     ports    = ["eth1", "eth2"]    # required, >= 1, each an interface name used by one bridge only
-    offloads = { gro = false }     # optional; keys rx tx tso gso gro lro sg -> bool [leave as is]
+    offloads = { gro = false }     # optional; keys rx tx tso gso gro lro -> bool [leave as is]
     [queue]
     num      = 0                   # [0] first NFQUEUE number, 0..65535 (num + workers - 1 too)
     workers  = 1                   # [1] 1..64; >1 balances over queues num..num+workers-1
@@ -63,7 +63,8 @@ __all__ = [
 
 TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security")
 BRIDGE_KEYS = ("name", "ports", "offloads")
-OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro", "sg")
+# the features nfrewrite.netsetup reads and sets (one list: a key accepted here must work there)
+OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf")
 METRICS_KEYS = ("listen",)
 FLOWS_KEYS = ("max", "idle_timeout")
@@ -83,7 +84,6 @@ class Offloads:
     gso: bool | None = None
     gro: bool | None = None
     lro: bool | None = None
-    sg: bool | None = None
 
     def items(self) -> tuple[tuple[str, bool], ...]:
         """The features that are set, as (name, on) pairs in a fixed order."""

@@ -496,7 +496,13 @@ class Daemon:
     def __init__(self, lab: Lab, config: str, *, env: Mapping[str, str] | None = None) -> None:
         self.lab = lab
         self.config = config
-        self.env = {**lab.python_env(), **(env or {})}
+        # the daemon's metrics directory beside the config, so a killed daemon leaves nothing
+        # in /tmp (the lab's user removes the config's directory)
+        self.env = {
+            **lab.python_env(),
+            "RUNTIME_DIRECTORY": os.path.dirname(os.path.abspath(config)),
+            **(env or {}),
+        }
         self.log_path = os.path.join(os.path.dirname(config), f"daemon-{secrets.token_hex(3)}.log")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -163,3 +163,9 @@ def test_diagnostic_caret_follows_tabs() -> None:
 def test_diagnostic_for_a_whole_file_is_one_line() -> None:
     whole = Diagnostic("r.toml", 0, 0, "error", "cannot read")
     assert whole.format() == "r.toml: error: cannot read"
+
+
+def test_every_offload_key_the_config_accepts_is_one_netsetup_can_set() -> None:
+    from nfrewrite import config, netsetup
+
+    assert set(config.OFFLOAD_KEYS) == set(netsetup.OFFLOAD_KEYS)

@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ from nfrewrite.lab import Daemon, Lab, LabError, read_line, write_lab_config
 
 BULK_PORT = 5201
 PING_PORT = 5202
+IPERF3_PORT = 5203  # iperf3, as a cross-check of bench.traffic on the plain bridge
 PATTERN = b"NFREWRITE-BENCH!"  # 16 bytes, at every PERIOD-byte boundary of the stream
 SAME = b"nfrewrite-bench!"  # same-length replacement
 SHORT = b"NFR-BENCH"  # length-changing replacement (shorter: a longer one would push full-size
@@ -133,6 +135,8 @@ class Bench:
             line = read_line(proc, 10)
             if line.strip() != b"READY":
                 raise LabError(f"bench.traffic {mode} did not start: {line!r}")
+        self._iperf3 = lab.popen("server", ["iperf3", "-s", "-B", lab.server_v4, "-p",
+                                            str(IPERF3_PORT)], stdout=subprocess.DEVNULL)
         self._br_nf(False)
         lab.wait_reachable(families=(4,))
 
@@ -264,6 +268,22 @@ class Bench:
                 continue
             out[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
         return out
+
+    def iperf3(self, duration: float) -> dict[str, Any]:
+        """iperf3 client -> server (its own random payload), Gbit/s received."""
+        argv = ["iperf3", "-c", self.lab.server_v4, "-p", str(IPERF3_PORT), "-t",
+                str(max(1, round(duration))), "-J"]
+        for _ in range(20):  # the server may still be starting (it prints nothing we wait for)
+            proc = self.lab.run("client", argv, timeout=duration + 60, check=False)
+            if proc.returncode == 0:
+                break
+            time.sleep(0.25)
+        else:
+            raise LabError(f"iperf3 failed: {proc.stdout[-500:]} {proc.stderr[-500:]}")
+        end = json.loads(proc.stdout)["end"]
+        return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
+                "elapsed": end["sum_received"]["seconds"], "queued": {}, "queued_pps": 0.0,
+                "app_cpu_us_per_pkt": 0.0, "cpu_busy": float("nan")}
 
     def latency(self, count: int) -> dict[str, float]:
         argv = [self.py, "-m", "bench.traffic", "ping", "--connect", self.lab.server_v4,

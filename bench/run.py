@@ -16,6 +16,7 @@ Rows (client -> server, one TCP flow unless said otherwise; every stream carries
 ``NFREWRITE-BENCH!`` every 64 bytes, ~22 times per full-size segment):
 
   1  plain bridge, no netfilter hook at all (bridge-nf-call-* = 0): the limit
+  1i the same with iperf3 (random payload): a cross-check of the traffic tool
   2  daemon, one rule on another port: the prefilter keeps the flow in the kernel
   3  bench/ref_nfq.py: NFQUEUE, every packet accepted unread (the kernel round trip alone)
   4  daemon, same-length replace of the pattern (every full-size segment edited ~22 times)
@@ -27,7 +28,8 @@ Rows (client -> server, one TCP flow unless said otherwise; every stream carries
   8  bench/scapy_loop.py: row 4's job done with NetfilterQueue + scapy
 
 plus packets/s with small segments (MSS 100) for 3 and 4, and the TCP ping-pong round trip
-(1 byte each way; p50/p99) for 1, 3 and 4 (for 3 and 4 the client -> server half is queued).
+(1 byte each way; p50/p99) for 1, 2, 3 and 4 (for 3 and 4 the client -> server half is
+queued; 2 is the daemon running with the flow kept in the kernel).
 
 It must clean up after itself on any exit: the lab (its namespaces and every process in them)
 goes on Ctrl-C and SIGTERM too.
@@ -59,6 +61,7 @@ class Case:
     label: str
     mode: Callable[[lb.Bench], AbstractContextManager[dict[str, Any]]]
     flows: int = 1
+    iperf3: bool = False  # measure with iperf3 instead of bench.traffic
     small: bool = False  # also measure small-packet rate
     latency: bool = False  # also measure ping-pong
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -73,8 +76,9 @@ def cases(sources: list[str]) -> list[Case]:
     hexes = (lb.PATTERN.hex(), lb.SAME.hex())
     return [
         Case("1", "plain bridge, no daemon (limit)", lambda b: b.plain(), latency=True),
+        Case("1i", "plain bridge, iperf3 (cross-check of 1)", lambda b: b.plain(), iperf3=True),
         Case("2", "daemon, rules not matching (kernel)",
-             lambda b: b.daemon({"10-elsewhere.toml": lb.RULE_ELSEWHERE})),
+             lambda b: b.daemon({"10-elsewhere.toml": lb.RULE_ELSEWHERE}), latency=True),
         Case("3", "reference NFQUEUE accept loop", lambda b: b.nfq("bench.ref_nfq"),
              small=True, latency=True),
         Case("4", "daemon, same-length replace", lambda b: b.daemon(same),
@@ -95,7 +99,10 @@ def _one(bench: lb.Bench, case: Case, sources: list[str], duration: float,
     run: dict[str, Any] = {}
     with case.mode(bench) as info:
         srcs = sources[: case.flows] if case.flows > 1 else []
-        run["bulk"] = bench.throughput(duration, flows=case.flows, sources=srcs)
+        if case.iperf3:
+            run["bulk"] = bench.iperf3(duration)
+        else:
+            run["bulk"] = bench.throughput(duration, flows=case.flows, sources=srcs)
         if case.small:
             run["small"] = bench.throughput(duration, mss=lb.SMALL_MSS)
         if case.latency:
@@ -157,7 +164,8 @@ def summarize(by_key: dict[str, Case], micro: dict[str, dict[str, float]]) -> tu
 
 def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list[Goal],
           micro: dict[str, dict[str, float]], split: dict[str, Any], args: Any) -> str:
-    busy = _median([r["bulk"]["cpu_busy"] for c in by_key.values() for r in c.runs])
+    busy = _median([r["bulk"]["cpu_busy"] for c in by_key.values() for r in c.runs
+                    if not c.iperf3])
     lines = [
         f"nfrewrite bench: {args.rounds} round(s) x {args.duration:g} s per measurement, "
         f"medians; kernel {platform.release()}, {os.cpu_count()} CPUs",
@@ -192,6 +200,8 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
     mm = micro["match"]
     lines += [
         "",
+        f"added round trip, not queued (2 - 1): p50 {med['2']['p50_us'] - med['1']['p50_us']:.1f}"
+        f" us, p99 {med['2']['p99_us'] - med['1']['p99_us']:.1f} us",
         f"added round trip, queued (4 - 1): p50 {med['4']['p50_us'] - med['1']['p50_us']:.1f} us,"
         f" p99 {med['4']['p99_us'] - med['1']['p99_us']:.1f} us; NFQUEUE alone (3 - 1): p50 "
         f"{med['3']['p50_us'] - med['1']['p50_us']:.1f} us, "
@@ -290,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         "micro": micro, "workers_split": split,
         "runs": {k: c.runs for k, c in by_key.items()},
     }
-    complete = all(k in by_key for k in ("1", "2", "3", "4", "4q", "5", "6", "7a", "7b", "8"))
+    complete = all(k in by_key for k in ("1", "1i", "2", "3", "4", "4q", "5", "6", "7a", "7b",
+                                         "8"))
     if complete:
         med, goals = summarize(by_key, micro)
         results["medians"] = med

@@ -18,7 +18,7 @@ from nfrewrite.lab import list_namespaces
 pytestmark = pytest.mark.privileged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("1", "2", "3", "4", "4q", "5", "6", "7a", "7b", "8")
+ROWS = ("1", "1i", "2", "3", "4", "4q", "5", "6", "7a", "7b", "8")
 
 
 def _bench(*args: str) -> subprocess.Popen[str]:
@@ -45,7 +45,7 @@ def test_a_short_bench_run_gives_a_figure_for_every_row_and_goal(tmp_path: objec
         assert results["medians"][row]["queued_pps"] > 0, row
     for row in ("3", "4"):
         assert results["medians"][row]["small_pps"] > 0, row
-    for row in ("1", "3", "4"):
+    for row in ("1", "2", "3", "4"):
         assert 0 < results["medians"][row]["p50_us"] <= results["medians"][row]["p99_us"], row
     assert len(results["goals"]) == 8
     assert all(math.isfinite(g["value"]) for g in results["goals"])

@@ -8,6 +8,16 @@ write the result as a pcap, and print how often each rule fired. It must not loa
 into memory (captures are often larger than RAM), parse packets with scapy on the hot path (slow,
 and an independent parser could disagree with the engine's), or repair what it does not rewrite.
 
+Usage::
+
+    nfrewrite replay -c CONFIG [--csum-partial auto|yes|no] [--in-port PORT] [--out-port PORT]
+                     IN.pcap OUT.pcap
+
+``--in-port``/``--out-port`` name the bridge ports every packet is taken to cross (a capture does
+not say; rules with ``match.in_port``/``out_port`` apply only when given). Exit status: 0 done;
+1 invalid config or rules (the diagnostics ``nfrewrite check`` prints); 2 usage; 4 unreadable or
+unsupported input, unwritable output (one line on stderr; no output file is left behind).
+
 Theory of operation
 ===================
 Streaming. scapy's ``RawPcapReader`` (which hands over to its pcapng reader by itself) yields one
@@ -18,9 +28,20 @@ caches, both capped), never by the file.
 One engine, one flow table, over the whole capture, fed in file order with ``now`` = the packet's
 capture timestamp: a length-changing replace in one segment shifts the sequence numbers of every
 later segment of that connection, and the ACK/SACK numbers of the other direction, exactly as
-live. Flow limits and idle timeout come from the config's ``[flows]``. The capture should hold
-both directions of a connection (a capture on the bridge or on either end does); packets are not
+live. Flow limits and idle timeout come from the config's ``[flows]``. Packets are not
 reordered.
+
+What the input means. Each record is a packet ARRIVING at the appliance, and each output record is
+that packet as it would LEAVE: the output of a two-way connection therefore interleaves the two
+sides of the box (server data as the client gets it, client ACKs as the server gets them), just as
+the engine sees them. An endpoint behind the box acknowledges the bytes it received, i.e. the other
+side's REWRITTEN stream, and the engine maps such ACKs (and SACK edges) back into the sender's
+numbering. In a capture of traffic that never passed a rewriter both ends number the original
+bytes, so once a length-changing edit has happened in one direction, the ACKs of the other
+direction come out shifted by that direction's accumulated length difference (a capture with only
+same-length edits, or of one direction, is unaffected). This is the engine doing exactly what it
+does live; tools that follow the conversation (tshark's analysis flags) will see those ACKs as
+acknowledging more or less than was sent.
 
 Link layer. The engine wants an IP packet. Each link type has a small function that finds where
 IP starts in a frame (no scapy): Ethernet (1; 802.1Q / 802.1ad VLAN tags, stacked too, are
@@ -48,9 +69,22 @@ came. (``auto`` runs the engine in complete mode and then completes the checksum
 which gives the same bytes as partial mode: the engine's partial mode only skips the incremental
 updates and computes the checksum at the end.)
 
-Report. At the end a summary goes to STDOUT (it is the command's result): packets read, modified,
-dropped, not ours by reason, written, and one line per rule with the packets it rewrote (or
-dropped). While running, and only when stderr is a terminal, a one-line progress indicator
+Report. At the end a summary goes to STDOUT (it is the command's result): packets read, modified
+(any byte changed, sequence numbers included), dropped, not ours by reason, written, flows that
+got a sequence offset, and one line per rule: the packets it rewrote (or, for a ``drop`` rule,
+dropped), counted as the daemon's per-rule metric counts them (a retransmission that gets an edit
+recorded earlier again does not count a second time)::
+
+    replay in.pcap -> out.pcap (Ethernet, link type 1)
+    packets read                  200000
+    packets modified                2000
+    packets dropped                    0
+    packets not ours                  12 (not_ip 12)
+    packets written               200000
+    flows with a sequence offset     100
+    rule grow                        100 rewritten
+    time 1.63 s (122,393 packets/s)
+ While running, and only when stderr is a terminal, a one-line progress indicator
 (bytes read of the file's size) is redrawn on stderr at most ten times a second.
 
 Failures raise :class:`ReplayError` with a one-line reason (unreadable or unknown input, a link

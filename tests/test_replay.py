@@ -510,3 +510,36 @@ def test_replay_streams_a_large_capture_in_bounded_memory(tmp_path: Path) -> Non
     assert "packets read 200000" in lines and "packets written 200000" in lines
     assert "rule grow 100 rewritten" in lines and "flows with a sequence offset 100" in lines
     assert (tmp_path / "big-out.pcap").stat().st_size == size + 2000 * 5  # "[redacted!]" is +5
+
+
+def test_pcapng_with_two_link_types_is_refused_in_one_line(tmp_path: Path) -> None:
+    segments = conversation(4)
+    first = eth() / segments[0].ip
+    first.sniffed_on = "eth0"
+    second = CookedLinux(pkttype=0, lladdrtype=1, lladdrlen=6, src=b"\x02" + b"\x00" * 7) / (
+        segments[1].ip)
+    second.sniffed_on = "any"
+    writer = PcapNgWriter(str(tmp_path / "in.pcapng"))
+    writer.write(first)
+    writer.write(second)
+    writer.close()
+    proc = nfrewrite("replay", "-c", str(write_config(tmp_path)), "in.pcapng", "out.pcap",
+                     cwd=tmp_path)
+    assert proc.returncode == 4 and len(proc.stderr.splitlines()) == 1
+    assert "interfaces with link types 1 and 113" in proc.stderr
+    assert not (tmp_path / "out.pcap").exists()
+
+
+def test_in_port_and_out_port_stand_for_the_bridge_ports(tmp_path: Path) -> None:
+    config = write_config(tmp_path, (
+        '[[rule]]\nname = "from-eth1"\nmatch = { in_port = "eth1", out_port = "eth2" }\n'
+        'replace = [ { find = "secret", with = "SECRET" } ]\n'
+    ))
+    config.write_text('rules_dir = "rules"\n[[bridge]]\nname = "br0"\nports = ["eth1", "eth2"]\n')
+    write_pcap(tmp_path / "in.pcap", 101, [(bytes(conversation(4)[6].ip), T0)])
+    plain = nfrewrite("replay", "-c", str(config), "in.pcap", "a.pcap", cwd=tmp_path)
+    assert "rule from-eth1 0 rewritten" in report(plain.stdout)
+    ported = nfrewrite("replay", "-c", str(config), "--in-port", "eth1", "--out-port", "eth2",
+                       "in.pcap", "b.pcap", cwd=tmp_path)
+    assert "rule from-eth1 1 rewritten" in report(ported.stdout)
+    assert b"SECRET" in read_pcap(tmp_path / "b.pcap")[1][0][0]

@@ -13,6 +13,10 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Config and rule files the tests write must not be group/other-writable (the daemon refuses
+# those, as sshd does): make that independent of the caller's umask.
+os.umask(0o022)
+
 
 def _can_run_privileged() -> str | None:
     if os.geteuid() != 0:

@@ -241,18 +241,17 @@ def scrape(lab: Lab) -> str:
 def metric_summary(text: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
+    wanted = {"nfrewrite_packets_seen_total", "nfrewrite_packets_modified_total",
+              "nfrewrite_rule_applied_total", "nfrewrite_handler_errors_total",
+              "nfrewrite_packets_unparsed_total", "nfrewrite_worker_restarts_total",
+              "nfrewrite_kernel_queue_dropped_total", "nfrewrite_kernel_queue_user_dropped_total",
+              "nfrewrite_seqadj_flow_evictions_total"}
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name in ("nfrewrite_packets_seen_total", "nfrewrite_packets_modified_total",
-                          "nfrewrite_rule_applied_total", "nfrewrite_handler_errors_total",
-                          "nfrewrite_packets_unparsed_total", "nfrewrite_worker_restarts_total",
-                          "nfrewrite_kernel_queue_dropped_total",
-                          "nfrewrite_kernel_queue_user_dropped_total",
-                          "nfrewrite_seqadj_flow_evictions_total"):
-                if s.value:
-                    label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                    out[f"{s.name}{{{label}}}"] = s.value
+            if s.name in wanted and s.value:
+                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{label}}}"] = s.value
     return out
 
 

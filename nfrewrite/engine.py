@@ -81,6 +81,18 @@ class Engine:
         self.flows = flows
         self.mtu = mtu
         self._next_expire = 0.0
+        self._same_len: dict[Selection, bool] = {}
+
+    def _same_length(self, sel: Selection) -> bool:
+        """True when no replace of ``sel``'s rules changes a length (remembered per selection;
+        selections are shared and few, and a reload brings new ones)."""
+        same = self._same_len.get(sel)
+        if same is None:
+            same = all(len(r.find) == len(r.with_) for rule in sel.rules for r in rule.replaces)
+            if len(self._same_len) >= 4096:
+                self._same_len.clear()
+            self._same_len[sel] = same
+        return same
 
     def process(
         self,
@@ -136,7 +148,19 @@ class Engine:
         """Edits for a connection with no sequence state. Returns the flow if one was created."""
         if pkt.payload_len == 0 or not sel.has_replaces:
             return None, 0
-        found = _fitting(pkt, sel.find_edits(pkt.payload))
+        found = sel.find_edits(pkt.payload)
+        if not found:
+            return None, 0
+        if self._same_length(sel):
+            # Every pattern of the selection keeps its length (the common case): no growth to
+            # check, no edit to inspect one by one; a segment may carry dozens of them.
+            pkt.apply_edits([(s, e, n) for s, e, n, _ in found])
+            if len(sel.rules) == 1:
+                fired.append(sel.rules[0].name)
+            else:
+                fired.extend(rule.name for _, _, _, rule in found)
+            return None, 0
+        found = _fitting(pkt, found)
         if not found:
             return None, 0
         if self.flows is None or all(end - start == len(new) for start, end, new, _ in found):

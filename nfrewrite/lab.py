@@ -141,6 +141,22 @@ def cleanup_stale(prefix: str = DEFAULT_PREFIX, *, include_live_owners: bool = F
     return removed
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn a plain SIGTERM (``timeout``, a CI runner's cancel) into SystemExit, so ``with Lab()``
+    unwinds and deletes its namespaces instead of the process dying with them still there."""
+    import threading
+
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 class Lab:
     """client -- appliance -- server namespaces; use as a context manager."""
 
@@ -202,6 +218,7 @@ class Lab:
         self.close()
 
     def start(self) -> None:
+        _exit_cleanly_on_sigterm()
         try:
             self._build()
         except BaseException:

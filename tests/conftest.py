@@ -8,6 +8,8 @@ is a failure, never a silent skip.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -48,3 +50,13 @@ def lab(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
     with Lab(**getattr(request, "param", {})) as the_lab:
         yield the_lab
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    """A private temporary directory for a lab test's config, rules and captures.
+
+    Request it before ``lab`` so it is removed after the lab has killed every process in it.
+    """
+    with tempfile.TemporaryDirectory(prefix="nfr-test-") as d:
+        yield d

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -31,11 +30,6 @@ replace = [ { find = "Server: nginx", with = "Server: webby" } ]
 RESPONSE = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 0\r\n\r\n"
 REWRITTEN = RESPONSE.replace(b"Server: nginx", b"Server: webby")
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="nfr-test-") as d:
-        yield d
 
 
 def _saves(lab: Lab) -> tuple[str, str]:

@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -258,12 +257,6 @@ def running(lab: Lab, config: str) -> Iterator[Daemon]:
         assert daemon.stop() == 0
         assert os.listdir(rundir) == []
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    # requested before ``lab`` by every test, so it is removed after the lab killed everything
-    with tempfile.TemporaryDirectory(prefix="nfr-metrics-e2e-") as d:
-        yield d
 
 
 # -- 1. exact counts ------------------------------------------------------------------------------

@@ -13,9 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -39,11 +37,6 @@ replace = [ { find = "shrink-me-please", with = "ok" } ]
 
 NO_OFFLOAD = {"tx": False, "tso": False, "gso": False}
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="nfr-test-") as d:
-        yield d
 
 
 def _tshark(lab: Lab, role: str, pcap: str) -> subprocess.Popen[bytes]:

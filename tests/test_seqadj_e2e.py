@@ -16,9 +16,7 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -66,11 +64,6 @@ def undo(data: bytes, mapping: dict[bytes, bytes]) -> bytes:
 def rewritten_count(data: bytes, mapping: dict[bytes, bytes]) -> int:
     return sum(data.count(w) for w in mapping.values())
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="nfr-test-") as d:
-        yield d
 
 
 def _rst_capture(lab: Lab, role: str) -> subprocess.Popen[bytes]:

@@ -11,7 +11,7 @@ received):
 * port 8080, same-length rewrite, client to server; port 8081, length-changing rewrites in both
   directions (so sequence adjustment runs on every such connection);
 * IPv4 and IPv6; short connections (a few hundred bytes to a few kB, written in small chunks) and
-  long ones (hundreds of kB each way).
+  long ones (100-300 kB each way).
 
 Every ``--reload-every`` seconds the rule file is replaced by the other of two rule sets (A and B,
 whose replacements differ) and the daemon gets SIGHUP; the loop waits for "reload done", so each
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from nfrewrite.lab import Daemon, Lab, LabError, tcp_exchange, write_lab_config
 
+EXCHANGE_TIMEOUT = 180.0
 SAME_PORT = 8080
 GROW_PORT = 8081
 
@@ -99,7 +100,7 @@ def aligned_stream(rnd: random.Random, size: int, patterns: list[bytes], chunk: 
     written one record per ``send`` (below the MSS, 2 ms apart), no pattern is split between two
     segments, so every one must arrive rewritten."""
     out = bytearray()
-    while len(out) < size:
+    for _ in range(max(1, size // chunk)):
         rec = bytearray()
         while True:
             piece = filler(rnd, rnd.randint(0, 40))
@@ -150,6 +151,7 @@ class Totals:
     rewritten: int = 0
     reloads: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    slowest: dict[str, float] = field(default_factory=dict)
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -179,22 +181,31 @@ def one_exchange(lab: Lab, rnd: random.Random, ruleset: str, totals: Totals) -> 
     s2c = rs.get((port, "s2c"), {})
     if long:
         chunk = 0
-        up = stream(rnd, rnd.randint(200_000, 600_000), list(c2s))
-        down = stream(rnd, rnd.randint(200_000, 600_000), list(s2c))
+        up = stream(rnd, rnd.randint(100_000, 300_000), list(c2s))
+        down = stream(rnd, rnd.randint(100_000, 300_000), list(s2c))
     else:
-        chunk = rnd.choice((64, 333, 1000))
-        up = aligned_stream(rnd, rnd.randint(1, 4000), list(c2s), chunk)
-        down = aligned_stream(rnd, rnd.randint(1, 2000), list(s2c), chunk)
+        chunk = rnd.choice((64, 333, 700))
+        # at most 1400 bytes: below the MSS, so however Nagle coalesces the writes, no segment
+        # boundary falls inside a record (a bigger stream could be cut mid-pattern)
+        up = aligned_stream(rnd, rnd.randint(1, 1400), list(c2s), chunk)
+        down = aligned_stream(rnd, rnd.randint(1, 1400), list(s2c), chunk)
     kind = f"{'long' if long else 'short'}/v{family}/{port}"
     totals.exchanges += 1
     totals.by_kind[kind] = totals.by_kind.get(kind, 0) + 1
     totals.sent_c2s += len(up)
     totals.sent_s2c += len(down)
+    t0 = time.monotonic()
     try:
-        got = tcp_exchange(lab, up, down, family=family, port=port, chunk=chunk, timeout=60)
+        # generous: dense growing edits cut many full-size segments at the MTU and the sender
+        # retransmits the rest, so such transfers run at tens of kB/s; a stall still fails
+        got = tcp_exchange(lab, up, down, family=family, port=port, chunk=chunk,
+                           timeout=EXCHANGE_TIMEOUT)
     except LabError as e:
         totals.failures.append(f"#{totals.exchanges} {kind} rules {ruleset}: {e}")
         return
+    took = time.monotonic() - t0
+    slow = totals.slowest.get(kind, 0.0)
+    totals.slowest[kind] = max(slow, took)
     totals.recv_server += len(got.server_received)
     totals.recv_client += len(got.client_received)
     ok = True
@@ -211,8 +222,13 @@ def one_exchange(lab: Lab, rnd: random.Random, ruleset: str, totals: Totals) -> 
         if not long:
             if arrived != expected:
                 ok = False
+                at = next((i for i, (a, b) in enumerate(zip(arrived, expected, strict=False))
+                           if a != b),
+                          min(len(arrived), len(expected)))
                 totals.failures.append(f"{where}: {len(arrived)} bytes arrived, not the "
-                                       f"{len(expected)} expected")
+                                       f"{len(expected)} expected; first difference at {at}: "
+                                       f"{arrived[at - 20:at + 20]!r} vs "
+                                       f"{expected[at - 20:at + 20]!r}")
         elif undo(arrived, mapping) != sent:
             ok = False
             totals.failures.append(f"{where}: {len(arrived)} bytes arrived that do not map back "
@@ -272,31 +288,37 @@ def run(minutes: float, reload_every: float, sample_every: float, seed: int) -> 
             next_reload = start + reload_every
             next_sample = start
             current = "A"
-            while True:
-                now = time.monotonic()
-                if now >= next_sample or now >= end:
-                    samples.append(Sample(now - start, proc_rss_kb(sup), proc_fds(sup),
-                                          proc_rss_kb(wrk), proc_fds(wrk), totals.exchanges))
-                    next_sample = now + sample_every
-                    s = samples[-1]
-                    print(f"[{s.t:7.1f}s] exchanges {totals.exchanges} verified "
-                          f"{totals.verified} failures {len(totals.failures)} rules {current} "
-                          f"rss sup {s.sup_rss} kB wrk {s.wrk_rss} kB fds {s.sup_fds}/{s.wrk_fds}",
-                          flush=True)
-                if now >= end:
-                    break
-                if now >= next_reload:
-                    current = "B" if current == "A" else "A"
-                    write_rules(rule_file, current)
-                    tail = daemon.reload()
-                    if "reload done" not in tail:
-                        totals.failures.append(f"reload to {current} failed: {tail.strip()}")
-                    totals.reloads += 1
-                    next_reload = time.monotonic() + reload_every
-                    if worker_pid(daemon) != wrk:
-                        totals.failures.append("the worker was restarted")
-                        wrk = worker_pid(daemon)
-                one_exchange(lab, rnd, current, totals)
+            try:
+                while True:
+                    now = time.monotonic()
+                    if now >= next_sample or now >= end:
+                        samples.append(Sample(now - start, proc_rss_kb(sup), proc_fds(sup),
+                                              proc_rss_kb(wrk), proc_fds(wrk), totals.exchanges))
+                        next_sample = now + sample_every
+                        s = samples[-1]
+                        print(f"[{s.t:7.1f}s] exchanges {totals.exchanges} verified "
+                              f"{totals.verified} failures {len(totals.failures)} "
+                              f"rules {current} rss sup {s.sup_rss} kB wrk {s.wrk_rss} kB "
+                              f"fds {s.sup_fds}/{s.wrk_fds}", flush=True)
+                    if now >= end:
+                        break
+                    if now >= next_reload:
+                        current = "B" if current == "A" else "A"
+                        write_rules(rule_file, current)
+                        tail = daemon.reload()
+                        if "reload done" not in tail:
+                            totals.failures.append(f"reload to {current} failed: {tail.strip()}")
+                        totals.reloads += 1
+                        next_reload = time.monotonic() + reload_every
+                        if worker_pid(daemon) != wrk:
+                            totals.failures.append("the worker was restarted")
+                            wrk = worker_pid(daemon)
+                    failed = len(totals.failures)
+                    one_exchange(lab, rnd, current, totals)
+                    for line in totals.failures[failed:]:
+                        print(f"FAILURE: {line}", flush=True)
+            except KeyboardInterrupt:
+                totals.failures.append("interrupted before the end")
             final_metrics = metric_summary(scrape(lab))
             rc_stop = daemon.stop()
             if rc_stop != 0:
@@ -316,7 +338,7 @@ def report(totals: Totals, samples: list[Sample], final_metrics: dict[str, float
     print(f"exchanges {totals.exchanges}, verified byte for byte {totals.verified}, "
           f"reloads {totals.reloads}")
     for kind, n in sorted(totals.by_kind.items()):
-        print(f"  {kind:18s} {n}")
+        print(f"  {kind:18s} {n:5d}  slowest {totals.slowest.get(kind, 0.0):6.1f} s")
     print(f"client sent {totals.sent_c2s} B -> server received {totals.recv_server} B")
     print(f"server sent {totals.sent_s2c} B -> client received {totals.recv_client} B")
     print(f"both ends received {totals.recv_server + totals.recv_client} B; "

@@ -93,7 +93,10 @@ CONFIG_ARG = arg(
 
 
 @command(
-    "check", "validate the config and every rule file; report all errors", CONFIG_ARG,
+    "check",
+    "validate the config and every rule file, run each rule's examples through the engine; "
+    "report all errors (exit 0 OK, 1 errors)",
+    CONFIG_ARG,
     arg("--no-length-change", action="store_true",
         help="treat a replace that changes the payload length as an error"),
     arg("--show-kernel-rules", action="store_true",

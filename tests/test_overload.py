@@ -1,6 +1,6 @@
 """Overload: a stopped worker fills its queue; traffic keeps flowing (fail-open); no restart needed.
 
-A steady stream of 100-byte records (each with the pattern ``apple``, one ``send`` each,
+A steady stream of 181-byte records (each with the pattern ``apple``, one ``send`` each,
 TCP_NODELAY) runs client -> server through the appliance, whose rule rewrites ``apple`` ->
 ``APPLE`` (same length, so every packet of the stream is queued through the string prefilter).
 The worker gets SIGSTOP: the kernel queue (``[queue] maxlen = 32``: below the congestion window
@@ -42,7 +42,9 @@ match = { dport = 8080 }
 replace = [ { find = "apple", with = "APPLE" } ]
 """
 MAXLEN = 32
-RECORD = 100
+#: 8 records make one full segment (MSS 1448 on the lab's 1500-byte veths, with timestamps): when
+#: a backlog coalesces records, segments still end on record boundaries, so no pattern is split
+RECORD = 181
 
 #: Server: accept one connection, append everything to argv[2] until EOF.
 SERVER = r"""

@@ -207,7 +207,11 @@ def test_a_same_length_stream_survives_kill_9_and_a_restart_reattaches_with_one_
     i_restart = mark()
     second = _daemon(lab, config)
     try:
-        assert _rules(lab) == (v4_before, v6_before)  # exactly one copy again
+        v4, v6 = _rules(lab)
+        assert (v4, v6) == (v4_before, v6_before)  # exactly one copy again
+        for text in (v4, v6):
+            assert text.count("-A FORWARD -j NFREWRITE") == 1
+            assert text.count("-A POSTROUTING -j NFREWRITE_POST") == 1
         time.sleep(1.0)
         i_resumed = mark()
         time.sleep(0.5)

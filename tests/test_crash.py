@@ -25,8 +25,8 @@ What happens (measured on this kernel; each point is asserted below):
   - offset < 0 (``shrink-me-please`` -> ``s``, -15): the client's next segment starts 15 bytes
     beyond what the server expects; the server holds it out of order and acks the old point,
     which the client ignores as an old ack. The connection **stalls**: nothing more arrives,
-    during the outage or after the restart (the new daemon has no record of the offset); it ends
-    only when the client's retransmissions give up.
+    during the outage or after the restart (the new daemon has no record of the offset);
+    presumably until the client's retransmissions give up (not waited for here).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ TCP_NODELAY) runs client -> server through the appliance, whose rule rewrites ``
 ``APPLE`` (same length, so every packet of the stream is queued through the string prefilter).
 The worker gets SIGSTOP: the kernel queue (``[queue] maxlen = 32``: below the congestion window
 the stream reaches, so one connection fills it) fills, and from then on the kernel passes packets
-without queueing them (``NFQA_CFG_F_FAIL_OPEN``): the stream goes on, unrewritten. The sender
-retransmits what is stuck in the queue (the receiver SACKs around the hole) and those copies pass
-too. After SIGCONT the worker verdicts the stuck packets (the receiver discards them as
-duplicates) and rewriting resumes on the same connection and on new ones, without a restart.
+without queueing them (``NFQA_CFG_F_FAIL_OPEN``): the stream goes on, unrewritten (what is stuck
+in the queue is retransmitted by the sender, and those copies pass too). After SIGCONT the worker
+verdicts the stuck packets and rewriting resumes on the same connection and on new ones, without
+a restart. Every record arrives, in order, each either rewritten or intact.
 
 What the kernel shows while the queue is full (measured on this kernel, asserted below):
 ``/proc/net/netfilter/nfnetlink_queue`` says waiting = maxlen, and *nothing else moves*: the

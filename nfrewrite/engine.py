@@ -21,7 +21,9 @@ For each packet:
    directions, goes through the flow's sequence adjuster, which decides which edits apply (by
    original stream position, so retransmissions get the same edits) and maps seq/ack/SACK
    numbers.
-5. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
+5. SYNs of a connection whose segments some rule will grow get a lower MSS, leaving room for the
+   growth; a segment that still grows past the MTU is cut by the sequence adjuster.
+6. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
    held only the pseudo-header seed (TX offload).
 
 The engine's mutable state is the flow table, owned by one worker; the rule set is swapped whole on
@@ -32,13 +34,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nfrewrite.packet import ACK, FIN, TcpPacket, parse
+from nfrewrite.packet import ACK, FIN, SYN, TcpPacket, parse
 from nfrewrite.rules import Rule, RuleSet, Selection
 from nfrewrite.seqadj import Flow, FlowTable, SegmentPlan, flow_key
 
 ACCEPT = 1
 DROP = 0
 EXPIRE_EVERY = 1.0  # seconds between sweeps of the flow table
+#: MSS lowering on SYNs of connections whose replies rules grow: room for growth in each segment,
+#: 4x the largest single growth (several occurrences per segment), at least 128 and at most 512
+#: bytes, never below the IPv4 minimum MSS.
+MSS_ROOM_PER_GROWTH = 4
+MSS_ROOM_MIN = 128
+MSS_ROOM_MAX = 512
+MIN_MSS = 536
 #: Largest IP packet a grown segment may become (a larger arriving packet raises it for itself).
 DEFAULT_MTU = 1500
 
@@ -82,6 +91,7 @@ class Engine:
         self.mtu = mtu
         self._next_expire = 0.0
         self._same_len: dict[Selection, bool] = {}
+        self._growth: dict[Selection, int] = {}
 
     def _same_length(self, sel: Selection) -> bool:
         """True when no replace of ``sel``'s rules changes a length (remembered per selection;
@@ -93,6 +103,35 @@ class Engine:
                 self._same_len.clear()
             self._same_len[sel] = same
         return same
+
+    def _max_growth(self, sel: Selection) -> int:
+        """The most one replace of ``sel``'s rules adds to a payload (0: none grows)."""
+        growth = self._growth.get(sel)
+        if growth is None:
+            growth = max(
+                (len(r.with_) - len(r.find) for rule in sel.rules for r in rule.replaces),
+                default=0,
+            )
+            if len(self._growth) >= 4096:
+                self._growth.clear()
+            self._growth[sel] = max(growth, 0)
+        return self._growth[sel]
+
+    def _leave_room_for_growth(
+        self, pkt: TcpPacket, in_port: str | None, out_port: str | None
+    ) -> bool:
+        """On a SYN, lower the announced MSS when rules grow the segments the peer will send in
+        reply (the other direction): a grown segment past the MTU would have to be cut, which costs
+        the sender a retransmission every time."""
+        rev = self.ruleset.select(
+            pkt.version, pkt.dst, pkt.src, pkt.dport, pkt.sport, out_port, in_port
+        )
+        growth = self._max_growth(rev) if rev.has_replaces else 0
+        mss = pkt.mss if growth else None
+        if mss is None:
+            return False
+        room = min(max(MSS_ROOM_MIN, MSS_ROOM_PER_GROWTH * growth), MSS_ROOM_MAX)
+        return pkt.clamp_mss(max(MIN_MSS, mss - room))
 
     def process(
         self,
@@ -119,7 +158,11 @@ class Engine:
             key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
             flow = flows.get(key)
         rules = sel.rules
+        if pkt.flags & SYN and pkt.doff > 20:
+            self._leave_room_for_growth(pkt, in_port, out_port)
         if not rules and flow is None:
+            if pkt.modified:
+                return Result(ACCEPT, pkt.finish())
             return PASS
 
         fired: list[str] = []

@@ -19,6 +19,10 @@ direction in order through the queue; the other direction can only answer edited
 verdict, by which time the connmark (the rule :mod:`nfrewrite.firewall` always puts first) catches
 it.
 
+A rule with a replace that grows also queues the SYNs of the opposite direction: the MSS they
+announce bounds the segments this rule will grow, and the engine lowers it to leave room (so grown
+segments rarely have to be cut at the MTU).
+
 A rule whose only action is an MSS edit queues only segments with SYN set (``--tcp-flags SYN
 SYN``: SYN and SYN-ACK), the only ones that carry the option.
 
@@ -59,7 +63,18 @@ def _matches_of(rule: Rule) -> list[QueueMatch]:
     if mss_only:
         return [QueueMatch(**base, syn_only=True)]  # type: ignore[arg-type]
     if not literal_only:
-        return [QueueMatch(**base)]  # type: ignore[arg-type]
+        out = [QueueMatch(**base)]  # type: ignore[arg-type]
+        if any(len(r.with_) > len(r.find) for r in rule.replaces):
+            # the SYNs of the other direction announce the MSS that bounds this direction's
+            # segments: the engine lowers it to leave room for growth (see engine.py)
+            reverse = {
+                **base,
+                "sports": base["dports"], "dports": base["sports"],
+                "src": base["dst"], "dst": base["src"],
+                "in_port": base["out_port"], "out_port": base["in_port"],
+            }
+            out.append(QueueMatch(**reverse, syn_only=True))  # type: ignore[arg-type]
+        return out
     finds = dict.fromkeys(r.find for r in rule.replaces)
     return [QueueMatch(**base, literal=f) for f in finds]  # type: ignore[arg-type]
 

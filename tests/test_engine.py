@@ -150,3 +150,53 @@ def test_corrupt_input_stays_corrupt_through_a_rewrite(tmp_path: Path) -> None:
     assert res.packet is not None
     after = field_error(IP(res.packet)[TCP].chksum, scapy_tcp_checksum(res.packet))
     assert before == after != 0
+
+
+def test_syn_of_a_connection_whose_replies_grow_announces_a_lower_mss(tmp_path: Path) -> None:
+    """Rules that grow server->client segments: the client's SYN leaves room for the growth, so
+    grown segments fit the MTU instead of being cut (and retransmitted)."""
+    rs = ruleset(
+        tmp_path,
+        """
+        [[rule]]
+        name = "grow"
+        match = { sport = 8080 }
+        replace = [ { find = "nginx", with = "a-much-longer-name" } ]
+        """,
+    )
+    engine = Engine(rs, FlowTable())
+    syn = bytes(
+        IP(src="198.18.0.1", dst="198.18.0.2")
+        / TCP(sport=40000, dport=8080, flags="S", options=[("MSS", 1460), ("SAckOK", b"")])
+    )
+    res = engine.process(syn)
+    assert res.packet is not None and res.rules == ()
+    assert dict(IP(res.packet)[TCP].options)["MSS"] == 1460 - 128
+    _ok(res.packet)
+    # the other direction's SYN-ACK is not touched: nothing grows what the client sends
+    synack = bytes(
+        IP(src="198.18.0.2", dst="198.18.0.1")
+        / TCP(sport=8080, dport=40000, flags="SA", options=[("MSS", 1460)])
+    )
+    assert engine.process(synack).packet is None
+
+
+def test_the_prefilter_queues_the_syns_that_announce_the_mss_for_growing_rules(
+    tmp_path: Path,
+) -> None:
+    from nfrewrite.prefilter import compile_prefilter
+
+    rs = ruleset(
+        tmp_path,
+        """
+        [[rule]]
+        name = "grow"
+        match = { sport = 8080, in_port = "nfr1" }
+        replace = [ { find = "a", with = "bb" } ]
+        """,
+    )
+    v4, _ = compile_prefilter(rs)
+    syn = [m for m in v4 if m.syn_only]
+    assert len(syn) == 1
+    assert syn[0].dports == ((8080, 8080),) and syn[0].sports is None
+    assert syn[0].out_port == "nfr1" and syn[0].in_port is None

@@ -46,11 +46,13 @@ S2C = {b"UP": b"[[up-up-up-up]]", b"DOWN-DOWN-DOWN": b"_"}
 
 
 def stream(size: int, patterns: list[bytes], seed: int) -> bytes:
-    """Lower-case filler with patterns sprinkled densely (many per segment)."""
+    """Lower-case filler with patterns sprinkled densely (several per segment; not so dense that
+    the edits in flight exceed the flow's bounded edit record, 4096 per direction, past which new
+    edits are refused and their bytes pass unedited)."""
     rnd = random.Random(seed)
     out = bytearray()
     while len(out) < size:
-        out += bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(0, 90)))
+        out += bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(0, 300)))
         out += rnd.choice(patterns)
     return bytes(out)
 

@@ -35,13 +35,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from nfrewrite.lab import Daemon, Lab, read_line, tcp_exchange, write_lab_config
+from tests.peers import LineConn
 
 pytestmark = pytest.mark.privileged
 
@@ -61,68 +60,6 @@ name = "shrink"
 match = { dport = 8082 }
 replace = [ { find = "shrink-me-please", with = "s" } ]
 """
-
-#: Server: accept one connection on argv[2]; write what arrives to stdout as it comes.
-STEP_SERVER = r"""
-import socket, sys
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1); print("READY", flush=True)
-c, _ = srv.accept(); c.settimeout(120)
-while True:
-    try:
-        d = c.recv(65536)
-    except OSError as e:
-        sys.stderr.write(f"{e}\n"); break
-    if not d:
-        break
-    sys.stdout.buffer.write(d); sys.stdout.flush()
-"""
-
-#: Client: one connection; each stdin line is sent as one segment (TCP_NODELAY), then "sent".
-STEP_CLIENT = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-print("READY", flush=True)
-for line in sys.stdin:
-    s.sendall(line.encode())
-    print("sent", flush=True)
-"""
-
-
-class Conn:
-    """A connection that stays open across the crash; lines go one at a time."""
-
-    def __init__(self, lab: Lab, port: int) -> None:
-        env = lab.python_env()
-        self.server = lab.popen("server", [sys.executable, "-c", STEP_SERVER, lab.server_v4,
-                                           str(port)], env=env, stdin=subprocess.DEVNULL)
-        assert read_line(self.server, 10).strip() == b"READY"
-        assert self.server.stdout is not None
-        os.set_blocking(self.server.stdout.fileno(), False)
-        self.client = lab.popen("client", [sys.executable, "-c", STEP_CLIENT, lab.server_v4,
-                                           str(port)], env=env, stdin=subprocess.PIPE)
-        assert read_line(self.client, 10).strip() == b"READY"
-        self.received = b""
-
-    def send(self, line: bytes, wait: float = 3.0) -> bytes:
-        """Send one line; return what arrived at the server for it within ``wait`` seconds
-        (returns as soon as a newline arrived)."""
-        assert self.client.stdin is not None and self.server.stdout is not None
-        self.client.stdin.write(line + b"\n")
-        self.client.stdin.flush()
-        assert read_line(self.client, 10).strip() == b"sent"
-        start = len(self.received)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            piece = self.server.stdout.read()
-            if piece:
-                self.received += piece
-                if self.received.endswith(b"\n"):
-                    break
-            time.sleep(0.02)
-        return self.received[start:]
-
 
 def _rules(lab: Lab) -> tuple[str, str]:
     """Our rules in both families, counters and comments left out."""
@@ -165,11 +102,6 @@ def _daemon(lab: Lab, config: str) -> Daemon:
     os.makedirs(rundir, mode=0o700, exist_ok=True)
     return Daemon(lab, config, env={"RUNTIME_DIRECTORY": rundir}).start()
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="nfr-crash-") as d:
-        yield d
 
 
 
@@ -244,7 +176,7 @@ def test_flows_with_a_sequence_offset_lose_bytes_or_stall_after_kill_9(
     config = write_lab_config(workdir, {"10.toml": RULES})
     first = _daemon(lab, config)
     lab.wait_reachable()
-    grow, shrink = Conn(lab, 8081), Conn(lab, 8082)
+    grow, shrink = LineConn(lab, 8081), LineConn(lab, 8082)
     assert grow.send(b"grow 1") == b"GROWN!! 1\n"  # offset +3 from here on
     assert shrink.send(b"shrink-me-please 1") == b"s 1\n"  # offset -15
     _kill_9(first)

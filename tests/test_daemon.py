@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, LabError, tcp_exchange, write_lab_config
+from nfrewrite.lab import Daemon, Lab, tcp_exchange, write_lab_config
+from tests.peers import LineConn
 
 pytestmark = pytest.mark.privileged
 
@@ -138,73 +139,6 @@ def test_checksums_with_client_offload_on_are_accepted_by_the_receiver(
     assert got.client_received.count(b"Server: webby") > 2800
 
 
-STEP_CLIENT = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 8080), timeout=20)
-for line in sys.stdin:
-    if line.strip() == "end":
-        break
-    s.sendall(line.strip().encode() + b"\n")
-    sys.stdout.write("sent\n"); sys.stdout.flush()
-s.shutdown(socket.SHUT_WR)
-while s.recv(65536):
-    pass
-"""
-
-STEP_SERVER = r"""
-import socket, sys
-srv = socket.socket(socket.AF_INET); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], 8080)); srv.listen(1); print("READY", flush=True)
-c, _ = srv.accept(); c.settimeout(20)
-while True:
-    d = c.recv(65536)
-    if not d:
-        break
-    sys.stdout.buffer.write(d); sys.stdout.flush()
-c.close()
-"""
-
-
-class Stepper:
-    """A connection that stays open: the test sends line by line and reads what arrived."""
-
-    def __init__(self, lab: Lab) -> None:
-        env = lab.python_env()
-        self.server = lab.popen("server", [sys.executable, "-c", STEP_SERVER, lab.server_v4],
-                                env=env, stdin=subprocess.DEVNULL)
-        assert self.server.stdout is not None
-        assert self.server.stdout.readline().strip() == b"READY"
-        os.set_blocking(self.server.stdout.fileno(), False)
-        self.client = lab.popen("client", [sys.executable, "-c", STEP_CLIENT, lab.server_v4],
-                                env=env, stdin=subprocess.PIPE)
-        self.received = b""
-
-    def send(self, line: bytes) -> bytes:
-        """Send one line; return what the server got for it."""
-        assert self.client.stdin is not None and self.client.stdout is not None
-        self.client.stdin.write(line + b"\n")
-        self.client.stdin.flush()
-        assert self.client.stdout.readline().strip() == b"sent"
-        deadline = time.monotonic() + 10
-        start = len(self.received)
-        while time.monotonic() < deadline:
-            assert self.server.stdout is not None
-            piece = self.server.stdout.read()
-            if piece:
-                self.received += piece
-            if self.received.endswith(b"\n") and len(self.received) > start:
-                return self.received[start:]
-            time.sleep(0.02)
-        raise LabError(f"line never arrived; got {self.received!r}")
-
-    def close(self) -> None:
-        assert self.client.stdin is not None
-        self.client.stdin.write(b"end\n")
-        self.client.stdin.close()
-        self.client.wait(10)
-        self.server.wait(10)
-
-
 def test_sighup_changes_behaviour_on_an_open_connection_and_bad_files_keep_old_rules(
     lab: Lab, workdir: str
 ) -> None:
@@ -218,7 +152,7 @@ replace = [ { find = "apple", with = "APPLE" } ]
     rule_file = os.path.join(workdir, "rules", "10.toml")
     with Daemon(lab, config) as daemon:
         lab.wait_reachable()
-        conn = Stepper(lab)
+        conn = LineConn(lab)
         assert conn.send(b"apple pear") == b"APPLE pear\n"
         with open(rule_file, "w") as f:
             f.write(rule.replace('"apple", with = "APPLE"', '"pear", with = "PEAR"'))

@@ -53,9 +53,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -607,11 +606,6 @@ def _cases(f: Frames, workdir: str) -> dict[str, Case]:
         gsegs, None, seen=4, modified=4, gap=0.1, check=overlap_grow)
     return c
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="nfr-hostile-") as d:
-        yield d
 
 
 @pytest.mark.parametrize("lab", [{"client_offloads": {"gro": False},

@@ -24,9 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -128,11 +126,6 @@ def queue_rule_packets(lab: Lab) -> int:
     (line,) = [x for x in out.splitlines() if "--dport 8080" in x and "NFQUEUE" in x]
     return int(line.split("]")[0].strip("[").split(":")[0])
 
-
-@pytest.fixture
-def workdir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="nfr-overload-") as d:
-        yield d
 
 
 def test_a_stopped_worker_fails_open_and_rewriting_resumes_without_restart(

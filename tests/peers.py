@@ -1,0 +1,84 @@
+"""A lab TCP connection that stays open while a test changes things around it.
+
+The client in the client namespace sends each line the test gives it as one segment
+(TCP_NODELAY) and says "sent"; the server in the server namespace writes what arrives to its
+stdout as it comes. Used to watch one live connection across a reload, a crash or a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from nfrewrite.lab import Lab, read_line
+
+SERVER = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1); print("READY", flush=True)
+c, _ = srv.accept(); c.settimeout(120)
+while True:
+    try:
+        d = c.recv(65536)
+    except OSError as e:
+        sys.stderr.write(f"{e}\n"); break
+    if not d:
+        break
+    sys.stdout.buffer.write(d); sys.stdout.flush()
+"""
+
+CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+print("READY", flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    print("sent", flush=True)
+s.shutdown(socket.SHUT_WR)
+while s.recv(65536):
+    pass
+"""
+
+
+class LineConn:
+    """One open connection client -> server:``port``; :meth:`send` one line at a time."""
+
+    def __init__(self, lab: Lab, port: int = 8080) -> None:
+        env = lab.python_env()
+        self.server = lab.popen("server", [sys.executable, "-c", SERVER, lab.server_v4,
+                                           str(port)], env=env, stdin=subprocess.DEVNULL)
+        assert read_line(self.server, 10).strip() == b"READY"
+        assert self.server.stdout is not None
+        os.set_blocking(self.server.stdout.fileno(), False)
+        self.client = lab.popen("client", [sys.executable, "-c", CLIENT, lab.server_v4,
+                                           str(port)], env=env, stdin=subprocess.PIPE)
+        assert read_line(self.client, 10).strip() == b"READY"
+        self.received = b""
+
+    def send(self, line: bytes, wait: float = 5.0) -> bytes:
+        """Send one line; return what arrived at the server for it within ``wait`` seconds
+        (as soon as a newline arrived; b"" if nothing did)."""
+        assert self.client.stdin is not None and self.server.stdout is not None
+        self.client.stdin.write(line + b"\n")
+        self.client.stdin.flush()
+        assert read_line(self.client, 10).strip() == b"sent"
+        start = len(self.received)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            piece = self.server.stdout.read()
+            if piece:
+                self.received += piece
+                if self.received.endswith(b"\n"):
+                    break
+            time.sleep(0.02)
+        return self.received[start:]
+
+    def close(self) -> None:
+        """Half-close from the client; both ends finish."""
+        assert self.client.stdin is not None
+        self.client.stdin.close()
+        self.client.wait(10)
+        self.server.wait(10)

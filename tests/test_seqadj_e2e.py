@@ -122,14 +122,14 @@ def test_the_same_with_two_percent_loss_at_both_ends(lab: Lab, workdir: str, fam
                        "random", "--probability", "0.02", "-j", "DROP"])
     with Daemon(lab, config):
         lab.wait_reachable()
-        _exchange_and_check(lab, family, 1_000_000, seed=10 + family)
+        _exchange_and_check(lab, family, 2_000_000, seed=10 + family)
     dropped = sum(
         int(line.split()[0].strip("[]").split(":")[0])
         for role in ("client", "server")
         for line in lab.run(role, [f"{tool}-save", "-c"]).stdout.splitlines()  # type: ignore[arg-type]
         if "statistic" in line
     )
-    assert dropped > 50  # loss really happened, so retransmissions (and SACK) were exercised
+    assert dropped > 40  # loss really happened, so retransmissions (and SACK) were exercised
 
 
 HTTP_RULE = """

@@ -82,3 +82,86 @@ class LineConn:
         self.client.stdin.close()
         self.client.wait(10)
         self.server.wait(10)
+
+
+#: 8 records make one full segment (MSS 1448 on the lab's 1500-byte veths, with timestamps): when
+#: a backlog coalesces records, segments still end on record boundaries, so no pattern is split
+RECORD = 181
+
+#: Record stream server: accept one connection, append everything to argv[2] until EOF.
+RECORD_SERVER = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 8080)); srv.listen(1); print("READY", flush=True)
+c, _ = srv.accept(); c.settimeout(60)
+with open(sys.argv[2], "wb") as out:
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        out.write(d); out.flush()
+"""
+
+#: Client: a record every 2 ms from a thread; on "mark" prints how many were sent; on "end"
+#: stops, closes and prints the total.
+RECORD_CLIENT = r"""
+import socket, sys, threading, time
+s = socket.create_connection((sys.argv[1], 8080), timeout=30)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+n = 0
+stop = False
+def rec(i):
+    head = b"%08d apple " % i
+    return head + b"x" * (int(sys.argv[2]) - len(head) - 1) + b"\n"
+def run():
+    global n
+    while not stop:
+        s.sendall(rec(n)); n += 1
+        time.sleep(0.002)
+t = threading.Thread(target=run); t.start()
+print("READY", flush=True)
+for line in sys.stdin:
+    if line.strip() == "end":
+        break
+    print(n, flush=True)
+stop = True; t.join()
+s.shutdown(socket.SHUT_WR); s.settimeout(30)
+while s.recv(65536):
+    pass
+print(n, flush=True)
+"""
+
+def record(i: int) -> bytes:
+    head = b"%08d apple " % i
+    return head + b"x" * (RECORD - len(head) - 1) + b"\n"
+
+
+
+class RecordStream:
+    """A steady stream of numbered records (one every 2 ms, ``apple`` in each) client -> server
+    port 8080, written by the server to ``received``; :meth:`mark` tells how many were sent."""
+
+    def __init__(self, lab: Lab, received: str) -> None:
+        env = lab.python_env()
+        self.server = lab.popen("server", [sys.executable, "-c", RECORD_SERVER, lab.server_v4,
+                                           received], env=env, stdin=subprocess.DEVNULL)
+        assert read_line(self.server, 10).strip() == b"READY"
+        self.client = lab.popen("client", [sys.executable, "-c", RECORD_CLIENT, lab.server_v4,
+                                           str(RECORD)], env=env, stdin=subprocess.PIPE)
+        assert read_line(self.client, 10).strip() == b"READY"
+
+    def mark(self) -> int:
+        """How many records the client has sent so far."""
+        assert self.client.stdin is not None
+        self.client.stdin.write(b"mark\n")
+        self.client.stdin.flush()
+        return int(read_line(self.client, 10))
+
+    def end(self) -> int:
+        """Stop sending, close, wait for both ends; the total number of records sent."""
+        assert self.client.stdin is not None
+        self.client.stdin.write(b"end\n")
+        self.client.stdin.flush()
+        total = int(read_line(self.client, 40))
+        assert self.client.wait(10) == 0 and self.server.wait(40) == 0
+        return total

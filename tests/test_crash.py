@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, read_line, tcp_exchange, write_lab_config
-from tests.peers import LineConn
+from nfrewrite.lab import Daemon, Lab, tcp_exchange, write_lab_config
+from tests.peers import RECORD, LineConn, RecordStream, record
 
 pytestmark = pytest.mark.privileged
 
@@ -108,27 +106,15 @@ def _daemon(lab: Lab, config: str) -> Daemon:
 def test_a_same_length_stream_survives_kill_9_and_a_restart_reattaches_with_one_copy(
     lab: Lab, workdir: str
 ) -> None:
-    from tests.test_overload import CLIENT, RECORD, SERVER, record
 
     config = write_lab_config(workdir, {"10.toml": RULES})
     received = os.path.join(workdir, "received")
-    env = lab.python_env()
     first = _daemon(lab, config)
     lab.wait_reachable()
     v4_before, v6_before = _rules(lab)
     assert v4_before.count("-A FORWARD -j NFREWRITE") == 1
-    server = lab.popen("server", [sys.executable, "-c", SERVER, lab.server_v4, received],
-                       env=env, stdin=subprocess.DEVNULL)
-    assert read_line(server, 10).strip() == b"READY"
-    client = lab.popen("client", [sys.executable, "-c", CLIENT, lab.server_v4, str(RECORD)],
-                       env=env, stdin=subprocess.PIPE)
-    assert read_line(client, 10).strip() == b"READY"
-
-    def mark() -> int:
-        assert client.stdin is not None
-        client.stdin.write(b"mark\n")
-        client.stdin.flush()
-        return int(read_line(client, 10))
+    stream = RecordStream(lab, received)
+    mark = stream.mark
 
     time.sleep(1.0)
     i_kill = mark()
@@ -147,11 +133,7 @@ def test_a_same_length_stream_survives_kill_9_and_a_restart_reattaches_with_one_
         time.sleep(1.0)
         i_resumed = mark()
         time.sleep(0.5)
-        assert client.stdin is not None
-        client.stdin.write(b"end\n")
-        client.stdin.flush()
-        total = int(read_line(client, 40))
-        assert client.wait(10) == 0 and server.wait(40) == 0
+        total = stream.end()
         again = tcp_exchange(lab, b"apple pie", b"ok")
         assert again.server_received == b"APPLE pie"
     finally:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, LabError, read_line, tcp_exchange, write_lab_config
+from nfrewrite.lab import Daemon, Lab, LabError, tcp_exchange, write_lab_config
 from nfrewrite.metrics import read_queue_stats
+from tests.peers import RECORD, RecordStream, record
 
 pytestmark = pytest.mark.privileged
 
@@ -40,63 +40,11 @@ match = { dport = 8080 }
 replace = [ { find = "apple", with = "APPLE" } ]
 """
 MAXLEN = 32
-#: 8 records make one full segment (MSS 1448 on the lab's 1500-byte veths, with timestamps): when
-#: a backlog coalesces records, segments still end on record boundaries, so no pattern is split
-RECORD = 181
-
-#: Server: accept one connection, append everything to argv[2] until EOF.
-SERVER = r"""
-import socket, sys
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], 8080)); srv.listen(1); print("READY", flush=True)
-c, _ = srv.accept(); c.settimeout(60)
-with open(sys.argv[2], "wb") as out:
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        out.write(d); out.flush()
-"""
-
-#: Client: a record every 2 ms from a thread; on "mark" prints how many were sent; on "end"
-#: stops, closes and prints the total.
-CLIENT = r"""
-import socket, sys, threading, time
-s = socket.create_connection((sys.argv[1], 8080), timeout=30)
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-n = 0
-stop = False
-def rec(i):
-    head = b"%08d apple " % i
-    return head + b"x" * (int(sys.argv[2]) - len(head) - 1) + b"\n"
-def run():
-    global n
-    while not stop:
-        s.sendall(rec(n)); n += 1
-        time.sleep(0.002)
-t = threading.Thread(target=run); t.start()
-print("READY", flush=True)
-for line in sys.stdin:
-    if line.strip() == "end":
-        break
-    print(n, flush=True)
-stop = True; t.join()
-s.shutdown(socket.SHUT_WR); s.settimeout(30)
-while s.recv(65536):
-    pass
-print(n, flush=True)
-"""
-
 SCRAPE = r"""
 import sys, urllib.request
 o = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 sys.stdout.write(o.open("http://127.0.0.1:9640/metrics", timeout=5).read().decode())
 """
-
-
-def record(i: int) -> bytes:
-    head = b"%08d apple " % i
-    return head + b"x" * (RECORD - len(head) - 1) + b"\n"
 
 
 def scrape(lab: Lab) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -137,23 +85,12 @@ def test_a_stopped_worker_fails_open_and_rewriting_resumes_without_restart(
     with open(config, "w") as f:
         f.write(text.replace("[queue]\n", f"[queue]\nmaxlen = {MAXLEN}\n"))
     received = os.path.join(workdir, "received")
-    env = lab.python_env()
     with Daemon(lab, config) as daemon:
         lab.wait_reachable()
         (worker,) = [int(line.split()[2]) for line in daemon.log().splitlines()
                      if " bound queue 0 " in line]
-        server = lab.popen("server", [sys.executable, "-c", SERVER, lab.server_v4, received],
-                           env=env, stdin=subprocess.DEVNULL)
-        assert read_line(server, 10).strip() == b"READY"
-        client = lab.popen("client", [sys.executable, "-c", CLIENT, lab.server_v4, str(RECORD)],
-                           env=env, stdin=subprocess.PIPE)
-        assert read_line(client, 10).strip() == b"READY"
-
-        def mark() -> int:
-            assert client.stdin is not None
-            client.stdin.write(b"mark\n")
-            client.stdin.flush()
-            return int(read_line(client, 10))
+        stream = RecordStream(lab, received)
+        mark = stream.mark
 
         time.sleep(1.0)
         before = kernel_queue(lab, workdir)
@@ -179,12 +116,7 @@ def test_a_stopped_worker_fails_open_and_rewriting_resumes_without_restart(
         time.sleep(1.0)
         i_resumed = mark()
         time.sleep(1.0)
-        assert client.stdin is not None
-        client.stdin.write(b"end\n")
-        client.stdin.flush()
-        total = int(read_line(client, 40))
-        client.wait(10)
-        server.wait(40)
+        total = stream.end()
         after = kernel_queue(lab, workdir)
         s_after = scrape(lab)
         # a new connection is rewritten: the same worker carried on

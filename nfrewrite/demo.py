@@ -107,12 +107,8 @@ def run_demo() -> int:
             caps = {}
             for role in ("client", "server"):
                 pcap = os.path.join(work, f"{role}.pcap")
-                proc = lab.popen(role, ["tcpdump", "-U", "-n", "-i", "eth0", "-w", pcap,
-                                        "tcp port 8080"], stdout=subprocess.DEVNULL)
-                assert proc.stderr is not None
-                for _ in range(3):
-                    if b"listening on" in proc.stderr.readline():
-                        break
+                proc = lab.tcpdump(role, ["-U", "-i", "eth0", "-w", pcap, "tcp port 8080"],
+                                   stdout=subprocess.DEVNULL)
                 caps[role] = (proc, pcap)
             time.sleep(0.5)
 

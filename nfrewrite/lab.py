@@ -336,6 +336,18 @@ class Lab:
         self._procs.append(proc)
         return proc
 
+    def tcpdump(self, role: Role, args: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start ``tcpdump -n <args>`` in a namespace and return once its filter is attached
+        (it printed "listening on"), so no packet sent afterwards is missed."""
+        proc = self.popen(role, ["tcpdump", "-n", *args], **kw)
+        assert proc.stderr is not None
+        for _ in range(3):  # "listening on" may follow a "verbose output suppressed" line
+            line = proc.stderr.readline()
+            if b"listening on" in line:
+                return proc
+        proc.kill()
+        raise LabError(f"[{role}] tcpdump did not start: {line!r}")
+
     def python_env(self) -> dict[str, str]:
         """Environment for ``sys.executable`` children: this package importable."""
         env = dict(os.environ)

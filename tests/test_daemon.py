@@ -76,13 +76,8 @@ def _tshark_bad_checksums(pcap: str) -> tuple[int, int]:
 
 
 def _capture(lab: Lab, pcap: str) -> subprocess.Popen[bytes]:
-    proc = lab.popen(
-        "server", ["tcpdump", "-U", "-n", "-i", "eth0", "-w", pcap, "tcp port 8080"],
-        stdout=subprocess.DEVNULL,
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()  # "listening on eth0 ...": the filter is attached
-    assert b"listening on" in line, line
+    proc = lab.tcpdump("server", ["-U", "-i", "eth0", "-w", pcap, "tcp port 8080"],
+                       stdout=subprocess.DEVNULL)
     time.sleep(0.5)
     return proc
 

@@ -69,16 +69,11 @@ def rewritten_count(data: bytes, mapping: dict[bytes, bytes]) -> int:
 
 
 def _rst_capture(lab: Lab, role: str) -> subprocess.Popen[bytes]:
-    proc = lab.popen(
+    return lab.tcpdump(
         role,  # type: ignore[arg-type]
-        ["tcpdump", "-n", "-l", "-i", "eth0",
+        ["-l", "-i", "eth0",
          "(ip and tcp[13] & 4 != 0) or (ip6 and ip6[6] == 6 and ip6[53] & 4 != 0)"],
     )
-    assert proc.stderr is not None
-    for _ in range(3):
-        if b"listening on" in proc.stderr.readline():
-            return proc
-    raise AssertionError("tcpdump did not start")
 
 
 def _rst_lines(proc: subprocess.Popen[bytes]) -> list[str]:

@@ -55,8 +55,9 @@ PATTERN = b"NFREWRITE-BENCH!"  # 16 bytes, at every PERIOD-byte boundary of the 
 SAME = b"nfrewrite-bench!"  # same-length replacement
 SHORT = b"NFR-BENCH"  # length-changing replacement (shorter: a longer one would push full-size
 #                        segments past the 1500-byte MTU, and the bridge drops those)
-PERIOD = 64
-SMALL_MSS = 100  # -> 88 payload bytes with timestamps: >= PERIOD + len(PATTERN) - 1
+PERIOD = 1024  # bulk: every full-size wire segment (1448 payload bytes) holds 1 or 2 whole copies
+DENSE_PERIOD = 64  # the dense variant (~22 copies per wire segment) and the small-packet stream
+SMALL_MSS = 100  # -> 88 payload bytes with timestamps: >= DENSE_PERIOD + len(PATTERN) - 1
 _TICKS = os.sysconf("SC_CLK_TCK")
 EXTRA_SOURCES = tuple(f"198.18.0.{i}" for i in range(10, 26))
 BR_NF = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables")
@@ -151,11 +152,12 @@ class Bench:
         yield {}
 
     @contextlib.contextmanager
-    def daemon(self, rules: dict[str, str], workers: int = 1) -> Iterator[dict[str, Any]]:
+    def daemon(self, rules: dict[str, str], workers: int = 1,
+               gso: bool = True) -> Iterator[dict[str, Any]]:
         self._n += 1
         d = os.path.join(self.workdir, f"d{self._n}")
         os.makedirs(d)
-        config = write_lab_config(d, rules, workers=workers)
+        config = write_lab_config(d, rules, workers=workers, gso=gso)
         daemon = Daemon(self.lab, config, env=self.env)
         info: dict[str, Any] = {}
         daemon.start(timeout=60)
@@ -227,12 +229,14 @@ class Bench:
 
     def throughput(
         self, duration: float, *, flows: int = 1, sources: Sequence[str] = (), mss: int = 0,
+        period: int = 0,
     ) -> dict[str, Any]:
         """Client -> server bulk transfer: Gbit/s; segments/s the server's TCP counted (after
         GRO, so merged segments count once); packets/s that went through NFQUEUE, per queue."""
         argv = [self.py, "-m", "bench.traffic", "send", "--connect", self.lab.server_v4,
                 "--port", str(BULK_PORT), "--duration", str(duration), "--flows", str(flows),
-                "--pattern", PATTERN.hex(), "--period", str(PERIOD), "--mss", str(mss)]
+                "--pattern", PATTERN.hex(),
+                "--period", str(period or (DENSE_PERIOD if mss else PERIOD)), "--mss", str(mss)]
         if sources:
             argv += ["--sources", ",".join(sources)]
         before, queued_before = self._in_segs(), self.queue_ids()

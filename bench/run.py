@@ -13,13 +13,19 @@ and each figure is the median over rounds. Then the ratios are printed with thei
 MISS, and everything (every round's raw figures too) goes to ``bench/results.json``.
 
 Rows (client -> server, one TCP flow unless said otherwise; every stream carries the pattern
-``NFREWRITE-BENCH!`` every 64 bytes, ~22 times per full-size segment):
+``NFREWRITE-BENCH!`` every 1024 bytes, so every full-size wire segment (1448 payload bytes) holds
+one or two whole copies: "the pattern present in every packet"):
 
   1  plain bridge, no netfilter hook at all (bridge-nf-call-* = 0): the limit
   1i the same with iperf3 (random payload): a cross-check of the traffic tool
   2  daemon, one rule on another port: the prefilter keeps the flow in the kernel
-  3  bench/ref_nfq.py: NFQUEUE, every packet accepted unread (the kernel round trip alone)
-  4  daemon, same-length replace of the pattern (every full-size segment edited ~22 times)
+  3  bench/ref_nfq.py: NFQUEUE, every packet accepted unread (the kernel round trip alone), as
+     NetfilterQueue does it: the kernel segments GSO packets before queueing
+  3g the same loop with the queue's GSO flag (what the daemon sets): super-packets come whole
+  4  daemon, same-length replace of the pattern (GSO flag on, the default)
+  4d the same with the pattern every 64 bytes (~22 copies per wire segment, ~1000 per 64 KB
+     super-packet): the cost per edit
+  4n row 4 with ``[queue] gso = false``: what the GSO flag buys
   4q daemon, every packet queued, nothing edited (``set ttl = 64`` on Linux's own TTL 64):
      splits row 4's cost into "queue + parse" and "find + edit"
   5  daemon, length-changing replace (shorter) of the pattern
@@ -64,6 +70,7 @@ class Case:
     iperf3: bool = False  # measure with iperf3 instead of bench.traffic
     small: bool = False  # also measure small-packet rate
     latency: bool = False  # also measure ping-pong
+    period: int = 0  # pattern period of the bulk stream (0: lab_bench.PERIOD)
     runs: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -81,8 +88,12 @@ def cases(sources: list[str]) -> list[Case]:
              lambda b: b.daemon({"10-elsewhere.toml": lb.RULE_ELSEWHERE}), latency=True),
         Case("3", "reference NFQUEUE accept loop", lambda b: b.nfq("bench.ref_nfq"),
              small=True, latency=True),
+        Case("3g", "reference loop, GSO flag", lambda b: b.nfq("bench.ref_nfq", "--gso")),
         Case("4", "daemon, same-length replace", lambda b: b.daemon(same),
              small=True, latency=True),
+        Case("4d", "daemon, same-length, pattern every 64 B", lambda b: b.daemon(same),
+             period=lb.DENSE_PERIOD),
+        Case("4n", "daemon, same-length, gso = false", lambda b: b.daemon(same, gso=False)),
         Case("4q", "daemon, queued, no edit (split of 4)", lambda b: b.daemon(noedit)),
         Case("5", "daemon, length-changing replace",
              lambda b: b.daemon({"10-shorter.toml": lb.rule_shorter()})),
@@ -102,7 +113,8 @@ def _one(bench: lb.Bench, case: Case, sources: list[str], duration: float,
         if case.iperf3:
             run["bulk"] = bench.iperf3(duration)
         else:
-            run["bulk"] = bench.throughput(duration, flows=case.flows, sources=srcs)
+            run["bulk"] = bench.throughput(duration, flows=case.flows, sources=srcs,
+                                           period=case.period)
         if case.small:
             run["small"] = bench.throughput(duration, mss=lb.SMALL_MSS)
         if case.latency:
@@ -187,6 +199,10 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
     for g in goals:
         lines.append(f"{g.name:<46} {g.value:8.3f}  {g.goal:<8}  {'PASS' if g.ok else 'MISS'}")
     extra = [
+        ("4 / 3g   same-length / reference with GSO flag", med["4"]["gbps"] / med["3g"]["gbps"]),
+        ("5 / 3g   length-changing / reference with GSO", med["5"]["gbps"] / med["3g"]["gbps"]),
+        ("4d / 3   pattern every 64 B / reference", med["4d"]["gbps"] / med["3"]["gbps"]),
+        ("4n / 3   gso = false / reference", med["4n"]["gbps"] / med["3"]["gbps"]),
         ("small packets 4 / 3 (pkt/s)", med["4"]["small_pps"] / med["3"]["small_pps"]),
         ("4q / 3   queued, no edit / reference", med["4q"]["gbps"] / med["3"]["gbps"]),
         ("4 / 3 by CPU per packet (3's us / 4's us)",
@@ -300,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         "micro": micro, "workers_split": split,
         "runs": {k: c.runs for k, c in by_key.items()},
     }
-    complete = all(k in by_key for k in ("1", "1i", "2", "3", "4", "4q", "5", "6", "7a", "7b",
-                                         "8"))
+    complete = all(k in by_key for k in ("1", "1i", "2", "3", "3g", "4", "4d", "4n", "4q", "5",
+                                         "6", "7a", "7b", "8"))
     if complete:
         med, goals = summarize(by_key, micro)
         results["medians"] = med

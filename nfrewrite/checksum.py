@@ -32,12 +32,30 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 MOD = 0xFFFF
 
 
+#: Above this many bytes ``ones_sum`` works in chunks (see there); below, one int is cheaper.
+CHUNK = 4096
+
+
 def ones_sum(data: Buffer) -> int:
-    """One's-complement sum of ``data`` (zero-padded to even length) as a residue mod 0xFFFF."""
-    value = int.from_bytes(data, "big")
-    if len(memoryview(data)) & 1:
-        value <<= 8
-    return value % MOD
+    """One's-complement sum of ``data`` (zero-padded to even length) as a residue mod 0xFFFF.
+
+    A GSO super-packet is up to 64 KB, and ``int % 0xFFFF`` on a 64 KB integer costs more than
+    building it (one hardware division per 30-bit digit). Since 2**16 = 1 (mod 0xFFFF), chunks
+    that start at even offsets can be summed as integers of their own and the total reduced once:
+    on 64 KB ~95 us against ~190 us for the single integer (``python -m bench.bench_packet``
+    prints both at 1448 and 64,000 bytes).
+    """
+    mv = memoryview(data)
+    n = len(mv)
+    if n <= CHUNK:
+        value = int.from_bytes(mv, "big")
+        return (value << 8 if n & 1 else value) % MOD
+    even = mv[: n - (n & 1)]
+    from_bytes = int.from_bytes
+    total = sum([from_bytes(even[i : i + CHUNK], "big") for i in range(0, n - 1, CHUNK)])
+    if n & 1:
+        total += mv[n - 1] << 8
+    return total % MOD
 
 
 def sum_at(data: Buffer, offset: int) -> int:
@@ -47,8 +65,13 @@ def sum_at(data: Buffer, offset: int) -> int:
     by 1 (a low byte), so the value is right as it is when the data ends at an odd offset, i.e. when
     ``offset + len`` is even; otherwise every byte is one position off and we multiply by 256.
     """
+    n = len(memoryview(data))
+    if n > CHUNK:
+        # at an odd offset every byte sits one place lower: the sum times 2**8 (mod 0xFFFF)
+        total = ones_sum(data)
+        return total * 256 % MOD if offset & 1 else total
     value = int.from_bytes(data, "big")
-    if (offset + len(memoryview(data))) & 1:
+    if (offset + n) & 1:
         value <<= 8
     return value % MOD
 

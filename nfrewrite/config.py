@@ -19,6 +19,9 @@ Schema (DESIGN §2; defaults in brackets)::
     workers  = 1                   # [1] 1..64; >1 balances over queues num..num+workers-1
     maxlen   = 4096                # [4096] kernel queue length, 1..2**31-1
     sock_buf = 8388608             # [8 MiB] netlink socket receive buffer in bytes, 4096..2**31-1
+    gso      = true                # [true] take GSO super-packets whole (one queue round trip
+                                   # per up to 64 KB instead of per wire segment); false: the
+                                   # kernel segments them before queueing
     [metrics]
     listen   = "127.0.0.1:9640"    # ["127.0.0.1:9640"] host:port; IPv6 as "[::1]:9640"
     [flows]
@@ -65,7 +68,7 @@ TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security")
 BRIDGE_KEYS = ("name", "ports", "offloads")
 # the features nfrewrite.netsetup reads and sets (one list: a key accepted here must work there)
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
-QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf")
+QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)
 FLOWS_KEYS = ("max", "idle_timeout")
 SECURITY_KEYS = ("strict_permissions",)
@@ -108,6 +111,7 @@ class QueueConfig:
     workers: int = 1
     maxlen: int = 4096
     sock_buf: int = 8 * 1024 * 1024
+    gso: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +353,11 @@ def _queue(doc: TomlFile, value: object) -> QueueConfig:
             v = doc.want_int(("queue", key), table[key], f"queue.{key}", lo, hi)
             if v is not None:
                 values[key] = v
-    queue = QueueConfig(**values)
+    gso = True
+    if "gso" in table:
+        flag = doc.want_bool(("queue", "gso"), table["gso"], "queue.gso")
+        gso = True if flag is None else flag
+    queue = QueueConfig(**values, gso=gso)
     last = queue.num + queue.workers - 1
     if last > 65535 and "num" in values and "workers" in values:
         doc.error(("queue", "workers"), f"queues {queue.num}..{last} run past 65535 "

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from nfrewrite import metrics
+from nfrewrite import metrics, netsetup
 from nfrewrite.config import Config, load_all
 from nfrewrite.diagnostics import Diagnostic, has_errors
 from nfrewrite.rules import RuleSet
@@ -94,7 +94,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
     from nfrewrite.seqadj import FlowTable
 
     flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout)
-    engine = Engine(ruleset, flows)
+    engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu())
     wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
     observe = wm.observe
     process = engine.process
@@ -134,6 +134,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
         handler,
         maxlen=config.queue.maxlen,
         sock_buf=config.queue.sock_buf,
+        gso=config.queue.gso,
         on_idle=on_idle,
         log=log,
     )

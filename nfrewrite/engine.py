@@ -48,7 +48,8 @@ MSS_ROOM_PER_GROWTH = 4
 MSS_ROOM_MIN = 128
 MSS_ROOM_MAX = 512
 MIN_MSS = 536
-#: Largest IP packet a grown segment may become (a larger arriving packet raises it for itself).
+#: Largest IP packet a grown segment may become: the largest MTU of the links it can leave by.
+#: A longer packet can only be a GSO/GRO super-packet, which the kernel segments itself.
 DEFAULT_MTU = 1500
 
 Edit = tuple[int, int, bytes]
@@ -140,7 +141,7 @@ class Engine:
         in_port: str | None = None,
         out_port: str | None = None,
         now: float = 0.0,
-        csum_partial: bool = False,
+        csum_partial: bool | None = False,
     ) -> Result:
         pkt = parse(data, csum_partial=csum_partial)
         if not isinstance(pkt, TcpPacket):
@@ -191,6 +192,14 @@ class Engine:
         """Edits for a connection with no sequence state. Returns the flow if one was created."""
         if pkt.payload_len == 0 or not sel.has_replaces:
             return None, 0
+        if self._same_length(sel):
+            one = sel.single_pattern
+            if one is not None:
+                # One same-length pattern (the common case): found and replaced in C, however
+                # many times a (GSO super-)packet carries it.
+                if pkt.replace_literal(one[0], one[1]):
+                    fired.append(one[2].name)
+                return None, 0
         found = sel.find_edits(pkt.payload)
         if not found:
             return None, 0
@@ -249,8 +258,11 @@ class Engine:
             pkt.sack_blocks(),
             now,
             find_edits if pkt.payload_len and sel.has_replaces else _no_edits,
-            # bytes after the datagram (link padding) stay after it: they count against the MTU
-            max(self.mtu, len(pkt.buf)) - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff,
+            # bytes after the datagram (link padding) stay after it: they count against the MTU.
+            # A packet longer than the MTU is a GSO/GRO super-packet that the kernel will cut
+            # into wire segments itself: it may grow up to what NFQUEUE takes back.
+            (self.mtu if pkt.end <= self.mtu else 0xFFFF)
+            - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff,
         )
         if plan.action == "drop":
             return False

@@ -481,6 +481,7 @@ ports = ["nfr0", "nfr1"]
 [queue]
 num     = {queue_num}
 workers = {workers}
+gso     = {gso}
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
@@ -495,6 +496,7 @@ def write_lab_config(
     workers: int = 1,
     metrics_port: int = 9640,
     offloads: str = "",
+    gso: bool = True,
 ) -> str:
     """Write ``nfrewrite.toml`` and ``rules/<name>`` files for the lab's bridge; returns the path.
 
@@ -510,7 +512,7 @@ def write_lab_config(
     config = os.path.join(directory, "nfrewrite.toml")
     with open(config, "w") as f:
         f.write(LAB_CONFIG.format(queue_num=queue_num, workers=workers,
-                                  metrics_port=metrics_port,
+                                  metrics_port=metrics_port, gso=str(gso).lower(),
                                   offloads=f"offloads = {offloads}\n" if offloads else ""))
     os.chmod(config, 0o600)
     return config

@@ -170,6 +170,22 @@ def _apply_offloads(eth: Any, ifname: str, offloads: Mapping[str, bool]) -> dict
     return after
 
 
+def largest_mtu(default: int = 1500) -> int:
+    """The largest MTU of this namespace's links, loopback aside (``default`` if none or on
+    error). A queued packet longer than this cannot have come off a wire as one frame: it is a
+    GSO/GRO super-packet, which the engine may grow past it (the kernel segments it)."""
+    try:
+        with IPRoute() as ipr:
+            mtus = [
+                int(link.get_attr("IFLA_MTU") or 0)
+                for link in ipr.get_links()
+                if link.get_attr("IFLA_IFNAME") != "lo"
+            ]
+    except (OSError, NetlinkError):
+        return default
+    return max(mtus, default=0) or default
+
+
 def _lookup(ipr: Any, ifname: str) -> int | None:
     found = ipr.link_lookup(ifname=ifname)
     return int(found[0]) if found else None

@@ -42,6 +42,12 @@ NFQA_CFG_QUEUE_MAXLEN = 3
 NFQA_CFG_MASK = 4
 NFQA_CFG_FLAGS = 5
 
+#: copy modes (``NFQNL_COPY_*``) for ``NFQA_CFG_PARAMS``
+NFQNL_COPY_META = 1
+NFQNL_COPY_PACKET = 2
+#: the largest copy range: an IP packet (a GSO super-packet included) is at most 65,535 bytes
+MAX_COPY_RANGE = 0xFFFF
+
 NFQA_CFG_F_FAIL_OPEN = 0x1
 NFQA_CFG_F_CONNTRACK = 0x2
 NFQA_CFG_F_GSO = 0x4
@@ -51,6 +57,7 @@ NFQA_CFG_F_SECCTX = 0x10
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host order)
 _NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (big endian)
 _NLATTR = struct.Struct("=HH")
+_CONFIG_PARAMS = struct.Struct("!IB")  # struct nfqnl_msg_config_params: copy_range, copy_mode
 
 
 def _align4(n: int) -> int:
@@ -71,6 +78,25 @@ def config_flags_message(
     body = _NFGENMSG.pack(0, NFNETLINK_V0, queue_num)
     body += _attr(NFQA_CFG_MASK, struct.pack("!I", mask))
     body += _attr(NFQA_CFG_FLAGS, struct.pack("!I", flags))
+    msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
+    msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, msg_flags, seq, 0) + body
+
+
+def config_params_message(
+    queue_num: int, copy_mode: int, copy_range: int, seq: int, ack: bool = True
+) -> bytes:
+    """NFQNL_MSG_CONFIG setting the copy mode and range of queue ``queue_num``.
+
+    NetfilterQueue caps the range at 4016 bytes (its receive buffer); a queue with the GSO flag
+    needs up to 65,535, and the caller then reads with a buffer that large.
+    """
+    if not 0 <= queue_num <= 0xFFFF:
+        raise ValueError(f"queue number out of range: {queue_num}")
+    if not 0 <= copy_range <= 0xFFFFFFFF:
+        raise ValueError(f"copy range out of range: {copy_range}")
+    body = _NFGENMSG.pack(0, NFNETLINK_V0, queue_num)
+    body += _attr(NFQA_CFG_PARAMS, _CONFIG_PARAMS.pack(copy_range, copy_mode))
     msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
     msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, msg_flags, seq, 0) + body

@@ -16,9 +16,21 @@ NetfilterQueue (libnetfilter_queue), copy mode "packet", and then:
   arrives meanwhile is kept and handed to libnetfilter_queue first thing in ``run()``.
   ``--queue-bypass`` in the rule (see ``nfrewrite.firewall``) is the other half: it passes packets
   while no process is bound at all (stopped, crashed, ``kill -9``).
-* does not set ``NFQA_CFG_F_GSO``: the kernel then segments GSO packets and completes
-  ``CHECKSUM_PARTIAL`` checksums before copying, so the engine always sees wire-sized packets with
-  complete checksums (``PacketMeta.csum_partial`` is False).
+* with ``gso=True`` (the daemon's default, ``[queue] gso``) sets ``NFQA_CFG_F_GSO`` and a copy
+  range of 65,535 bytes (NetfilterQueue caps it at 4016; ``NFQA_CFG_PARAMS`` is sent the same
+  way): a bulk flow's GSO super-packets (up to 64 KB, ~45 wire segments) then come to us whole,
+  one queue round trip and one Python call each instead of ~45, and the kernel no longer completes
+  ``CHECKSUM_PARTIAL`` checksums before copying. Such packets carry only the pseudo-header seed
+  in the TCP checksum field (libnetfilter_queue's ``NFQA_SKB_CSUMNOTREADY``). NetfilterQueue does
+  not hand us that per-packet flag, so ``PacketMeta.csum_partial`` is ``None`` ("decide per
+  packet") and :func:`nfrewrite.packet.parse` compares the field with the seed: equal means
+  partial, and a packet we then change gets a complete checksum computed over all of it (the
+  kernel sends a changed packet as CHECKSUM_NONE, and a changed super-packet is segmented with
+  checksums derived from that). A complete checksum that happens to equal the seed (1 in 65,536)
+  is recomputed from the data, which is right too; only a *corrupt* packet whose field happens to
+  equal the seed would leave with its corruption hidden. Without ``gso`` the kernel segments
+  and completes checksums before copying (``csum_partial`` False: every packet is wire-sized
+  with a complete checksum), which costs a queue round trip per wire segment.
 
 Each packet: ``handler(payload, meta) -> (verdict, new_payload | None)``. ``ACCEPT``/``DROP`` are
 the verdicts; ``ACCEPT | TRACK_FLOW`` also sets the ``FLOW_MARK`` bit in the packet mark, which the
@@ -26,8 +38,8 @@ firewall's POSTROUTING rule copies into the conntrack mark so that the whole flo
 the queue (needed once a length-changing edit gave it a sequence offset). A handler exception never
 stops the loop: that packet is accepted unmodified, the exception type is logged once (one line on
 stderr) and counted in ``stats.errors_by_kind``. A payload cut short by the copy range
-(NetfilterQueue copies at most 4016 bytes) is never modified, since a verdict with a payload
-replaces the whole packet.
+(NetfilterQueue's own is 4016 bytes, ours 65,535) is never modified, since a verdict with a
+payload replaces the whole packet.
 
 The loop polls the socket and a wake-up pipe with a timeout, so ``on_idle`` runs at least every
 ``idle_interval`` seconds without traffic (the daemon sends ``WATCHDOG=1`` from it) and ``stop()``
@@ -67,7 +79,8 @@ VERDICT_MASK = 0xFF
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 #: NetfilterQueue's largest copy range (its BufferSize 4096 minus 80 bytes of metadata).
 MAX_COPY = 4016
-_RECV_SIZE = 65536
+#: One netlink datagram: a whole 65,535-byte packet plus the message's headers and attributes.
+_RECV_SIZE = 65536 + 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +92,9 @@ class PacketMeta:
     indev: str | None
     outdev: str | None
     mark: int
-    csum_partial: bool = False
+    #: False: the TCP checksum field is complete; True: it holds only the pseudo-header seed;
+    #: None: either, decide per packet (a queue with the GSO flag; see the module docstring)
+    csum_partial: bool | None = False
     queue_num: int = 0
 
 
@@ -182,6 +197,7 @@ class QueueWorker:
         sock_buf: int = 8 << 20,
         fail_open: bool = True,
         *,
+        gso: bool = False,
         on_idle: Callable[[], None] | None = None,
         idle_interval: float = 0.5,
         batch: int = 64,
@@ -192,6 +208,7 @@ class QueueWorker:
         self.maxlen = maxlen
         self.sock_buf = sock_buf
         self.fail_open = fail_open
+        self.gso = gso
         self.on_idle = on_idle
         self.idle_interval = idle_interval
         self.batch = batch
@@ -235,8 +252,13 @@ class QueueWorker:
             self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
             self._reader = _BudgetSocket(self._sock, self.stats)
             self.rcvbuf = self._raise_rcvbuf()
-            self.set_flags(nfnl.NFQA_CFG_F_FAIL_OPEN if self.fail_open else 0,
-                           nfnl.NFQA_CFG_F_FAIL_OPEN)
+            if self.gso:
+                self._configure(nfnl.config_params_message(
+                    self.queue_num, nfnl.NFQNL_COPY_PACKET, nfnl.MAX_COPY_RANGE, self._next_seq()),
+                    "copy range 65535")
+            flags = (nfnl.NFQA_CFG_F_FAIL_OPEN if self.fail_open else 0) | (
+                nfnl.NFQA_CFG_F_GSO if self.gso else 0)
+            self.set_flags(flags, nfnl.NFQA_CFG_F_FAIL_OPEN | nfnl.NFQA_CFG_F_GSO)
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except BaseException:
             self.unbind()
@@ -252,15 +274,24 @@ class QueueWorker:
                 continue
         return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
     def set_flags(self, flags: int, mask: int, *, wait_ack: bool = True,
                   timeout: float = 2.0) -> None:
         """Send NFQNL_MSG_CONFIG flags/mask on the binding socket; raise if the kernel refuses."""
+        seq = self._next_seq()
+        self._configure(nfnl.config_flags_message(self.queue_num, flags, mask, seq, ack=wait_ack),
+                        f"flags 0x{flags:x}/0x{mask:x}", wait_ack=wait_ack, timeout=timeout)
+
+    def _configure(self, message: bytes, what: str, *, wait_ack: bool = True,
+                   timeout: float = 2.0) -> None:
+        """Send one config message (its seq is ``self._seq``) and wait for the kernel's ACK."""
         if self._sock is None or self._reader is None:
             raise QueueError("queue is not bound")
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
         seq = self._seq
-        self._sock.sendto(nfnl.config_flags_message(self.queue_num, flags, mask, seq,
-                                                    ack=wait_ack), (0, 0))
+        self._sock.sendto(message, (0, 0))
         if not wait_ack:
             return
         deadline = time.monotonic() + timeout
@@ -284,8 +315,7 @@ class QueueWorker:
                 continue
             if answer != 0:
                 raise QueueError(
-                    f"kernel refused queue {self.queue_num} flags 0x{flags:x}/0x{mask:x}: "
-                    f"{os.strerror(-answer)}"
+                    f"kernel refused queue {self.queue_num} {what}: {os.strerror(-answer)}"
                 )
             return
 
@@ -308,7 +338,7 @@ class QueueWorker:
         meta = PacketMeta(
             in_port=self._ifname(physindev), out_port=self._ifname(physoutdev),
             indev=self._ifname(indev), outdev=self._ifname(outdev),
-            mark=mark, csum_partial=False, queue_num=self.queue_num,
+            mark=mark, csum_partial=None if self.gso else False, queue_num=self.queue_num,
         )
         if len(self._metas) >= 1024:  # marks are the host's to choose: stay bounded
             self._metas.clear()

@@ -299,6 +299,11 @@ class Selection:
     def __repr__(self) -> str:
         return f"Selection({[r.name for r in self.rules]!r})"
 
+    @property
+    def single_pattern(self) -> tuple[bytes, bytes, Rule] | None:
+        """(find, with, rule) when the selection searches for exactly one pattern, else None."""
+        return self._patterns[0] if len(self._patterns) == 1 else None
+
     def find_edits(self, payload: bytes | bytearray) -> list[Edit]:
         """Every replace of the selected rules in ``payload``: (start, end, replacement, rule).
 

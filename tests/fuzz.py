@@ -687,8 +687,11 @@ def check(
         return "bytes after the IP datagram changed"
     if out.end - out.l4 != pin.end - pin.l4:
         stats.length_changed += 1
-    if len(res.packet) > max(mtu, len(data)) and not pin.flags & SYN:
-        return f"grew to {len(res.packet)} bytes, more than max(MTU {mtu}, {len(data)} in)"
+    # a packet that fits the MTU must still fit after; a longer one is a GSO super-packet (the
+    # kernel segments it), which may grow to what NFQUEUE takes back
+    limit = max(mtu, len(data)) if pin.end <= mtu else 0xFFFF
+    if len(res.packet) > limit and not pin.flags & SYN:
+        return f"grew to {len(res.packet)} bytes, more than {limit} ({len(data)} in, MTU {mtu})"
     out_tcp = tcp_residual(out)
     if csum_partial:
         if out_tcp:

@@ -17,6 +17,7 @@ from scapy.packet import Raw
 
 from nfrewrite import packet as P
 from nfrewrite.packet import REASONS, TcpPacket, Unparsed, parse
+from nfrewrite.rules import HeaderSet, Match, Replace, Rule, Selection
 from tests.packets import (
     Crafted,
     field_error,
@@ -165,6 +166,72 @@ def test_partial_checksum_seed_is_completed_on_finish(c: Crafted, rnd: random.Ra
     out = pkt.finish()
     field = struct.unpack_from("!H", out, pkt.l4 + 16)[0]
     assert field_error(field, scapy_tcp_checksum(out)) == 0
+
+
+@SETTINGS
+@given(tcp_packets(), st.randoms(use_true_random=False))
+def test_partial_is_recognised_from_the_seed_when_not_told(c: Crafted, rnd: random.Random) -> None:
+    """A queue with the GSO flag cannot say which packets are CHECKSUM_PARTIAL: ``parse`` with
+    ``csum_partial=None`` takes a field equal to the seed as partial, anything else as complete;
+    either way what leaves carries the complete checksum (scapy's)."""
+    complete = parse(c.raw, csum_partial=None)
+    assert isinstance(complete, TcpPacket)
+    # a complete checksum that equals the seed is indistinguishable, and recomputing it is right
+    assert complete.csum_partial == (complete.tcp_checksum == complete.pseudo_header_seed())
+    raw = bytearray(c.raw)
+    struct.pack_into("!H", raw, complete.l4 + 16, pseudo_seed_oracle(c.raw))
+    seeded = parse(raw, csum_partial=None)
+    assert isinstance(seeded, TcpPacket) and seeded.csum_partial
+    for pkt in (complete, seeded):
+        _random_edits(pkt, rnd)
+        out = pkt.finish()
+        field = struct.unpack_from("!H", out, pkt.l4 + 16)[0]
+        assert field_error(field, scapy_tcp_checksum(out)) == 0
+
+
+@SETTINGS
+@given(
+    tcp_packets(max_payload=0),
+    st.lists(st.sampled_from((b"ab", b"abab", b"xab", b"b", b"a", b"zz")), max_size=400),
+    st.sampled_from((b"ab", b"aba", b"b")),
+    st.integers(0, 0xFFFE),
+    st.booleans(),
+)
+def test_replace_literal_is_the_one_pattern_search_done_in_c(
+    c: Crafted, chunks: list[bytes], find: bytes, error: int, partial: bool
+) -> None:
+    """Same bytes as the edits the rule search finds, applied one by one; the arrival error of the
+    checksum (if any) carried through exactly, or a complete checksum in partial mode."""
+    base = _parsed(c)
+    raw = bytearray(c.raw[: base.end])
+    payload = b"".join(chunks)
+    raw += payload
+    if c.version == 4:
+        struct.pack_into("!H", raw, 2, len(raw))
+        struct.pack_into("!H", raw, 10, 0)
+        struct.pack_into("!H", raw, 10, scapy_ip_checksum(bytes(raw)))
+    else:
+        struct.pack_into("!H", raw, 4, len(raw) - 40)
+    off = base.l4 + 16
+    correct = scapy_tcp_checksum(bytes(raw))
+    struct.pack_into("!H", raw, off, pseudo_seed_oracle(bytes(raw)) if partial
+                     else (correct + error) % 0xFFFF)
+    with_ = bytes(reversed(find)).upper()
+    sel = Selection((Rule(name="r", index=0, path="t.toml", line=1, col=1, match=Match(),
+                          replaces=(Replace(find, with_, 1, 1),), set=HeaderSet(),
+                          verdict="accept", examples=()),))
+    assert sel.single_pattern is not None
+    one = parse(raw, csum_partial=partial)
+    many = parse(raw, csum_partial=partial)
+    assert isinstance(one, TcpPacket) and isinstance(many, TcpPacket)
+    edits = [(s, e, n) for s, e, n, _ in sel.find_edits(payload)]
+    assert one.replace_literal(find, with_) == len(edits)
+    many.apply_edits(edits)
+    out_one, out_many = one.finish(), many.finish()
+    assert out_one == out_many
+    field = struct.unpack_from("!H", out_one, off)[0]
+    want = 0 if partial else field_error((correct + error) % 0xFFFF, correct)
+    assert field_error(field, scapy_tcp_checksum(out_one)) == want
 
 
 def test_same_length_replace_changes_only_the_pattern() -> None:

@@ -272,8 +272,11 @@ class Engine:
             return False
         _apply_plan(pkt, plan)
         if plan.applied:
-            by_span = {(s, e): rule.name for s, e, _, rule in found}
-            fired.extend(by_span[(s, e)] for s, e, _ in plan.applied)
+            if len(sel.rules) == 1:
+                fired.append(sel.rules[0].name)
+            else:
+                by_span = {(s, e): rule.name for s, e, _, rule in found}
+                fired.extend(by_span[(s, e)] for s, e, _ in plan.applied)
         return True
 
 

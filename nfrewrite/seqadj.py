@@ -128,7 +128,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -340,13 +340,23 @@ class _Way:
             del lst[:k]
 
     def record(self, start: int, end: int, repl: bytes) -> None:
-        before = self.top_offset()
-        self.starts.append(start)
-        self.ends.append(end)
-        self.repls.append(repl)
-        self.cum.append(before + len(repl) - (end - start))
-        self.nstarts.append(start + before)
-        self.nends.append(start + before + len(repl))
+        self.record_many(0, ((start, end, repl),))
+
+    def record_many(self, at: int, edits: Iterable[Edit]) -> None:
+        """Append edits (start-ordered, after every recorded one), positions relative to ``at``.
+        A GSO super-packet can bring dozens: one loop with local appends."""
+        offset = self.top_offset()
+        starts, ends, repls = self.starts.append, self.ends.append, self.repls.append
+        cum, nstarts, nends = self.cum.append, self.nstarts.append, self.nends.append
+        for a, b, repl in edits:
+            start = at + a
+            starts(start)
+            ends(at + b)
+            repls(bytes(repl))
+            nstarts(start + offset)
+            nends(start + offset + len(repl))
+            offset += len(repl) - (b - a)
+            cum(offset)
 
 
 class Flow:
@@ -517,14 +527,20 @@ class Flow:
         found = find_edits(payload, fresh_from)
         if not found:
             return (), ()
-        order = sorted(range(len(found)), key=lambda k: found[k][0])
+        starts = [a for a, _, _ in found]
+        if starts == sorted(starts):  # as every FindEdits in this package returns them
+            order: tuple[int, ...] = tuple(range(len(found)))
+            edits = tuple(found)
+        else:
+            order = tuple(sorted(range(len(found)), key=lambda k: found[k][0]))
+            edits = tuple(found[k] for k in order)
         last_end = fresh_from
-        for k in order:
-            start, end, _repl = found[k]
-            if start < last_end or end <= start or end > len(payload):
+        size = len(payload)
+        for start, end, _repl in edits:
+            if start < last_end or end <= start or end > size:
                 raise ValueError(
-                    f"find_edits returned {found[k][:2]} outside/overlapping "
-                    f"[{fresh_from}, {len(payload)}) (fresh_from={fresh_from})"
+                    f"find_edits returned {(start, end)} outside/overlapping "
+                    f"[{fresh_from}, {size}) (fresh_from={fresh_from})"
                 )
             last_end = end
         if len(way.starts) + len(found) > self.max_edits:
@@ -532,10 +548,8 @@ class Flow:
             if self._table is not None:
                 self._table.edits_refused += len(found)
             return (), ()
-        for k in order:
-            start, end, repl = found[k]
-            way.record(s + start, s + end, bytes(repl))
-        return tuple(order), tuple(found[k] for k in order)
+        way.record_many(s, edits)
+        return order, edits
 
     def _plan_payload(
         self, way: _Way, s: int, e: int, payload: bytes, flags: int, events: list[str]

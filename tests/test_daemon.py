@@ -59,6 +59,32 @@ def test_rewrite_arrives_byte_for_byte_and_other_traffic_untouched(
         assert other.server_received == RESPONSE
 
 
+def test_with_many_rules_the_grouped_prefilter_still_queues_what_they_match(
+    lab: Lab, workdir: str
+) -> None:
+    """Above 32 prefilter rules the kernel rules are grouped in port buckets; a rule by
+    destination port and one by source port still see their packets, both ways."""
+    fillers = "".join(
+        f'[[rule]]\nname = "filler-{i}"\nmatch = {{ dport = {9000 + i} }}\n'
+        f'replace = [ {{ find = "filler-{i}", with = "FILLER-{i}" }} ]\n'
+        for i in range(40)
+    )
+    both = SERVER_HEADER + """
+[[rule]]
+name = "request"
+match = { dport = 8080 }
+replace = [ { find = "GET /secret", with = "GET /public" } ]
+"""
+    config = write_lab_config(workdir, {"10-fillers.toml": fillers, "20-http.toml": both})
+    with Daemon(lab, config):
+        lab.wait_reachable()
+        rules = lab.run("appliance", ["iptables-save", "-t", "mangle"]).stdout
+        assert ":NFREWRITE_D8 " in rules and ":NFREWRITE_S7 " in rules  # 8192.. and 7168..
+        got = tcp_exchange(lab, b"GET /secret HTTP/1.1\r\n\r\n", RESPONSE * 20)
+        assert got.server_received == b"GET /public HTTP/1.1\r\n\r\n"
+        assert got.client_received == REWRITTEN * 20
+
+
 def _tshark_bad_checksums(pcap: str) -> tuple[int, int]:
     """(segments carrying payload, segments whose TCP checksum tshark finds bad), counting what
     came in from the bridge (the server's own packets leave with TX offload's partial sums)."""

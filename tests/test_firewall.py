@@ -233,3 +233,47 @@ def test_rules_see_bridged_traffic_and_bypass_lets_it_through_with_no_listener(
         packets = int(re.match(r"\[(\d+):", hits[0]).group(1))  # type: ignore[union-attr]
         assert packets >= 3  # SYN, data, FIN at least: every client->server packet was queued
     fw(lab, variant, "remove")
+
+
+def test_many_rules_are_grouped_by_port_and_a_swap_drops_unused_buckets() -> None:
+    many = [QueueMatch(dports=[(10000 + i, 10000 + i)], literal=b"p%d" % i) for i in range(40)]
+    many += [QueueMatch(sports=[(80, 80)]), QueueMatch(dports=[(1, 65535)])]
+    text = restore_text(many, 4, 0, 1, existing_chains=["NFREWRITE_D3", "HOSTCHAIN"])
+    lines = text.splitlines()
+    main = [ln for ln in lines if ln.startswith(f"-A {CHAIN} ")]
+    assert main[1:] == [
+        f"-A {CHAIN} -p tcp --dport 9216:10239 -j {CHAIN}_D9",
+        f"-A {CHAIN} -p tcp --sport 0:1023 -j {CHAIN}_S0",
+        f"-A {CHAIN} -p tcp --dport 1:65535 -j NFQUEUE --queue-num 0 --queue-bypass",  # no bucket
+    ]
+    assert sum(ln.startswith(f"-A {CHAIN}_D9 ") for ln in lines) == 40
+    assert f"-A {CHAIN}_S0 -p tcp --sport 80 -j NFQUEUE --queue-num 0 --queue-bypass" in lines
+    # a bucket chain of an earlier layout goes; a chain that is not ours stays
+    assert f"-X {CHAIN}_D3" in lines and not any("HOSTCHAIN" in ln for ln in lines)
+    # a rule spanning two buckets is in both; one spanning many stays in the main chain
+    two = restore_text([QueueMatch(dports=[(1000, 1030)])] * 33, 4, 0, 1).splitlines()
+    assert f"-A {CHAIN} -p tcp --dport 0:1023 -j {CHAIN}_D0" in two
+    assert f"-A {CHAIN} -p tcp --dport 1024:2047 -j {CHAIN}_D1" in two
+    # few rules: one flat chain, as before
+    flat = restore_text(many[:32], 4, 0, 1).splitlines()
+    assert not any(f":{CHAIN}_" in ln and "POST" not in ln for ln in flat)
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_grouped_rules_install_swap_to_flat_and_remove_cleanly(lab: Lab, variant: str) -> None:
+    lab.run("appliance", [tool(4, variant, "restore")], input=HOST_V4)
+    before = saved(lab, variant, 4)
+    many = "[QueueMatch(dports=[(10000 + i, 10000 + i)], literal=b'p%d' % i) for i in range(40)]"
+    assert fw(lab, variant, "install", many, many.replace("10000", "20000")) == ""
+    text = saved(lab, variant, 4)
+    assert f":{CHAIN}_D9 " in text and text.count(f"-A {CHAIN}_D9 ") == 40
+    assert f":{CHAIN}_D19 " in saved(lab, variant, 6)
+    assert fw(lab, variant, "swap", "[QueueMatch(sports=[(80, 80)])]", "[]") == ""
+    text = saved(lab, variant, 4)
+    assert f"{CHAIN}_D9" not in text and len(chain_rules(lab, variant, 4)) == 2
+    assert f"{CHAIN}_D19" not in saved(lab, variant, 6)
+    assert fw(lab, variant, "swap", many, "[]") == ""
+    assert fw(lab, variant, "remove") == ""
+    assert saved(lab, variant, 4) == before
+    assert f"{CHAIN}" not in saved(lab, variant, 6)

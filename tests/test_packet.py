@@ -234,6 +234,21 @@ def test_replace_literal_is_the_one_pattern_search_done_in_c(
     assert field_error(field, scapy_tcp_checksum(out_one)) == want
 
 
+def test_a_longer_and_a_shorter_edit_that_cancel_out_still_move_the_bytes_between() -> None:
+    """Found by the random-edit property test: edits whose length changes sum to zero took the
+    same-length shortcut, which writes each edit in place, so the bytes between them stayed
+    where they were (wrong bytes, wrong checksum)."""
+    raw = bytes(IP(src="198.18.0.1", dst="198.18.0.2") / TCP() / Raw(b"abcdef"))
+    for partial in (False, True):
+        pkt = parse(raw, csum_partial=partial)
+        assert isinstance(pkt, TcpPacket)
+        assert pkt.apply_edits([(1, 4, b"WXYZ"), (5, 6, b"")]) == 0
+        out = pkt.finish()
+        assert out[-6:] == b"aWXYZe"
+        assert field_error(struct.unpack_from("!H", out, pkt.l4 + 16)[0],
+                           scapy_tcp_checksum(out)) == 0
+
+
 def test_same_length_replace_changes_only_the_pattern() -> None:
     raw = bytes(
         IP(src="198.18.0.2", dst="198.18.0.1")

@@ -212,7 +212,7 @@ class Engine:
             else:
                 fired.extend(rule.name for _, _, _, rule in found)
             return None, 0
-        found = _fitting(pkt, found)
+        found = _fitting(pkt, found, self._max_growth(sel))
         if not found:
             return None, 0
         if self.flows is None or all(end - start == len(new) for start, end, new, _ in found):
@@ -244,7 +244,8 @@ class Engine:
             # then the fresh part): search the payload once, filter per call.
             nonlocal searched
             if not searched:
-                found.extend(first if first is not None else _fitting(pkt, sel.find_edits(payload)))
+                found.extend(first if first is not None
+                             else _fitting(pkt, sel.find_edits(payload), self._max_growth(sel)))
                 searched = True
             return [(s, e, n) for s, e, n, _ in found if s >= fresh_from]
 
@@ -284,9 +285,12 @@ def _no_edits(payload: bytes, fresh_from: int) -> list[Edit]:
     return []
 
 
-def _fitting(pkt: TcpPacket, found: Found) -> Found:
+def _fitting(pkt: TcpPacket, found: Found, max_growth: int) -> Found:
     """``found``, without its length-changing edits if together they would grow the datagram
-    past 65,535 bytes (a GSO super-packet near the limit): those bytes then pass unedited."""
+    past 65,535 bytes (a GSO super-packet near the limit): those bytes then pass unedited.
+    ``max_growth``: the most one edit of the selection adds (0: none grows, nothing to check)."""
+    if len(found) * max_growth <= pkt.room:
+        return found
     if sum(len(new) - (end - start) for start, end, new, _ in found) <= pkt.room:
         return found
     return [f for f in found if len(f[2]) == f[1] - f[0]]

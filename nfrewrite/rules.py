@@ -101,6 +101,7 @@ import os
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from nfrewrite.diagnostics import Diagnostic, TomlFile, has_errors, type_name
 from nfrewrite.tomlpos import KeyPath
@@ -315,13 +316,14 @@ class Selection:
             return []
         edits: list[Edit] = []
         if len(patterns) == 1:
+            # bytes.split finds the same occurrences (leftmost, non-overlapping) in C; the ends
+            # are the running sums of piece + pattern lengths (a GSO super-packet can hold dozens)
             find, with_, rule = patterns[0]
+            if find not in payload:
+                return edits
             size = len(find)
-            start = payload.find(find)
-            while start >= 0:
-                edits.append((start, start + size, with_, rule))
-                start = payload.find(find, start + size)
-            return edits
+            ends = accumulate([len(piece) + size for piece in payload.split(find)[:-1]])
+            return [(end - size, end, with_, rule) for end in ends]
         # Several patterns: keep each one's next occurrence at or after `pos`; take the leftmost
         # (the first pattern on ties), move `pos` past it, refresh the occurrences it passed.
         nexts = [payload.find(p[0]) for p in patterns]

@@ -14,17 +14,21 @@ For each packet:
 3. Rules with ``verdict = "drop"`` drop it. Header edits (TTL/hop limit, DSCP, window, MSS) apply
    in rule order.
 4. Payload edits: every ``replace`` of every selected rule is found in one pass over the payload
-   as it arrived (length-changing ones are left out when they would grow the datagram past
-   65,535 bytes, the IP length fields' limit). Same-length edits need no state. The first
+   as it arrived (length-changing ones are left out when they would grow the packet past
+   65,535 bytes, what NFQUEUE takes back). Same-length edits need no state; one same-length
+   pattern is replaced by ``bytes.replace`` in C (a GSO super-packet can hold hundreds). The first
    length-changing edit of a connection creates a flow in the
    :class:`~nfrewrite.seqadj.FlowTable`; from then on every segment of that connection, in both
    directions, goes through the flow's sequence adjuster, which decides which edits apply (by
    original stream position, so retransmissions get the same edits) and maps seq/ack/SACK
    numbers.
 5. SYNs of a connection whose segments some rule will grow get a lower MSS, leaving room for the
-   growth; a segment that still grows past the MTU is cut by the sequence adjuster.
+   growth; a segment that still grows past the MTU is cut by the sequence adjuster. A packet
+   longer than the MTU (the largest of the namespace's links) is a GSO/GRO super-packet, which
+   the kernel segments itself: it may grow up to 65,535 bytes.
 6. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
-   held only the pseudo-header seed (TX offload).
+   held only the pseudo-header seed (TX offload, GSO; ``csum_partial=None`` lets ``parse``
+   recognise it by the field's value).
 
 The engine's mutable state is the flow table, owned by one worker; the rule set is swapped whole on
 reload (assigning ``engine.ruleset`` is atomic).

@@ -19,7 +19,9 @@ Two checksum states exist for the TCP field (``csum_partial``):
   GSO flag: it completes CHECKSUM_PARTIAL before copying to userspace). Edits update it.
 * partial (True): the field holds only the pseudo-header seed (TX checksum offload, the queue's
   GSO flag, ``NFQA_SKB_CSUMNOTREADY``); the data was never summed. A verdict that carries a payload
-  becomes CHECKSUM_NONE in the kernel, so :meth:`TcpPacket.finish` writes a complete checksum.
+  becomes CHECKSUM_NONE in the kernel, so :meth:`TcpPacket.finish` writes a complete checksum,
+  and edits skip the incremental updates that it would redo.
+* unknown (None, at parse time): decided from the bytes: a field equal to the seed is partial.
 
 Only a first, unfragmented segment is ours: the TCP checksum of a fragment covers bytes we cannot
 see. IPv6 extension headers (hop-by-hop, routing with no segments left, destination options, atomic

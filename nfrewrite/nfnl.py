@@ -69,18 +69,23 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return _NLATTR.pack(length, kind) + payload + b"\0" * (_align4(length) - length)
 
 
+def _config_message(queue_num: int, attrs: bytes, seq: int, ack: bool) -> bytes:
+    """NFQNL_MSG_CONFIG for queue ``queue_num`` carrying the packed attributes ``attrs``."""
+    if not 0 <= queue_num <= 0xFFFF:
+        raise ValueError(f"queue number out of range: {queue_num}")
+    body = _NFGENMSG.pack(0, NFNETLINK_V0, queue_num) + attrs
+    msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
+    msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, msg_flags, seq, 0) + body
+
+
 def config_flags_message(
     queue_num: int, flags: int, mask: int, seq: int, ack: bool = True
 ) -> bytes:
     """NFQNL_MSG_CONFIG setting ``flags`` under ``mask`` on queue ``queue_num``."""
-    if not 0 <= queue_num <= 0xFFFF:
-        raise ValueError(f"queue number out of range: {queue_num}")
-    body = _NFGENMSG.pack(0, NFNETLINK_V0, queue_num)
-    body += _attr(NFQA_CFG_MASK, struct.pack("!I", mask))
-    body += _attr(NFQA_CFG_FLAGS, struct.pack("!I", flags))
-    msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
-    msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, msg_flags, seq, 0) + body
+    attrs = _attr(NFQA_CFG_MASK, struct.pack("!I", mask))
+    attrs += _attr(NFQA_CFG_FLAGS, struct.pack("!I", flags))
+    return _config_message(queue_num, attrs, seq, ack)
 
 
 def config_params_message(
@@ -91,15 +96,10 @@ def config_params_message(
     NetfilterQueue caps the range at 4016 bytes (its receive buffer); a queue with the GSO flag
     needs up to 65,535, and the caller then reads with a buffer that large.
     """
-    if not 0 <= queue_num <= 0xFFFF:
-        raise ValueError(f"queue number out of range: {queue_num}")
     if not 0 <= copy_range <= 0xFFFFFFFF:
         raise ValueError(f"copy range out of range: {copy_range}")
-    body = _NFGENMSG.pack(0, NFNETLINK_V0, queue_num)
-    body += _attr(NFQA_CFG_PARAMS, _CONFIG_PARAMS.pack(copy_range, copy_mode))
-    msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
-    msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, msg_flags, seq, 0) + body
+    attrs = _attr(NFQA_CFG_PARAMS, _CONFIG_PARAMS.pack(copy_range, copy_mode))
+    return _config_message(queue_num, attrs, seq, ack)
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,6 +189,17 @@ def test_config_message_layout() -> None:
     assert msg[28:36] == struct.pack("=HH", 8, nfnl.NFQA_CFG_FLAGS) + b"\0\0\0\1"
 
 
+def test_config_params_message_layout() -> None:
+    """struct nfqnl_msg_config_params is packed: be32 copy_range, u8 copy_mode (5 bytes,
+    attribute padded to 12)."""
+    msg = nfnl.config_params_message(7, nfnl.NFQNL_COPY_PACKET, 0xFFFF, seq=3, ack=False)
+    length, mtype, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert length == len(msg) == 16 + 4 + 12
+    assert mtype == (3 << 8) | 2 and flags == nfnl.NLM_F_REQUEST and seq == 3
+    assert msg[16:20] == b"\x00\x00\x00\x07"
+    assert msg[20:32] == struct.pack("=HH", 9, nfnl.NFQA_CFG_PARAMS) + b"\0\0\xff\xff\x02\0\0\0"
+
+
 def test_ack_and_error_parsing() -> None:
     req = nfnl.config_flags_message(1, 1, 1, seq=5)
     ack = struct.pack("=IHHII", 16 + 4 + 16, nfnl.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", 0)

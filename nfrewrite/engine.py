@@ -197,24 +197,23 @@ class Engine:
         if pkt.payload_len == 0 or not sel.has_replaces:
             return None, 0
         if self._same_length(sel):
+            # Every pattern of the selection keeps its length (the common case): no growth to
+            # check, no edit to inspect one by one; a (GSO super-)packet may carry hundreds.
             one = sel.single_pattern
-            if one is not None:
-                # One same-length pattern (the common case): found and replaced in C, however
-                # many times a (GSO super-)packet carries it.
+            if one is not None:  # one pattern: found and replaced in C
                 if pkt.replace_literal(one[0], one[1]):
                     fired.append(one[2].name)
                 return None, 0
+            found = sel.find_edits(pkt.payload)
+            if found:
+                pkt.apply_edits([(s, e, n) for s, e, n, _ in found])
+                if len(sel.rules) == 1:
+                    fired.append(sel.rules[0].name)
+                else:
+                    fired.extend(rule.name for _, _, _, rule in found)
+            return None, 0
         found = sel.find_edits(pkt.payload)
         if not found:
-            return None, 0
-        if self._same_length(sel):
-            # Every pattern of the selection keeps its length (the common case): no growth to
-            # check, no edit to inspect one by one; a segment may carry dozens of them.
-            pkt.apply_edits([(s, e, n) for s, e, n, _ in found])
-            if len(sel.rules) == 1:
-                fired.append(sel.rules[0].name)
-            else:
-                fired.extend(rule.name for _, _, _, rule in found)
             return None, 0
         found = _fitting(pkt, found, self._max_growth(sel))
         if not found:

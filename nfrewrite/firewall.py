@@ -307,18 +307,20 @@ def _layout(
         return [args for args, _ in compiled], {}
     main = [compiled[0][0]]
     residual: list[list[str]] = []
-    chains: dict[str, list[list[str]]] = {}
+    by_bucket: dict[tuple[str, int], list[list[str]]] = {}
     for args, key in compiled[1:]:
         if key is None:
             residual.append(args)
             continue
         direction, buckets = key
         for b in buckets:
-            chains.setdefault(bucket_chain(direction, b), []).append(args)
-    for name in sorted(chains, key=lambda n: (n[len(CHAIN) + 1], int(n[len(CHAIN) + 2:]))):
-        direction, b = name[len(CHAIN) + 1].lower(), int(name[len(CHAIN) + 2:])
+            by_bucket.setdefault((direction, b), []).append(args)
+    chains: dict[str, list[list[str]]] = {}
+    for (direction, b), rules in sorted(by_bucket.items()):
+        name = bucket_chain(direction, b)
         lo, hi = b * BUCKET, min(65535, (b + 1) * BUCKET - 1)
         main.append(["-p", "tcp", f"--{direction}port", f"{lo}:{hi}", "-j", name])
+        chains[name] = rules
     return main + residual, chains
 
 

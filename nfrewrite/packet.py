@@ -206,10 +206,10 @@ def parse(data: bytes | bytearray, *, csum_partial: bool | None = False) -> TcpP
         return Unparsed(BAD_DATA_OFFSET)
     if doff > 20 and not _options_ok(buf, l4 + 20, l4 + doff):
         return Unparsed(BAD_TCP_OPTIONS)
+    pkt = TcpPacket(buf, version, l4, doff, end, src, dst, bool(csum_partial))
     if csum_partial is None:
-        seed = (cs.ones_sum(src) + cs.ones_sum(dst) + 6 + end - l4) % cs.MOD or 0xFFFF
-        csum_partial = ((buf[l4 + 16] << 8) | buf[l4 + 17]) == seed
-    return TcpPacket(buf, version, l4, doff, end, src, dst, csum_partial)
+        pkt.csum_partial = pkt.tcp_checksum == pkt.pseudo_header_seed()
+    return pkt
 
 
 class TcpPacket:

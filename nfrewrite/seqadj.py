@@ -339,9 +339,6 @@ class _Way:
         for lst in (self.starts, self.ends, self.repls, self.cum, self.nstarts, self.nends):
             del lst[:k]
 
-    def record(self, start: int, end: int, repl: bytes) -> None:
-        self.record_many(0, ((start, end, repl),))
-
     def record_many(self, at: int, edits: Iterable[Edit]) -> None:
         """Append edits (start-ordered, after every recorded one), positions relative to ``at``.
         A GSO super-packet can bring dozens: one loop with local appends."""

@@ -64,12 +64,18 @@ def _drain(conn: socket.socket) -> None:
         conn.close()
 
 
-def sink(bind: str, port: int) -> int:
+def _listen(bind: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket; prints READY (what the bench waits for)."""
     srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((bind, port))
-    srv.listen(128)
+    srv.listen(backlog)
     print("READY", flush=True)
+    return srv
+
+
+def sink(bind: str, port: int) -> int:
+    srv = _listen(bind, port, 128)
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=_drain, args=(conn,), daemon=True).start()
@@ -142,11 +148,7 @@ def send(
 
 
 def echo(bind: str, port: int) -> int:
-    srv = socket.socket(_family(bind), socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((bind, port))
-    srv.listen(8)
-    print("READY", flush=True)
+    srv = _listen(bind, port, 8)
     while True:
         conn, _ = srv.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

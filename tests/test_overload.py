@@ -147,11 +147,17 @@ def test_a_stopped_worker_fails_open_and_rewriting_resumes_without_restart(
     rewritten = [r == record(i).replace(b"apple", b"APPLE") for i, r in enumerate(arrived)]
     for i, r in enumerate(arrived):
         assert r in (record(i), record(i).replace(b"apple", b"APPLE")), (i, r)
-    assert all(rewritten[:i_stop])  # before SIGSTOP: every one
+    # before SIGSTOP: every one, except the last few that were still in the queue when the
+    # worker stopped: the sender retransmits those past the full queue, unrewritten, and the
+    # rewritten originals, verdicted after SIGCONT, arrive as duplicates (seen once in CI)
+    head = rewritten[:i_stop]
+    lag = len(head) - (head.index(False) if False in head else len(head))
+    assert not any(head[len(head) - lag:]) and lag <= MAXLEN, (lag, head[-MAXLEN:])
     stopped = rewritten[i_full:i_cont]
     # fail-open: the stream went on unrewritten while the worker was stopped
     assert len(stopped) > 300 and stopped.count(False) > 0.9 * len(stopped)
     assert all(rewritten[i_resumed:total])  # after SIGCONT: every one again
-    print(f"records {total}: before stop {i_stop} all rewritten; while stopped "
+    print(f"records {total}: before stop {i_stop}, all rewritten but the {lag} queued at the "
+          f"stop; while stopped "
           f"{stopped.count(False)} of {len(stopped)} unrewritten; after SIGCONT "
           f"{total - i_resumed} all rewritten")

@@ -109,6 +109,8 @@ while True:
             continue
         if frame[12:14] == b"\x86\xdd" and frame[20] == 58:
             continue
+        if frame[12:14] == b"\x86\xdd" and frame[20] == 0 and frame[54:55] == b"\x3a":
+            continue  # MLD report (ICMPv6 behind a hop-by-hop header): the kernel's own, late
         got.append(frame.hex())
     if sys.stdin in r:
         line = sys.stdin.readline()

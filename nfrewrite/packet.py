@@ -72,6 +72,13 @@ _OPT_FIXED_LEN = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TS: 10}
 _IPV6_SKIPPABLE = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
 _IPV6_FRAGMENT = 44
 _MAX_EXT_HEADERS = 8
+#: The longest packet a verdict can hand back to NFQUEUE: 65,535 minus the 4-byte attribute
+#: header, because the payload travels in a netlink attribute whose 16-bit length counts that
+#: header too. libnetfilter_queue writes a longer one's length truncated; the kernel then parses
+#: the verdict without a payload ("netlink: 3 bytes leftover after parsing attributes") and sends
+#: the *original* packet on (seen: a super-packet grown to 65,535 bytes reached the client with
+#: its old bytes at its old sequence numbers, inside a connection whose offsets had moved).
+MAX_VERDICT_PACKET = 0xFFFF - 4
 _TS_ONLY = b"\x01\x01\x08\x0a"  # NOP NOP TS(10): the options of nearly every data segment
 
 _u16 = struct.Struct("!H")
@@ -306,10 +313,10 @@ class TcpPacket:
 
     @property
     def room(self) -> int:
-        """How many bytes the packet may still grow: IPv4's total length is a 16-bit field, and
-        NFQUEUE refuses (drops) a verdict whose packet is longer than 65,535 bytes, so an IPv6
-        packet, header and any link padding included, is held to that too."""
-        return 0xFFFF - len(self.buf)
+        """How many bytes the packet may still grow: to :data:`MAX_VERDICT_PACKET` (65,531), what
+        a verdict can carry back, header and any link padding included, in both families (below
+        IPv4's own limit of 65,535)."""
+        return MAX_VERDICT_PACKET - len(self.buf)
 
     @property
     def segment_len(self) -> int:

@@ -69,6 +69,7 @@ from netfilterqueue import NetfilterQueue
 
 from nfrewrite import nfnl
 from nfrewrite.firewall import FLOW_MARK
+from nfrewrite.packet import MAX_VERDICT_PACKET
 
 DROP = 0
 ACCEPT = 1
@@ -345,12 +346,12 @@ class QueueWorker:
         self._metas[key] = meta
         return meta
 
-    def _error(self, kind: str, detail: str) -> None:
+    def _error(self, kind: str, detail: str, outcome: str = "packet accepted unmodified") -> None:
         self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
         if kind not in self._logged_kinds:
             self._logged_kinds.add(kind)
             self._log(f"nfrewrite queue {self.queue_num}: {kind}: {detail} "
-                      "(packet accepted unmodified; logged once per kind)")
+                      f"({outcome}; logged once per kind)")
 
     def _on_packet(self, pkt: _Packet) -> None:
         st = self.stats
@@ -385,6 +386,12 @@ class QueueWorker:
                 new = None
             elif new == payload:
                 new = None
+            elif len(new) > MAX_VERDICT_PACKET:
+                # the library would send it with a truncated length and the kernel would pass
+                # the *original* (see MAX_VERDICT_PACKET): a stale packet is worse than none
+                self._error("VerdictTooLong", f"handler returned {len(new)} bytes, a verdict "
+                            f"carries at most {MAX_VERDICT_PACKET}", "packet dropped")
+                verdict, new = DROP, None
         self._verdict(pkt, verdict, new, mark)
 
     def _verdict(self, pkt: _Packet, verdict: int, new: bytes | None, mark: int) -> None:

@@ -275,6 +275,7 @@ def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
         (ValueError("y"), _ipv4(), ["accept"], None, None),
         ((7, None), _ipv4(), ["accept"], None, None),  # not a verdict
         ((ACCEPT, _ipv4(5)), _ipv4(4, claimed=9000), ["accept"], None, None),  # cut-short copy
+        ((ACCEPT, _ipv4(65532 - 40)), _ipv4(), ["drop"], None, None),  # longer than a verdict
     ]
     for answer, payload, verdicts, new, mark in cases:
         answers.append(answer)
@@ -283,9 +284,11 @@ def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
         assert (pkt.verdicts, pkt.new_payload, pkt.new_mark) == (verdicts, new, mark), answer
     st = w.stats  # type: ignore[attr-defined]
     assert (st.packets, st.accepted, st.dropped, st.modified, st.tracked, st.truncated) == (
-        8, 7, 1, 1, 1, 1)
-    assert st.errors_by_kind == {"ValueError": 2, "TypeError": 1, "TruncatedCopy": 1}
-    assert len(log) == 3 and all(line.count("\n") == 0 for line in log)  # once per kind
+        9, 7, 2, 1, 1, 1)
+    assert st.errors_by_kind == {"ValueError": 2, "TypeError": 1, "TruncatedCopy": 1,
+                                 "VerdictTooLong": 1}
+    assert len(log) == 4 and all(line.count("\n") == 0 for line in log)  # once per kind
+    assert "VerdictTooLong: handler returned 65532 bytes" in log[-1] and "dropped" in log[-1]
 
 
 # -- in the kernel ---------------------------------------------------------------------------
@@ -483,3 +486,92 @@ def test_queue_balance_keeps_each_flow_and_each_address_pair_on_one_worker() -> 
     first = "c612000b"  # 198.18.0.11: its three flows all went to the same worker
     assert sum(first in f for f in flows[0]) in (0, 3)
     assert flows[0] and flows[1]  # eight address pairs spread (false failure chance 2**-7)
+
+
+VERDICT_LIMIT = r'''
+import json, select, socket, sys, threading
+from nfrewrite.queue import ACCEPT, QueueWorker
+
+mode, qnum, addr = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+TARGETS = [65531, 65532, 65535]
+PROTO = 253  # experimental (RFC 3692): nothing else in the namespace speaks it
+
+def grown(payload):
+    """The packet padded to the length its first bytes ask for (total length and sum fixed)."""
+    target = int(payload[20:26])
+    new = bytearray(payload + b"g" * (target - len(payload)))
+    new[2:4] = target.to_bytes(2, "big")
+    new[10:12] = b"\0\0"
+    total = sum(int.from_bytes(new[i:i + 2], "big") for i in range(0, 20, 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    new[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return bytes(new)
+
+got = {}
+done = threading.Event()
+
+def traffic():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, PROTO)
+    sock.settimeout(1.0)
+    for target in TARGETS:
+        sock.sendto(b"%06d" % target + b"o" * 994, (addr, 0))  # a 1,020-byte packet
+        try:
+            got[target] = len(sock.recv(70000))
+        except TimeoutError:
+            got[target] = None  # dropped
+    done.set()
+
+stats = {}
+if mode == "library":  # NetfilterQueue alone: what the kernel does with the verdict
+    from netfilterqueue import NetfilterQueue
+
+    def cb(pkt):
+        pkt.set_payload(grown(pkt.get_payload()))
+        pkt.accept()
+
+    nfq = NetfilterQueue()
+    nfq.bind(qnum, cb)
+    threading.Thread(target=traffic).start()
+    while not done.is_set():
+        if select.select([nfq.get_fd()], [], [], 0.1)[0]:
+            nfq.run(block=False)
+    nfq.unbind()
+else:  # our worker, guarding the limit
+    w = QueueWorker(qnum, lambda payload, meta: (ACCEPT, grown(payload)), log=lambda line: None)
+    w.bind()
+    def stop_when_done():
+        done.wait()
+        w.stop()
+    threading.Thread(target=traffic).start()
+    threading.Thread(target=stop_when_done).start()
+    w.run()
+    w.unbind()
+    stats = w.stats.errors_by_kind
+print(json.dumps({"got": got, "errors": stats}), flush=True)
+'''
+
+
+@pytest.mark.privileged
+def test_a_verdict_carries_back_at_most_65531_bytes_and_the_worker_never_sends_more(
+    lab: Lab,
+) -> None:
+    """The packet of a verdict rides in a netlink attribute whose 16-bit length counts its own
+    4-byte header. Measured here, on the kernel: a 1,020-byte packet handed back grown to 65,531
+    bytes arrives so; grown to 65,532 or 65,535, the *original* arrives (the kernel logs
+    "bytes leftover after parsing attributes" and takes the verdict without its payload). For a
+    connection with sequence offsets that original is stale data at stale numbers, so the
+    worker drops such a verdict instead, and the engine never asks for one (MAX_VERDICT_PACKET).
+    """
+    addr = "198.18.99.1"
+    lab.run("appliance", ["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
+    lab.run("appliance", ["iptables", "-A", "OUTPUT", "-d", addr, "-p", "253",
+                          "-j", "NFQUEUE", "--queue-num", str(QNUM)])
+    out = {}
+    for mode in ("library", "worker"):
+        res = lab.run("appliance", [sys.executable, "-c", VERDICT_LIMIT, mode, str(QNUM), addr],
+                      env=lab.python_env())
+        out[mode] = json.loads(res.stdout)
+    assert out["library"]["got"] == {"65531": 65531, "65532": 1020, "65535": 1020}
+    assert out["worker"]["got"] == {"65531": 65531, "65532": None, "65535": None}
+    assert out["worker"]["errors"] == {"VerdictTooLong": 2}

@@ -14,8 +14,7 @@ For each packet:
 3. Rules with ``verdict = "drop"`` drop it. Header edits (TTL/hop limit, DSCP, window, MSS) apply
    in rule order.
 4. Payload edits: every ``replace`` of every selected rule is found in one pass over the payload
-   as it arrived (length-changing ones are left out when they would grow the packet past
-   65,535 bytes, what NFQUEUE takes back). Same-length edits need no state; one same-length
+   as it arrived. Same-length edits need no state; one same-length
    pattern is replaced by ``bytes.replace`` in C (a GSO super-packet can hold hundreds). The first
    length-changing edit of a connection creates a flow in the
    :class:`~nfrewrite.seqadj.FlowTable`; from then on every segment of that connection, in both
@@ -25,7 +24,14 @@ For each packet:
 5. SYNs of a connection whose segments some rule will grow get a lower MSS, leaving room for the
    growth; a segment that still grows past the MTU is cut by the sequence adjuster. A packet
    longer than the MTU (the largest of the namespace's links) is a GSO/GRO super-packet, which
-   the kernel segments itself: it may grow up to 65,535 bytes.
+   the kernel segments itself: it may grow up to the 65,531 bytes a verdict can carry back
+   (:data:`~nfrewrite.packet.MAX_VERDICT_PACKET`), and one
+   that would grow past that is cut the same way (its tail comes again, as a retransmission,
+   and gets the same edits). Leaving its growing edits out instead would pass every occurrence
+   in it unedited: a 64 KB super-packet with a few hundred edits grows past the limit whenever
+   its growing ones outnumber its shrinking ones by a few dozen (seen in ~1 of 5 dense runs).
+   Without a flow table (``flows=None``) nothing can be cut: edits that would not fit are left
+   out.
 6. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
    held only the pseudo-header seed (TX offload, GSO; ``csum_partial=None`` lets ``parse``
    recognise it by the field's value).
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nfrewrite.packet import ACK, FIN, SYN, TcpPacket, parse
+from nfrewrite.packet import ACK, FIN, MAX_VERDICT_PACKET, SYN, TcpPacket, parse
 from nfrewrite.rules import Rule, RuleSet, Selection
 from nfrewrite.seqadj import Flow, FlowTable, SegmentPlan, flow_key
 
@@ -187,6 +193,11 @@ class Engine:
         track = flow is not None
         if not pkt.modified:
             return Result(ACCEPT, rules=names, track=track)
+        if len(pkt.buf) > MAX_VERDICT_PACKET:
+            # Only a packet that came longer than a verdict can carry back (a GRO packet of up
+            # to 65,535 bytes) and did not shrink. Unchanged, it is still valid unless its
+            # connection has offsets; then the sender must retransmit it.
+            return Result(DROP, track=True) if track else PASS
         return Result(ACCEPT, pkt.finish(), rules=names, track=track)
 
     # -- payload -------------------------------------------------------------------------------
@@ -213,9 +224,8 @@ class Engine:
                     fired.extend(rule.name for _, _, _, rule in found)
             return None, 0
         found = sel.find_edits(pkt.payload)
-        if not found:
-            return None, 0
-        found = _fitting(pkt, found, self._max_growth(sel))
+        if self.flows is None:  # no sequence state: what would not fit cannot be cut either
+            found = _fitting(pkt, found, self._max_growth(sel))
         if not found:
             return None, 0
         if self.flows is None or all(end - start == len(new) for start, end, new, _ in found):
@@ -247,8 +257,7 @@ class Engine:
             # then the fresh part): search the payload once, filter per call.
             nonlocal searched
             if not searched:
-                found.extend(first if first is not None
-                             else _fitting(pkt, sel.find_edits(payload), self._max_growth(sel)))
+                found.extend(first if first is not None else sel.find_edits(payload))
                 searched = True
             return [(s, e, n) for s, e, n, _ in found if s >= fresh_from]
 
@@ -265,7 +274,7 @@ class Engine:
             # bytes after the datagram (link padding) stay after it: they count against the MTU.
             # A packet longer than the MTU is a GSO/GRO super-packet that the kernel will cut
             # into wire segments itself: it may grow up to what NFQUEUE takes back.
-            (self.mtu if pkt.end <= self.mtu else 0xFFFF)
+            (self.mtu if pkt.end <= self.mtu else MAX_VERDICT_PACKET)
             - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff,
         )
         if plan.action == "drop":
@@ -290,7 +299,9 @@ def _no_edits(payload: bytes, fresh_from: int) -> list[Edit]:
 
 def _fitting(pkt: TcpPacket, found: Found, max_growth: int) -> Found:
     """``found``, without its length-changing edits if together they would grow the datagram
-    past 65,535 bytes (a GSO super-packet near the limit): those bytes then pass unedited.
+    past what a verdict carries back (a GSO super-packet near the limit): those bytes then pass
+    unedited.
+    Only for an engine without a flow table: with one, the sequence adjuster cuts instead.
     ``max_growth``: the most one edit of the selection adds (0: none grows, nothing to check)."""
     if len(found) * max_growth <= pkt.room:
         return found

@@ -235,7 +235,10 @@ class Engine:
         key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
         flow = self.flows.create(key, now)
         if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now, first=found):
-            raise AssertionError("a new flow never refuses its first segment")
+            # Nothing it would become fits a verdict and it cannot be cut (a SYN; a packet that
+            # came longer than a verdict carries): its bytes pass unedited, as with no rule.
+            self.flows.retract(key)
+            return None, 0
         return flow, direction
 
     def _rewrite_with_flow(

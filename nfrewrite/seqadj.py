@@ -112,7 +112,8 @@ API (what the engine calls)
 ``get(key) -> Flow | None``; ``create(key, now) -> Flow`` (returns the existing flow if there is
 one; when full, first drops expired flows, then evicts the least recently used, counted);
 ``expire(now) -> int`` (drops ended flows past their grace and idle flows; returns how many);
-``remove(key) -> bool``; ``len(table)``; counters ``flows_active`` (property), ``flows_created``,
+``retract(key)`` (takes a creation back: the flow's first segment could not be emitted);
+``len(table)``; counters ``flows_active`` (property), ``flows_created``,
 ``flows_evicted``, ``flows_expired``, ``flows_ended``, ``edits_refused``; ``stats() -> dict``.
 Invariant: created == active + evicted + expired + ended.
 
@@ -727,9 +728,11 @@ class FlowTable:
         self.flows_created += 1
         return flow
 
-    def remove(self, key: FlowKey) -> bool:
-        """Forget a flow without counting it (the caller knows why)."""
-        return self._flows.pop(key, None) is not None
+    def retract(self, key: FlowKey) -> None:
+        """Take back the creation of a flow whose first segment could not be emitted: it never
+        carried an offset, so it is forgotten as if it had not been created."""
+        if self._flows.pop(key, None) is not None:
+            self.flows_created -= 1
 
     def expire(self, now: float) -> int:
         """Drop ended flows past their grace period and flows idle too long; return the count."""

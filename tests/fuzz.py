@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nfrewrite.engine import ACCEPT, DROP, Engine
-from nfrewrite.packet import REASONS, TcpPacket, parse
+from nfrewrite.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
 from nfrewrite.rules import RuleSet, load_rules
 from nfrewrite.seqadj import FlowTable
 
@@ -688,8 +688,8 @@ def check(
     if out.end - out.l4 != pin.end - pin.l4:
         stats.length_changed += 1
     # a packet that fits the MTU must still fit after; a longer one is a GSO super-packet (the
-    # kernel segments it), which may grow to what NFQUEUE takes back
-    limit = max(mtu, len(data)) if pin.end <= mtu else 0xFFFF
+    # kernel segments it), which may grow to what a verdict carries back
+    limit = max(mtu, len(data)) if pin.end <= mtu else MAX_VERDICT_PACKET
     if len(res.packet) > limit and not pin.flags & SYN:
         return f"grew to {len(res.packet)} bytes, more than {limit} ({len(data)} in, MTU {mtu})"
     out_tcp = tcp_residual(out)

@@ -277,3 +277,13 @@ def test_a_packet_that_came_longer_than_a_verdict_carries_is_never_handed_back(
     huge = b"z" * (65535 - 60)
     res = engine.process(_v6(huge, seq=1002), now=1.1, csum_partial=None)
     assert (res.verdict, res.packet, res.track) == (DROP, None, True)
+    # a SYN cannot be cut: one whose growth would not fit a verdict passes unedited, no flow
+    # begins (found by the fuzzer: the engine asserted that a new flow's first segment fits)
+    flows = FlowTable()
+    engine = Engine(ruleset(tmp_path, GROW_SHRINK), flows, mtu=1500)
+    data = (b"UP" + b"x" * 98) * 654 + b"x" * 75  # a 65,535-byte packet with 654 of them
+    syn = bytes(IPv6(src="2001:2::2", dst="2001:2::1")
+                / TCP(sport=8080, dport=40001, seq=7, flags="S") / Raw(data))
+    res = engine.process(syn, csum_partial=None)
+    assert (res.verdict, res.packet, res.track) == (ACCEPT, None, False)
+    assert flows.stats()["flows_created"] == len(flows) == 0

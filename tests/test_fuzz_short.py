@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
 from nfrewrite.engine import ACCEPT, Engine
-from nfrewrite.packet import REASONS, TcpPacket, parse
+from nfrewrite.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
 from nfrewrite.seqadj import FlowTable
 from tests import fuzz
 
@@ -86,35 +86,50 @@ def _big(version: int, payload: bytes, sport: int = 80) -> bytes:
 
 
 @pytest.mark.parametrize("version", [4, 6])
-def test_a_growing_edit_that_would_overflow_the_ip_length_is_left_out(version: int) -> None:
+def test_a_growing_edit_that_would_overflow_what_a_verdict_carries_cuts_the_packet(
+    version: int,
+) -> None:
     """Found by the fuzzer (super-packets near 64 KiB): an edit growing a datagram past 65,535
     bytes made ``_set_ip_length`` write a 17-bit value (``ValueError: byte must be in
-    range(0, 256)``). Such edits are now left out: the packet passes unedited, no flow begins.
-    The bound is NFQUEUE's: a verdict may carry at most 65,535 bytes of packet, IPv6's header
-    included (``nfqnl_mangle``)."""
-    most = 0xFFFF - 20 - (20 if version == 4 else 40)  # payload bytes that fit
+    range(0, 256)``). The bound is what a verdict carries back: 65,531 bytes, header included
+    (MAX_VERDICT_PACKET; tests/test_queue.py measures it). With a flow table the packet is cut at
+    an edit boundary (the sender retransmits the rest); without one the edit is left out."""
+    most = 0xFFFF - 20 - (20 if version == 4 else 40)  # payload bytes of a 65,535-byte packet
     payload = b"nginx" + b"x" * (most - 5)
     raw = _big(version, payload)
     flows = FlowTable()
     res = Engine(fuzz.load_fuzz_rules(), flows).process(raw)
-    assert (res.verdict, res.packet, res.rules, len(flows)) == (ACCEPT, None, (), 0)
-    # one that still fits is made, and not cut: longer than the MTU, it is a GSO super-packet
-    # that the kernel segments itself
-    fits = b"nginx" + b"x" * (most - 5 - 13)
-    raw = _big(version, fits)
-    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(raw)
-    assert res.packet is not None and res.rules == ("grow",) and len(res.packet) == 0xFFFF
+    assert res.verdict == ACCEPT and res.rules == ("grow",) and len(flows) == 1
+    assert res.packet is not None and len(res.packet) == MAX_VERDICT_PACKET
     out = parse(res.packet)
-    assert isinstance(out, TcpPacket) and out.payload.startswith(b"a-much-longer-name")
+    assert isinstance(out, TcpPacket)
+    assert out.payload == (b"a-much-longer-name" + payload[5:])[: out.payload_len]
+    assert fuzz.tcp_residual(out) == 0 and fuzz.ip_residual(out) == 0
+    res = Engine(fuzz.load_fuzz_rules(), None).process(raw)
+    assert (res.verdict, res.packet, res.rules) == (ACCEPT, None, ())
+    # one that fits exactly is made whole, and not cut at the MTU: longer than the MTU, it is a
+    # GSO super-packet that the kernel segments itself
+    fits = b"nginx" + b"x" * (most - 5 - 13 - 4)
+    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(_big(version, fits))
+    assert res.packet is not None and res.rules == ("grow",)
+    assert len(res.packet) == MAX_VERDICT_PACKET
+    out = parse(res.packet)
+    assert isinstance(out, TcpPacket) and out.payload == b"a-much-longer-name" + fits[5:]
     assert fuzz.tcp_residual(out) == 0 and fuzz.ip_residual(out) == 0
 
 
 def test_same_length_edits_are_still_made_when_the_growing_ones_do_not_fit() -> None:
-    most = 0xFFFF - 40
+    most = MAX_VERDICT_PACKET - 40  # payload bytes of the longest packet a verdict carries
     payload = b"Server: nginx" + b"x" * (most - 13 - 5) + b"nginx"
-    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(_big(4, payload))
+    # without a flow table: the growing edit at the end is left out, the same-length one made
+    res = Engine(fuzz.load_fuzz_rules(), None).process(_big(4, payload))
     assert res.packet is not None and res.rules == ("banner",)
     assert res.packet[40:53] == b"Server: webby" and res.packet.endswith(b"nginx")
+    # with one: both made; the packet is cut before the grown end, which comes again
+    res = Engine(fuzz.load_fuzz_rules(), FlowTable()).process(_big(4, payload))
+    assert res.packet is not None and res.rules == ("banner", "grow")
+    assert res.packet[40:53] == b"Server: webby" and len(res.packet) <= MAX_VERDICT_PACKET
+    assert res.packet.endswith(b"x")
 
 
 def test_link_padding_counts_against_the_mtu() -> None:

@@ -120,7 +120,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
 
     def on_idle() -> None:
         conn.send(("hb",))
-        wm.set_flows(flows.flows_active, flows.flows_evicted)
+        wm.set_flows(flows.flows_active, flows.stats())
         while conn.poll():
             msg = conn.recv()
             if msg[0] == "rules":

@@ -79,7 +79,7 @@ How the daemon uses it::
     ...start workers; in each:  wm = metrics.WorkerMetrics(queue_num, rules=names)
     ...per packet:  t = perf_counter(); result = engine.process(...);
                     wm.observe(result, perf_counter() - t)
-    ...now and then: wm.set_flows(flows.flows_active, flows.flows_evicted)
+    ...now and then: wm.set_flows(flows.flows_active, flows.stats())
     ...a worker died: sup.worker_died(pid); restarted: sup.worker_restarted(queue_num)
     server.close(); metrics.cleanup_multiprocess_dir(path)   # on stop, in this order
 
@@ -188,6 +188,14 @@ SEQADJ_FLOWS = MetricSpec(
 SEQADJ_EVICTIONS = MetricSpec(
     "nfrewrite_seqadj_flow_evictions_total", "counter",
     "Flows with a sequence offset evicted because the flow table was full.", ("queue",))
+SEQADJ_REFUSED = MetricSpec(
+    "nfrewrite_seqadj_edits_refused_total", "counter",
+    "Length-changing edits not made because their flow already kept max_edits unacknowledged "
+    "ones (their bytes passed unedited).", ("queue",))
+SEQADJ_CUTS = MetricSpec(
+    "nfrewrite_seqadj_segments_cut_total", "counter",
+    "Segments cut because edits grew them past the MTU (or a super-packet past 65,531 bytes); "
+    "the sender retransmits each cut's tail.", ("queue",))
 RULES_LOADED = MetricSpec(
     "nfrewrite_rules_loaded", "gauge",
     "Rules in the rule set in force.", mode="mostrecent")
@@ -221,6 +229,8 @@ METRICS: tuple[MetricSpec, ...] = (
     RULE_APPLIED,
     SEQADJ_FLOWS,
     SEQADJ_EVICTIONS,
+    SEQADJ_REFUSED,
+    SEQADJ_CUTS,
     RULES_LOADED,
     RELOAD_SUCCESSFUL,
     RELOAD_TIMESTAMP,
@@ -402,9 +412,13 @@ class WorkerMetrics:
         self._rule_counter = m.counter(RULE_APPLIED)
         self._rules: dict[str, Callable[..., None]] = {}
         self._flows = m.gauge(SEQADJ_FLOWS).labels(q)
-        self._evictions = m.counter(SEQADJ_EVICTIONS).labels(q)
+        self._table_counters = [
+            (m.counter(spec).labels(q), name)
+            for spec, name in ((SEQADJ_EVICTIONS, "flows_evicted"),
+                               (SEQADJ_REFUSED, "edits_refused"), (SEQADJ_CUTS, "segments_cut"))
+        ]
+        self._table_last: dict[str, int] = {}
         self._flows.set(0)
-        self._evicted_last = 0
         self.set_rules(rules)
 
     def set_rules(self, names: Iterable[str]) -> None:
@@ -442,19 +456,23 @@ class WorkerMetrics:
         """Count an exception raised while handling a packet (see :func:`error_kind`)."""
         self._errors[error_kind(exc)]()
 
-    def set_flows(self, active: int, evicted_total: int) -> None:
-        """Copy the FlowTable's figures: flows active now, evictions since the table was made.
+    def set_flows(self, active: int, totals: Mapping[str, int]) -> None:
+        """Copy the FlowTable's figures: flows active now, and its running counts since it was
+        made (``FlowTable.stats()``: ``flows_evicted``, ``edits_refused``, ``segments_cut``).
 
-        ``evicted_total`` is the table's own running count; the counter advances by the
-        difference.  A smaller value than last time means a new table (counting from 0).
+        Each counter advances by the difference from last time; a smaller value means a new
+        table (counting from 0).
         """
         self._flows.set(active)
-        delta = evicted_total - self._evicted_last
-        if delta < 0:
-            delta = evicted_total
-        if delta > 0:
-            self._evictions.inc(delta)
-        self._evicted_last = evicted_total
+        last = self._table_last
+        for counter, name in self._table_counters:
+            total = totals.get(name, 0)
+            delta = total - last.get(name, 0)
+            if delta < 0:
+                delta = total
+            if delta > 0:
+                counter.inc(delta)
+            last[name] = total
 
 
 # -- kernel queue figures ----------------------------------------------------------------------

@@ -114,7 +114,8 @@ one; when full, first drops expired flows, then evicts the least recently used, 
 ``expire(now) -> int`` (drops ended flows past their grace and idle flows; returns how many);
 ``retract(key)`` (takes a creation back: the flow's first segment could not be emitted);
 ``len(table)``; counters ``flows_active`` (property), ``flows_created``,
-``flows_evicted``, ``flows_expired``, ``flows_ended``, ``edits_refused``; ``stats() -> dict``.
+``flows_evicted``, ``flows_expired``, ``flows_ended``, ``edits_refused``, ``segments_cut``;
+``stats() -> dict``.
 Invariant: created == active + evicted + expired + ended.
 
 ``Flow.rewrite(direction, seq, ack, flags, payload, sack, now, find_edits) -> SegmentPlan``:
@@ -472,6 +473,8 @@ class Flow:
                 new_payload = new_payload[:keep]
                 clear_fin = bool(flags & FIN)
                 events.append("cut")
+                if self._table is not None:
+                    self._table.segments_cut += 1
         if action == "send" and new_payload == b"":
             action = "send_empty"  # everything it carried was deleted by edits
         if action == "send_empty" and not flags & (SYN | FIN | RST):
@@ -690,6 +693,7 @@ class FlowTable:
         self.flows_expired = 0
         self.flows_ended = 0
         self.edits_refused = 0
+        self.segments_cut = 0
 
     @property
     def flows_active(self) -> int:
@@ -709,6 +713,7 @@ class FlowTable:
             "flows_expired": self.flows_expired,
             "flows_ended": self.flows_ended,
             "edits_refused": self.edits_refused,
+            "segments_cut": self.segments_cut,
         }
 
     def get(self, key: FlowKey) -> Flow | None:

@@ -227,7 +227,8 @@ def test_a_super_packet_that_would_grow_past_what_a_verdict_carries_is_cut_not_l
     boundary, the rest comes again as a retransmission and gets the same edits; together they
     are the whole stream rewritten. (Before: all its length-changing edits were left out, ~400
     occurrences passing unedited in ~1 of 5 dense 2 MB runs.)"""
-    engine = Engine(ruleset(tmp_path, GROW_SHRINK), FlowTable(), mtu=1500)
+    flows = FlowTable()
+    engine = Engine(ruleset(tmp_path, GROW_SHRINK), flows, mtu=1500)
     chunk = b"abcdefghij" * 40
     data = (chunk + b"UP") * 120 + (chunk + b"DOWN-DOWN-DOWN") * 20
     data = (data + b"z" * 65000)[:65000]
@@ -239,6 +240,7 @@ def test_a_super_packet_that_would_grow_past_what_a_verdict_carries_is_cut_not_l
     first = IPv6(res.packet)
     kept = first[Raw].load
     assert first[TCP].seq == 1000 and len(kept) > 60000
+    assert flows.stats()["segments_cut"] == 1  # exported as nfrewrite_seqadj_segments_cut_total
     assert _rewritten(data).startswith(kept)
     consumed = len(kept.replace(b"[[up-up-up-up]]", b"UP").replace(b"_", b"DOWN-DOWN-DOWN"))
     # the receiver acknowledges what it got; the sender sends the rest again (here, whole)

@@ -176,18 +176,29 @@ def test_error_counts_by_kind(world: tuple[M.Metrics, M.SupervisorMetrics]) -> N
     assert value(got, "nfrewrite_packets_seen_total", queue="0") == 0
 
 
-def test_set_flows_copies_the_gauge_and_advances_evictions_by_the_difference(
+def test_set_flows_copies_the_gauge_and_advances_the_table_counters_by_the_difference(
     world: tuple[M.Metrics, M.SupervisorMetrics],
 ) -> None:
     m, sup = world
     w = M.WorkerMetrics(0, metrics=m)
-    w.set_flows(3, 0)
-    w.set_flows(7, 4)
-    w.set_flows(5, 4)
-    w.set_flows(2, 1)  # a new FlowTable: counts from 0 again
+    w.set_flows(3, {"flows_evicted": 0, "edits_refused": 0, "segments_cut": 2})
+    w.set_flows(7, {"flows_evicted": 4, "edits_refused": 10, "segments_cut": 2})
+    w.set_flows(5, {"flows_evicted": 4, "edits_refused": 12, "segments_cut": 3})
+    # a new FlowTable: counts from 0 again
+    w.set_flows(2, {"flows_evicted": 1, "edits_refused": 0, "segments_cut": 1})
     got = samples(scrape_text(sup))
     assert value(got, "nfrewrite_seqadj_flows", queue="0") == 2
     assert value(got, "nfrewrite_seqadj_flow_evictions_total", queue="0") == 5
+    assert value(got, "nfrewrite_seqadj_edits_refused_total", queue="0") == 12
+    assert value(got, "nfrewrite_seqadj_segments_cut_total", queue="0") == 4
+
+
+def test_the_table_counters_are_what_a_flow_table_counts() -> None:
+    """The names set_flows reads are FlowTable.stats()'s own (a renamed key would read 0)."""
+    from nfrewrite.seqadj import FlowTable
+
+    assert {name for _, name in M.WorkerMetrics(0, metrics=M.Metrics())._table_counters} <= set(
+        FlowTable().stats())
 
 
 def test_queue_numbers_are_checked() -> None:
@@ -275,7 +286,7 @@ def test_label_values_come_only_from_fixed_sets_rule_names_and_configured_ports(
         for reason in REASONS:
             w.observe(Result(ACCEPT, unparsed=reason), 1e-6)
         w.error(OSError())
-        w.set_flows(1, 1)
+        w.set_flows(1, {"flows_evicted": 1})
     sup.offloads("eth1", {"gro": True})
     sup.offloads("eth2", {"gso": False})
     sup.rules_loaded(2)

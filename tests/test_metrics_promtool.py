@@ -51,7 +51,7 @@ def busy_scrape(tmp_path: Path) -> str:
         w.observe(Result(DROP, rules=("hide-server-banner",)), 2e-5)
         w.observe(Result(ACCEPT, unparsed=REASONS[-1]), 1e-6)
         w.error(ValueError())
-        w.set_flows(2, 1)
+        w.set_flows(2, {"flows_evicted": 1})
     sup.rules_loaded(1)
     sup.reload(True, 1_700_000_000.0)
     sup.offloads("eth1", {"gro": False})

@@ -14,9 +14,9 @@ For each packet:
 3. Rules with ``verdict = "drop"`` drop it. Header edits (TTL/hop limit, DSCP, window, MSS) apply
    in rule order.
 4. Payload edits: every ``replace`` of every selected rule is found in one pass over the payload
-   as it arrived. Same-length edits need no state; one same-length
-   pattern is replaced by ``bytes.replace`` in C (a GSO super-packet can hold hundreds). The first
-   length-changing edit of a connection creates a flow in the
+   as it arrived. Same-length edits need no state; one same-length pattern is replaced by
+   ``bytes.replace`` in C (a GSO super-packet can hold hundreds). The first length-changing
+   edit of a connection creates a flow in the
    :class:`~nfrewrite.seqadj.FlowTable`; from then on every segment of that connection, in both
    directions, goes through the flow's sequence adjuster, which decides which edits apply (by
    original stream position, so retransmissions get the same edits) and maps seq/ack/SACK
@@ -25,13 +25,13 @@ For each packet:
    growth; a segment that still grows past the MTU is cut by the sequence adjuster. A packet
    longer than the MTU (the largest of the namespace's links) is a GSO/GRO super-packet, which
    the kernel segments itself: it may grow up to the 65,531 bytes a verdict can carry back
-   (:data:`~nfrewrite.packet.MAX_VERDICT_PACKET`), and one
-   that would grow past that is cut the same way (its tail comes again, as a retransmission,
-   and gets the same edits). Leaving its growing edits out instead would pass every occurrence
-   in it unedited: a 64 KB super-packet with a few hundred edits grows past the limit whenever
-   its growing ones outnumber its shrinking ones by a few dozen (seen in ~1 of 5 dense runs).
-   Without a flow table (``flows=None``) nothing can be cut: edits that would not fit are left
-   out.
+   (:data:`~nfrewrite.packet.MAX_VERDICT_PACKET`), and one that would grow past that is cut the
+   same way (its tail comes again, as a retransmission, and gets the same edits). Leaving its
+   growing edits out instead would pass every occurrence in it unedited: a 64 KB super-packet
+   with a few hundred edits grows past the limit whenever its growing ones outnumber its
+   shrinking ones by a few dozen (seen in ~1 of 5 dense IPv6 runs). Without a flow table
+   (``flows=None``) nothing can be cut: edits that would not fit are left out. A packet that
+   *arrived* longer than a verdict carries cannot be handed back changed at all.
 6. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
    held only the pseudo-header seed (TX offload, GSO; ``csum_partial=None`` lets ``parse``
    recognise it by the field's value).
@@ -276,7 +276,7 @@ class Engine:
             find_edits if pkt.payload_len and sel.has_replaces else _no_edits,
             # bytes after the datagram (link padding) stay after it: they count against the MTU.
             # A packet longer than the MTU is a GSO/GRO super-packet that the kernel will cut
-            # into wire segments itself: it may grow up to what NFQUEUE takes back.
+            # into wire segments itself: it may grow up to what a verdict carries back.
             (self.mtu if pkt.end <= self.mtu else MAX_VERDICT_PACKET)
             - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff,
         )

@@ -39,7 +39,10 @@ the queue (needed once a length-changing edit gave it a sequence offset). A hand
 stops the loop: that packet is accepted unmodified, the exception type is logged once (one line on
 stderr) and counted in ``stats.errors_by_kind``. A payload cut short by the copy range
 (NetfilterQueue's own is 4016 bytes, ours 65,535) is never modified, since a verdict with a
-payload replaces the whole packet.
+payload replaces the whole packet. A payload handed back may be at most 65,531 bytes
+(:data:`~nfrewrite.packet.MAX_VERDICT_PACKET`: it rides in a netlink attribute whose 16-bit
+length counts its own header); the kernel would take a longer one's verdict without the payload
+and send the original packet, so such a packet is dropped instead (``VerdictTooLong``).
 
 The loop polls the socket and a wake-up pipe with a timeout, so ``on_idle`` runs at least every
 ``idle_interval`` seconds without traffic (the daemon sends ``WATCHDOG=1`` from it) and ``stop()``

@@ -108,6 +108,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
                 out_port=meta.out_port,
                 now=monotonic(),
                 csum_partial=meta.csum_partial,
+                gso=meta.gso,
             )
         except Exception as e:
             wm.error(e)

@@ -33,8 +33,10 @@ For each packet:
    (``flows=None``) nothing can be cut: edits that would not fit are left out. A packet that
    *arrived* longer than a verdict carries cannot be handed back changed at all.
 6. Checksums were kept right incrementally by every edit; ``finish()`` completes a checksum that
-   held only the pseudo-header seed (TX offload, GSO; ``csum_partial=None`` lets ``parse``
-   recognise it by the field's value).
+   held only the pseudo-header seed (TX offload; ``csum_partial=None`` lets ``parse`` recognise
+   it by the field's value). A GSO skb (``gso=True``, the kernel's own flag) is the exception:
+   the kernel segments it on the way out and sets every segment's checksum up itself, so its
+   field is left holding the seed and the sum over up to 64 KB is not computed at all.
 
 The engine's mutable state is the flow table, owned by one worker; the rule set is swapped whole on
 reload (assigning ``engine.ruleset`` is atomic).
@@ -152,8 +154,16 @@ class Engine:
         out_port: str | None = None,
         now: float = 0.0,
         csum_partial: bool | None = False,
+        gso: bool | None = None,
     ) -> Result:
-        pkt = parse(data, csum_partial=csum_partial)
+        """One packet: ``csum_partial`` says whether its TCP checksum field holds only the
+        pseudo-header seed (None: recognise it by value); ``gso`` whether it is a GSO skb (the
+        kernel's NFQA_SKB_GSO; None: not told, a packet longer than the MTU is taken for one)."""
+        segmented = gso is True
+        # A changed GSO skb is handed back as CHECKSUM_NONE, and the kernel then segments it in
+        # software and initialises every segment's checksum itself: its checksum field is never
+        # read, so it is treated as partial (no sums on the way) and left holding the seed.
+        pkt = parse(data, csum_partial=True if segmented else csum_partial)
         if not isinstance(pkt, TcpPacket):
             return Result(ACCEPT, unparsed=pkt.reason)
         sel = self.ruleset.select(
@@ -184,9 +194,9 @@ class Engine:
                 fired.append(rule.name)
 
         if flow is None:
-            flow, direction = self._rewrite_stateless(pkt, sel, fired, now)
+            flow, direction = self._rewrite_stateless(pkt, sel, fired, now, segmented)
         else:
-            if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now):
+            if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now, segmented):
                 return Result(DROP, track=True)
 
         names = tuple(dict.fromkeys(fired))
@@ -198,11 +208,11 @@ class Engine:
             # to 65,535 bytes) and did not shrink. Unchanged, it is still valid unless its
             # connection has offsets; then the sender must retransmit it.
             return Result(DROP, track=True) if track else PASS
-        return Result(ACCEPT, pkt.finish(), rules=names, track=track)
+        return Result(ACCEPT, pkt.finish(kernel_segments=segmented), rules=names, track=track)
 
     # -- payload -------------------------------------------------------------------------------
     def _rewrite_stateless(
-        self, pkt: TcpPacket, sel: Selection, fired: list[str], now: float
+        self, pkt: TcpPacket, sel: Selection, fired: list[str], now: float, segmented: bool
     ) -> tuple[Flow | None, int]:
         """Edits for a connection with no sequence state. Returns the flow if one was created."""
         if pkt.payload_len == 0 or not sel.has_replaces:
@@ -234,7 +244,8 @@ class Engine:
             return None, 0
         key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
         flow = self.flows.create(key, now)
-        if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now, first=found):
+        if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now, segmented,
+                                       first=found):
             # Nothing it would become fits a verdict and it cannot be cut (a SYN; a packet that
             # came longer than a verdict carries): its bytes pass unedited, as with no rule.
             self.flows.retract(key)
@@ -249,6 +260,7 @@ class Engine:
         sel: Selection,
         fired: list[str],
         now: float,
+        segmented: bool,
         first: Found | None = None,
     ) -> bool:
         """Run the segment through its flow's sequence adjuster. False: drop the packet."""
@@ -277,7 +289,7 @@ class Engine:
             # bytes after the datagram (link padding) stay after it: they count against the MTU.
             # A packet longer than the MTU is a GSO/GRO super-packet that the kernel will cut
             # into wire segments itself: it may grow up to what a verdict carries back.
-            (self.mtu if pkt.end <= self.mtu else MAX_VERDICT_PACKET)
+            (self.mtu if pkt.end <= self.mtu and not segmented else MAX_VERDICT_PACKET)
             - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff,
         )
         if plan.action == "drop":

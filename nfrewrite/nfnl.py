@@ -18,6 +18,15 @@ libnetfilter_queue instead, libnfnetlink's ``nfnl_handle_packet`` looks up subsy
 ``NLMSG_ERROR`` (type 2), finds no callbacks and returns -1, which NetfilterQueue ignores: it is
 dropped harmlessly (also shown by a test).
 
+Per-packet skb info: each queued packet arrives as an ``NFQNL_MSG_PACKET`` message whose
+attributes include ``NFQA_PACKET_HDR`` (the packet id, be32) and, when any flag is set,
+``NFQA_SKB_INFO`` (be32): ``NFQA_SKB_CSUMNOTREADY`` (the skb is ``CHECKSUM_PARTIAL``: the TCP
+checksum field holds only the pseudo-header seed) and ``NFQA_SKB_GSO`` (a GSO skb: the kernel will
+segment it itself). NetfilterQueue does not hand these over; :func:`packet_skb_info` reads them
+from the very datagram NetfilterQueue then parses, so the queue loop can pair them with the
+packet by id. ``NFQA_PAYLOAD`` comes last and may be longer than a 16-bit attribute length can
+say (a 65,535-byte packet): the walk stops there.
+
 What it must not do: open sockets, block, or guess: every parse checks lengths.
 """
 
@@ -33,8 +42,17 @@ NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 
 NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_PACKET = 0
 NFQNL_MSG_CONFIG = 2
 NFNETLINK_V0 = 0
+
+#: packet message attributes (``enum nfqnl_attr_type``) and ``NFQA_SKB_INFO`` flags
+NFQA_PACKET_HDR = 1
+NFQA_PAYLOAD = 10
+NFQA_SKB_INFO = 14
+NFQA_SKB_CSUMNOTREADY = 0x1
+NFQA_SKB_GSO = 0x2
+NFQA_SKB_CSUM_NOTVERIFIED = 0x4
 
 NFQA_CFG_CMD = 1
 NFQA_CFG_PARAMS = 2
@@ -58,6 +76,10 @@ _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host order)
 _NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (big endian)
 _NLATTR = struct.Struct("=HH")
 _CONFIG_PARAMS = struct.Struct("!IB")  # struct nfqnl_msg_config_params: copy_range, copy_mode
+_MSG_HEAD = struct.Struct("=IH")  # nlmsghdr's length and type
+_BE32 = struct.Struct("!I")
+_PACKET_MSG = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 
 def _align4(n: int) -> int:
@@ -142,3 +164,35 @@ def answer_to(datagram: bytes, seq: int) -> int | None:
         if msg.type == NLMSG_ERROR and msg.acked_seq == seq:
             return msg.error
     return None
+
+
+def packet_skb_info(datagram: bytes) -> list[tuple[int, int]]:
+    """(packet id, ``NFQA_SKB_*`` flags) of each packet message in ``datagram`` (flags 0 when the
+    kernel sent no ``NFQA_SKB_INFO``: none set). Messages or attributes that do not parse end the
+    walk; a packet message without an id is left out."""
+    out: list[tuple[int, int]] = []
+    off, n = 0, len(datagram)
+    head, attr, be32 = _MSG_HEAD.unpack_from, _NLATTR.unpack_from, _BE32.unpack_from
+    while off + _NLMSGHDR.size <= n:
+        length, mtype = head(datagram, off)
+        if length < _NLMSGHDR.size or off + length > n:
+            break
+        if mtype == _PACKET_MSG:
+            packet_id: int | None = None
+            flags = 0
+            at, end = off + _NLMSGHDR.size + _NFGENMSG.size, off + length
+            while at + _NLATTR.size <= end:
+                alen, atype = attr(datagram, at)
+                atype &= _NLA_TYPE_MASK
+                if atype == NFQA_PAYLOAD or alen < _NLATTR.size:
+                    break
+                if alen >= 8 and at + 8 <= end:
+                    if atype == NFQA_PACKET_HDR:
+                        packet_id = be32(datagram, at + 4)[0]
+                    elif atype == NFQA_SKB_INFO:
+                        flags = be32(datagram, at + 4)[0]
+                at += _align4(alen)
+            if packet_id is not None:
+                out.append((packet_id, flags))
+        off += _align4(length)
+    return out

@@ -420,14 +420,21 @@ class TcpPacket:
         hdr = memoryview(self.buf)[: self.l4]
         return cs.fold_field(cs.ones_sum(hdr) - ((self.buf[10] << 8) | self.buf[11]))
 
-    def finish(self) -> bytes:
+    def finish(self, *, kernel_segments: bool = False) -> bytes:
         """The packet bytes to hand back to the kernel.
 
         In partial mode (the field held only the pseudo-header seed) the kernel will send what we
-        return as CHECKSUM_NONE, so a complete TCP checksum is written here.
+        return as CHECKSUM_NONE, so a complete TCP checksum is written here, unless
+        ``kernel_segments``: a GSO skb, which the kernel segments in software on the way out
+        (``netif_needs_gso``: GSO and not CHECKSUM_PARTIAL), setting every segment's checksum
+        up itself (``tcp4/6_gso_segment``). Its field then gets the seed for the new length, as
+        the kernel itself would write it, and the 64 KB sum is saved.
         """
         if self.csum_partial:
-            self._put16(self.l4 + 16, self.compute_tcp_checksum())
+            if kernel_segments:
+                self._put16(self.l4 + 16, self.pseudo_header_seed())
+            else:
+                self._put16(self.l4 + 16, self.compute_tcp_checksum())
         return bytes(self.buf)
 
     # -- low-level field writes with incremental checksum updates ---------------------------------

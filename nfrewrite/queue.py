@@ -21,16 +21,18 @@ NetfilterQueue (libnetfilter_queue), copy mode "packet", and then:
   way): a bulk flow's GSO super-packets (up to 64 KB, ~45 wire segments) then come to us whole,
   one queue round trip and one Python call each instead of ~45, and the kernel no longer completes
   ``CHECKSUM_PARTIAL`` checksums before copying. Such packets carry only the pseudo-header seed
-  in the TCP checksum field (libnetfilter_queue's ``NFQA_SKB_CSUMNOTREADY``). NetfilterQueue does
-  not hand us that per-packet flag, so ``PacketMeta.csum_partial`` is ``None`` ("decide per
-  packet") and :func:`nfrewrite.packet.parse` compares the field with the seed: equal means
-  partial, and a packet we then change gets a complete checksum computed over all of it (the
-  kernel sends a changed packet as CHECKSUM_NONE, and a changed super-packet is segmented with
-  checksums derived from that). A complete checksum that happens to equal the seed (1 in 65,536)
-  is recomputed from the data, which is right too; only a *corrupt* packet whose field happens to
-  equal the seed would leave with its corruption hidden. Without ``gso`` the kernel segments
-  and completes checksums before copying (``csum_partial`` False: every packet is wire-sized
-  with a complete checksum), which costs a queue round trip per wire segment.
+  in the TCP checksum field. The kernel says so per packet in ``NFQA_SKB_INFO``
+  (``NFQA_SKB_CSUMNOTREADY``), and also which packets are GSO skbs (``NFQA_SKB_GSO``).
+  NetfilterQueue does not hand that attribute over, so ``_BudgetSocket`` reads it from each
+  datagram (:func:`nfrewrite.nfnl.packet_skb_info`) before NetfilterQueue parses the same bytes
+  and calls back with the packet; ``PacketMeta.csum_partial`` and ``.gso`` are then exact. (Not
+  told, ``csum_partial`` is ``None`` and :func:`nfrewrite.packet.parse` compares the field with
+  the seed.) A changed packet goes back as CHECKSUM_NONE: a wire-size one gets a complete
+  checksum from the engine; a GSO one is segmented by the kernel, which sets each segment's
+  checksum up itself, so the engine leaves the seed (shown on the kernel in
+  ``tests/test_queue.py``). Without ``gso`` the kernel segments and completes checksums before
+  copying (``csum_partial`` False: every packet is wire-sized with a complete checksum), which
+  costs a queue round trip per wire segment.
 
 Each packet: ``handler(payload, meta) -> (verdict, new_payload | None)``. ``ACCEPT``/``DROP`` are
 the verdicts; ``ACCEPT | TRACK_FLOW`` also sets the ``FLOW_MARK`` bit in the packet mark, which the
@@ -96,16 +98,21 @@ class PacketMeta:
     indev: str | None
     outdev: str | None
     mark: int
-    #: False: the TCP checksum field is complete; True: it holds only the pseudo-header seed;
-    #: None: either, decide per packet (a queue with the GSO flag; see the module docstring)
+    #: False: the TCP checksum field is complete; True: it holds only the pseudo-header seed
+    #: (the kernel's NFQA_SKB_CSUMNOTREADY); None: not told, decide per packet
     csum_partial: bool | None = False
     queue_num: int = 0
+    #: True: a GSO skb, which the kernel segments itself on the way out (NFQA_SKB_GSO), also
+    #: initialising every segment's TCP checksum; False: not one; None: not told
+    gso: bool | None = None
 
 
 Handler = Callable[[bytes, PacketMeta], tuple[int, bytes | None]]
+_MetaKey = tuple[int, int, int, int, int, int | None]
 
 
 class _Packet(Protocol):
+    id: int
     indev: int
     outdev: int
     physindev: int
@@ -175,19 +182,28 @@ class _BudgetSocket:
         self.stats = stats
         self.pending: list[bytes] = []
         self.budget = 0
+        #: packet id -> NFQA_SKB_* flags, read from each datagram before NetfilterQueue parses it
+        #: (and calls back with that packet): the queue loop takes them out by id
+        self.skb_info: dict[int, int] = {}
 
     def recv(self, bufsize: int) -> bytes:
         if self.pending:
-            return self.pending.pop(0)
-        if self.budget <= 0:
-            raise BlockingIOError(errno.EAGAIN, "batch done")
-        self.budget -= 1
-        try:
-            return self.sock.recv(max(bufsize, _RECV_SIZE), socket.MSG_DONTWAIT)
-        except OSError as e:
-            if e.errno == errno.ENOBUFS:
-                self.stats.enobufs += 1
-            raise
+            datagram = self.pending.pop(0)
+        else:
+            if self.budget <= 0:
+                raise BlockingIOError(errno.EAGAIN, "batch done")
+            self.budget -= 1
+            try:
+                datagram = self.sock.recv(max(bufsize, _RECV_SIZE), socket.MSG_DONTWAIT)
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.stats.enobufs += 1
+                raise
+        info = self.skb_info
+        if len(info) >= 1024:  # ids of packets NetfilterQueue never called back with
+            info.clear()
+        info.update(nfnl.packet_skb_info(datagram))
+        return datagram
 
 
 class QueueWorker:
@@ -222,10 +238,10 @@ class QueueWorker:
         self._logged_kinds: set[str] = set()
         self._ifnames: dict[int, str | None] = {}
         self._ifnames_at = 0.0
-        #: (physindev, physoutdev, indev, outdev, mark) -> its PacketMeta: packets of a bridge
-        #: come with a handful of such tuples, and building the frozen dataclass per packet costs
-        #: more than the lookup. Cleared with the interface names.
-        self._metas: dict[tuple[int, int, int, int, int], PacketMeta] = {}
+        #: (physindev, physoutdev, indev, outdev, mark, skb flags) -> its PacketMeta: packets of
+        #: a bridge come with a handful of such tuples, and building the frozen dataclass per
+        #: packet costs more than the lookup. Cleared with the interface names.
+        self._metas: dict[_MetaKey, PacketMeta] = {}
         self._nfq: Any = None
         self._sock: socket.socket | None = None
         self._reader: _BudgetSocket | None = None
@@ -337,12 +353,17 @@ class QueueWorker:
             self._ifnames[index] = name
             return name
 
-    def _meta(self, key: tuple[int, int, int, int, int]) -> PacketMeta:
-        physindev, physoutdev, indev, outdev, mark = key
+    def _meta(self, key: _MetaKey) -> PacketMeta:
+        physindev, physoutdev, indev, outdev, mark, skb = key
+        if skb is None:  # not told (no NFQA_SKB_INFO parsed): decide per packet under GSO
+            csum_partial, gso = (None if self.gso else False), None
+        else:
+            csum_partial = bool(skb & nfnl.NFQA_SKB_CSUMNOTREADY)
+            gso = bool(skb & nfnl.NFQA_SKB_GSO)
         meta = PacketMeta(
             in_port=self._ifname(physindev), out_port=self._ifname(physoutdev),
             indev=self._ifname(indev), outdev=self._ifname(outdev),
-            mark=mark, csum_partial=None if self.gso else False, queue_num=self.queue_num,
+            mark=mark, csum_partial=csum_partial, queue_num=self.queue_num, gso=gso,
         )
         if len(self._metas) >= 1024:  # marks are the host's to choose: stay bounded
             self._metas.clear()
@@ -362,7 +383,8 @@ class QueueWorker:
         try:
             payload = pkt.get_payload()
             mark = pkt.get_mark()
-            key = (pkt.physindev, pkt.physoutdev, pkt.indev, pkt.outdev, mark)
+            skb = self._reader.skb_info.pop(pkt.id, None) if self._reader is not None else None
+            key = (pkt.physindev, pkt.physoutdev, pkt.indev, pkt.outdev, mark, skb)
             meta = self._metas.get(key)
             if meta is None:
                 meta = self._meta(key)

@@ -14,7 +14,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from nfrewrite.engine import ACCEPT, DROP, Engine
-from nfrewrite.packet import NOT_TCP
+from nfrewrite.packet import NOT_TCP, TcpPacket, parse
 from nfrewrite.rules import RuleSet, load_rules
 from nfrewrite.seqadj import FlowTable
 from tests.packets import field_error, scapy_tcp_checksum
@@ -289,3 +289,25 @@ def test_a_packet_that_came_longer_than_a_verdict_carries_is_never_handed_back(
     res = engine.process(syn, csum_partial=None)
     assert (res.verdict, res.packet, res.track) == (ACCEPT, None, False)
     assert flows.stats()["flows_created"] == len(flows) == 0
+
+
+def test_a_changed_gso_packet_keeps_the_seed_and_a_wire_size_one_gets_a_full_checksum(
+    tmp_path: Path,
+) -> None:
+    """A GSO skb (the kernel says so: NFQA_SKB_GSO) is segmented by the kernel, which sets every
+    segment's checksum up itself (tests/test_queue.py shows it on the kernel): the engine writes
+    the pseudo-header seed for the new length and skips the 64 KB sum. Told nothing, or told it
+    is not GSO, the engine writes a complete checksum as before."""
+    engine = Engine(ruleset(tmp_path, GROW_SHRINK), FlowTable(), mtu=1500)
+    data = (b"x" * 98 + b"UP") * 300
+    raw = _v6(data, seq=1000)
+    res = engine.process(raw, csum_partial=True, gso=True, now=1.0)
+    assert res.packet is not None
+    out = parse(res.packet)
+    assert isinstance(out, TcpPacket) and out.payload == _rewritten(data)
+    assert int.from_bytes(res.packet[out.l4 + 16 : out.l4 + 18], "big") == out.pseudo_header_seed()
+    for gso in (None, False):
+        engine = Engine(ruleset(tmp_path, GROW_SHRINK), FlowTable(), mtu=1500)
+        res = engine.process(raw, csum_partial=True, gso=gso, now=1.0)
+        assert res.packet is not None and IPv6(res.packet)[Raw].load == _rewritten(data)
+        _ok(res.packet)

@@ -11,9 +11,12 @@ default offloads (TSO and TX checksum on), so its TCP stack hands the bridge sup
   and with ``gso = false`` at least once per wire segment (the kernel segments them first);
 * every occurrence arrives rewritten, byte for byte, and nothing else changed (but for an
   occurrence split between two packets, the documented limit: at most one per packet);
-* the server's TCP layer, which verifies each rewritten super-packet's checksum in software (the
-  kernel sends a packet with a new payload as CHECKSUM_NONE), counted no checksum error. (A wrong
-  checksum means a drop, a retransmission that is rewritten the same way, and a stall.)
+* the server's TCP layer counted no checksum error. A changed super-packet goes back as
+  CHECKSUM_NONE and is segmented by the kernel, which sets each segment's checksum up itself (the
+  engine leaves the seed; ``tests/test_queue.py`` shows the kernel ignores the field); every
+  wire-size packet we change (the end of a write, a retransmission) gets the engine's complete
+  checksum, which the server verifies. (A wrong one means a drop, a retransmission that is
+  rewritten the same way, and a stall.)
 
 Retransmissions do happen, and are not asserted on: the same-length literal rule gets the xt
 ``string`` prefilter, so a packet of the flow without the pattern (a short one at the end of a
@@ -67,7 +70,7 @@ def _tcp_mib(lab: Lab, ns: str) -> dict[str, int]:
 @pytest.mark.parametrize(("gso", "port_offloads"), [
     (True, ""),
     # the bridge ports cannot segment: a changed super-packet (CHECKSUM_NONE) is cut into wire
-    # segments in software on its way out, each with a checksum derived from ours
+    # segments in software on its way out (as it is anyway: it is not CHECKSUM_PARTIAL)
     (True, "{ tso = false, gso = false }"),
     (False, ""),
 ], ids=["gso", "gso-ports-without-tso", "no-gso"])

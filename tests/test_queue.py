@@ -84,10 +84,27 @@ def check(payload, meta):
     flows.add(repr(ends))
     return ACCEPT, None
 
+garbled = {"gso": 0, "plain": 0}
+
+def garble(payload, meta):
+    """Hand back every GSO packet of port 8080 with a garbage TCP checksum field, and the first
+    wire-size one with data too (the control: a checksum the receiver does read)."""
+    l4 = (payload[0] & 15) * 4 if payload[0] >> 4 == 4 else 40
+    size = int.from_bytes(payload[2:4], "big") if payload[0] >> 4 == 4 else len(payload)
+    if int.from_bytes(payload[l4 + 2:l4 + 4], "big") != 8080:
+        return ACCEPT, None
+    if size <= l4 + (payload[l4 + 12] >> 4) * 4 or not (meta.gso or garbled["plain"] == 0):
+        return ACCEPT, None
+    garbled["gso" if meta.gso else "plain"] += 1
+    new = bytearray(payload)
+    new[l4 + 16] ^= 0x5A
+    new[l4 + 17] ^= 0xA5
+    return ACCEPT, bytes(new)
+
 handler = {"pass": passthrough, "boom": boom, "rewrite": rewrite, "track": track,
-           "check": check}.get(mode, passthrough)
+           "check": check, "garble": garble}.get(mode, passthrough)
 idle_calls = []
-w = QueueWorker(qnum, handler, maxlen=maxlen, fail_open=fail_open,
+w = QueueWorker(qnum, handler, maxlen=maxlen, fail_open=fail_open, gso=mode == "garble",
                 on_idle=lambda: idle_calls.append(time.monotonic()), idle_interval=0.25)
 w.bind()
 if mode == "ack":
@@ -113,6 +130,7 @@ out["idle_calls"] = len(idle_calls)
 out["rcvbuf"] = w.rcvbuf
 out["csum"] = csum
 out["flows"] = sorted(flows)
+out["garbled"] = garbled
 print(json.dumps(out), flush=True)
 '''
 
@@ -187,6 +205,35 @@ def test_config_message_layout() -> None:
     assert msg[16:20] == b"\x00\x00\x12\x34"  # AF_UNSPEC, version 0, res_id big endian
     assert msg[20:28] == struct.pack("=HH", 8, nfnl.NFQA_CFG_MASK) + b"\0\0\0\1"
     assert msg[28:36] == struct.pack("=HH", 8, nfnl.NFQA_CFG_FLAGS) + b"\0\0\0\1"
+
+
+def _packet_message(packet_id: int, attrs: list[tuple[int, bytes]], payload: bytes) -> bytes:
+    """An NFQNL_MSG_PACKET laid out as nfqnl_build_packet_message does (payload last; its 16-bit
+    attribute length wraps past 65,531 bytes, as the kernel's does)."""
+    def attr(kind: int, data: bytes) -> bytes:
+        return struct.pack("=HH", (4 + len(data)) & 0xFFFF, kind) + data + b"\0" * (-len(data) % 4)
+
+    body = struct.pack("!BBH", 2, 0, 3)
+    body += attr(1, struct.pack("!IHB", packet_id, 0x0800, 2))  # NFQA_PACKET_HDR, 7 bytes
+    body += b"".join(attr(kind, data) for kind, data in attrs) + attr(10, payload)
+    return struct.pack("=IHHII", 16 + len(body), (3 << 8) | 0, 0, 0, 0) + body
+
+
+def test_skb_info_is_read_from_the_packet_message_by_id() -> None:
+    info = struct.pack("!I", nfnl.NFQA_SKB_CSUMNOTREADY | nfnl.NFQA_SKB_GSO)
+    mark, ifindex = (3, struct.pack("!I", 7)), (5, struct.pack("!I", 2))
+    msg = _packet_message(41, [ifindex, mark, (14, info)], b"E" + bytes(59))
+    assert nfnl.packet_skb_info(msg) == [(41, 3)]
+    # no NFQA_SKB_INFO: the kernel sends it only when a flag is set
+    assert nfnl.packet_skb_info(_packet_message(42, [mark], b"E" + bytes(59))) == [(42, 0)]
+    # a 65,535-byte payload: its attribute length wraps; the walk stops at the payload
+    big = _packet_message(43, [(14, struct.pack("!I", nfnl.NFQA_SKB_GSO))], bytes(65535))
+    assert nfnl.packet_skb_info(big) == [(43, nfnl.NFQA_SKB_GSO)]
+    # two messages in one datagram; then anything cut short or foreign yields what parsed
+    two = _packet_message(44, [], b"x" * 5) + msg
+    assert nfnl.packet_skb_info(two) == [(44, 0), (41, 3)]
+    for bad in (b"", msg[:10], msg[:30], nfnl.config_flags_message(0, 1, 1, seq=1)):
+        assert nfnl.packet_skb_info(bad) == []
 
 
 def test_config_params_message_layout() -> None:
@@ -462,6 +509,44 @@ def test_the_kernel_hands_us_wire_sized_packets_with_complete_checksums(lab: Lab
     assert isinstance(csum, dict)
     assert csum["bad"] == 0 and csum["good"] >= 2 * len(big) // 1500
     assert csum["max_len"] <= 1500
+
+
+def _csum_errors(lab: Lab, role: str) -> int:
+    """The TCP layer's checksum-error count in ``role``'s namespace (IPv4 and IPv6 share it)."""
+    text = lab.run(role, ["cat", "/proc/net/snmp"]).stdout  # type: ignore[arg-type]
+    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:"))
+    return dict(zip(names, map(int, values), strict=True))["InCsumErrors"]
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize(
+    "lab", [{"make_bridge": True, "client_offloads": {"tx": True, "tso": True}}], indirect=True
+)
+def test_the_kernel_sets_up_the_checksums_of_a_gso_packet_handed_back_changed(lab: Lab) -> None:
+    """What lets the engine skip the 64 KB sum (``TcpPacket.finish(kernel_segments=True)``): a
+    GSO skb (NFQA_SKB_GSO) handed back with a new payload is CHECKSUM_NONE, so on its way out
+    ``netif_needs_gso`` has it segmented in software, and ``tcp4/6_gso_segment`` sets up each
+    segment's checksum itself: the field we wrote is never read. Shown with every client ->
+    server GSO packet handed back with a garbage checksum field: 1 MiB per family arrives byte
+    for byte and the server counts no checksum error. The control: the first wire-size packet
+    with data, garbled the same way, *is* dropped by the server as corrupt (its retransmission,
+    not garbled, then passes)."""
+    lab.wait_reachable()
+    queue_rules(lab)
+    worker = start_worker(lab, "garble")
+    errors_before = _csum_errors(lab, "server")
+    small = tcp_exchange(lab, b"a small first write", b"ok", port=PORT)  # the control
+    assert small.server_received == b"a small first write"
+    big = bytes(range(256)) * 4096
+    for family in (4, 6):
+        res = tcp_exchange(lab, big, b"ok", family=family, port=PORT, timeout=60)
+        assert res.server_received == big and res.client_received == b"ok"
+    errors = _csum_errors(lab, "server") - errors_before
+    stats, _, _ = stop_worker(worker)
+    garbled = stats["garbled"]
+    assert isinstance(garbled, dict)
+    assert garbled["gso"] >= 2 * 10  # 1 MiB in super-packets of up to 64 KiB, per family
+    assert garbled["plain"] == 1 and errors == 1, (garbled, errors)
 
 
 @pytest.mark.privileged

@@ -72,3 +72,11 @@ def test_ctrl_c_mid_run_removes_the_lab() -> None:
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert _lab_namespaces_of(proc.pid) == []
+
+
+def test_the_engine_micro_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import bench_engine
+
+    bench_engine.main(rounds=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("with gso=True vs" in line for line in lines)

@@ -177,14 +177,16 @@ class _BudgetSocket:
     it had to drop or fail-open a packet for lack of socket space) is counted and skipped by it.
     """
 
-    def __init__(self, sock: socket.socket, stats: QueueStats) -> None:
+    def __init__(self, sock: socket.socket, stats: QueueStats, *, skb_info: bool) -> None:
         self.sock = sock
         self.stats = stats
         self.pending: list[bytes] = []
         self.budget = 0
         #: packet id -> NFQA_SKB_* flags, read from each datagram before NetfilterQueue parses it
-        #: (and calls back with that packet): the queue loop takes them out by id
+        #: (and calls back with that packet): the queue loop takes them out by id. Only with the
+        #: GSO flag: without it the kernel segments and completes checksums first (no flag set).
         self.skb_info: dict[int, int] = {}
+        self._read_skb_info = skb_info
 
     def recv(self, bufsize: int) -> bytes:
         if self.pending:
@@ -199,10 +201,11 @@ class _BudgetSocket:
                 if e.errno == errno.ENOBUFS:
                     self.stats.enobufs += 1
                 raise
-        info = self.skb_info
-        if len(info) >= 1024:  # ids of packets NetfilterQueue never called back with
-            info.clear()
-        info.update(nfnl.packet_skb_info(datagram))
+        if self._read_skb_info:
+            info = self.skb_info
+            if len(info) >= 1024:  # ids of packets NetfilterQueue never called back with
+                info.clear()
+            info.update(nfnl.packet_skb_info(datagram))
         return datagram
 
 
@@ -270,7 +273,7 @@ class QueueWorker:
         self._nfq = nfq
         try:
             self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
-            self._reader = _BudgetSocket(self._sock, self.stats)
+            self._reader = _BudgetSocket(self._sock, self.stats, skb_info=self.gso)
             self.rcvbuf = self._raise_rcvbuf()
             if self.gso:
                 self._configure(nfnl.config_params_message(
@@ -383,7 +386,7 @@ class QueueWorker:
         try:
             payload = pkt.get_payload()
             mark = pkt.get_mark()
-            skb = self._reader.skb_info.pop(pkt.id, None) if self._reader is not None else None
+            skb = self._reader.skb_info.pop(pkt.id, None) if self.gso and self._reader else None
             key = (pkt.physindev, pkt.physoutdev, pkt.indev, pkt.outdev, mark, skb)
             meta = self._metas.get(key)
             if meta is None:

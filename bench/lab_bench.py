@@ -214,9 +214,7 @@ class Bench:
 
     # -- measurements -------------------------------------------------------------------------
     def _in_segs(self) -> int:
-        text = self.lab.run("server", ["cat", "/proc/net/snmp"]).stdout
-        tcp = [line.split() for line in text.splitlines() if line.startswith("Tcp:")]
-        return int(tcp[1][tcp[0].index("InSegs")])
+        return self.lab.tcp_counters("server")["Tcp.InSegs"]
 
     def queue_ids(self) -> dict[int, int]:
         """Per queue number: the last packet id the kernel gave out (packets queued so far)."""

@@ -348,6 +348,19 @@ class Lab:
         proc.kill()
         raise LabError(f"[{role}] tcpdump did not start: {line!r}")
 
+    def tcp_counters(self, role: Role) -> dict[str, int]:
+        """A namespace's ``Tcp.*`` and ``TcpExt.*`` counters (``/proc/net/{snmp,netstat}``;
+        IPv4 and IPv6 share them), e.g. ``"Tcp.InCsumErrors"``, ``"TcpExt.TCPDSACKRecv"``."""
+        out: dict[str, int] = {}
+        for f in ("/proc/net/snmp", "/proc/net/netstat"):
+            lines = self.run(role, ["cat", f]).stdout.splitlines()
+            for head, vals in zip(lines[::2], lines[1::2], strict=True):
+                prefix, names = head.split(":", 1)
+                _, values = vals.split(":", 1)
+                for n, v in zip(names.split(), values.split(), strict=True):
+                    out[f"{prefix}.{n}"] = int(v)
+        return out
+
     def python_env(self) -> dict[str, str]:
         """Environment for ``sys.executable`` children: this package importable."""
         env = dict(os.environ)

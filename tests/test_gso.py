@@ -61,12 +61,6 @@ def _queued(lab: Lab) -> int:
                if len(cols) >= 8)
 
 
-def _tcp_mib(lab: Lab, ns: str) -> dict[str, int]:
-    text = lab.run(ns, ["cat", "/proc/net/snmp"]).stdout
-    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:"))
-    return dict(zip(names, map(int, values), strict=True))
-
-
 @pytest.mark.parametrize(("gso", "port_offloads"), [
     (True, ""),
     # the bridge ports cannot segment: a changed super-packet (CHECKSUM_NONE) is cut into wire
@@ -83,10 +77,10 @@ def test_super_packets_are_queued_whole_and_arrive_rewritten_with_right_checksum
     with Daemon(lab, config):
         lab.wait_reachable()
         queued_before = _queued(lab)
-        server_before = _tcp_mib(lab, "server")
+        server_before = lab.tcp_counters("server")
         got = tcp_exchange(lab, body, b"ok", family=family, timeout=60, chunk=1 << 16)
         queued = _queued(lab) - queued_before
-        server_after = _tcp_mib(lab, "server")
+        server_after = lab.tcp_counters("server")
     arrived = got.server_received
     # nothing but occurrences changed; an occurrence split between two packets is not seen (the
     # documented limit): at most one per packet boundary
@@ -94,7 +88,7 @@ def test_super_packets_are_queued_whole_and_arrive_rewritten_with_right_checksum
     missed = arrived.count(PATTERN)
     assert missed <= queued and missed < body.count(PATTERN) // 20, (missed, queued)
     assert got.client_received == b"ok"
-    assert server_after["InCsumErrors"] - server_before["InCsumErrors"] == 0
+    assert server_after["Tcp.InCsumErrors"] - server_before["Tcp.InCsumErrors"] == 0
     wire_segments = SIZE // WIRE_PAYLOAD
     if gso:
         assert queued < wire_segments / 4, (queued, wire_segments)

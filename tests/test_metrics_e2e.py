@@ -186,19 +186,6 @@ def kernel_enqueued(lab: Lab, workdir: str) -> dict[int, int]:
     return {q: s.id_sequence for q, s in M.read_queue_stats(path).items()}
 
 
-def tcp_counters(lab: Lab, role: str) -> dict[str, int]:
-    """``Tcp.*`` and ``TcpExt.*`` counters of a namespace (``/proc/net/{snmp,netstat}``)."""
-    out: dict[str, int] = {}
-    for f in ("/proc/net/snmp", "/proc/net/netstat"):
-        lines = lab.run(role, ["cat", f]).stdout.splitlines()  # type: ignore[arg-type]
-        for head, vals in zip(lines[::2], lines[1::2], strict=True):
-            prefix, names = head.split(":", 1)
-            _, values = vals.split(":", 1)
-            for n, v in zip(names.split(), values.split(), strict=True):
-                out[f"{prefix}.{n}"] = int(v)
-    return out
-
-
 @dataclass(frozen=True)
 class Traffic:
     received: list[bytes]  # by the server, per connection
@@ -276,9 +263,9 @@ def test_counters_move_by_exactly_the_packets_the_kernel_queued(workdir: str, la
         lab.wait_reachable()
         before = samples(scrape(lab))
         k_before = kernel_enqueued(lab, workdir)
-        tcp_before = tcp_counters(lab, "client")
+        tcp_before = lab.tcp_counters("client")
         got = traffic(lab, pairs, "apple pear")
-        tcp_after = tcp_counters(lab, "client")
+        tcp_after = lab.tcp_counters("client")
         k_after = kernel_enqueued(lab, workdir)
         after = samples(scrape(lab))
 
@@ -366,7 +353,7 @@ def test_counts_survive_a_worker_killed_and_restarted(workdir: str, lab: Lab) ->
     with running(lab, config) as daemon:
         lab.wait_reachable()
         s0 = samples(scrape(lab))
-        tcp0 = tcp_counters(lab, "client")
+        tcp0 = lab.tcp_counters("client")
         traffic(lab, [(None, lab.server_v4)] * n1, "apple")
         s1 = samples(scrape(lab))
         (first,) = _worker_pids(daemon, 0)
@@ -376,7 +363,7 @@ def test_counts_survive_a_worker_killed_and_restarted(workdir: str, lab: Lab) ->
         (_, second) = _worker_pids(daemon, 0)
         assert second != first
         traffic(lab, [(None, lab.server_v6)] * n2, "apple")
-        tcp2 = tcp_counters(lab, "client")
+        tcp2 = lab.tcp_counters("client")
         s2 = samples(scrape(lab))
 
     retrans = tcp2["Tcp.RetransSegs"] - tcp0["Tcp.RetransSegs"]

@@ -511,13 +511,6 @@ def test_the_kernel_hands_us_wire_sized_packets_with_complete_checksums(lab: Lab
     assert csum["max_len"] <= 1500
 
 
-def _csum_errors(lab: Lab, role: str) -> int:
-    """The TCP layer's checksum-error count in ``role``'s namespace (IPv4 and IPv6 share it)."""
-    text = lab.run(role, ["cat", "/proc/net/snmp"]).stdout  # type: ignore[arg-type]
-    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:"))
-    return dict(zip(names, map(int, values), strict=True))["InCsumErrors"]
-
-
 @pytest.mark.privileged
 @pytest.mark.parametrize(
     "lab", [{"make_bridge": True, "client_offloads": {"tx": True, "tso": True}}], indirect=True
@@ -534,14 +527,14 @@ def test_the_kernel_sets_up_the_checksums_of_a_gso_packet_handed_back_changed(la
     lab.wait_reachable()
     queue_rules(lab)
     worker = start_worker(lab, "garble")
-    errors_before = _csum_errors(lab, "server")
+    errors_before = lab.tcp_counters("server")["Tcp.InCsumErrors"]
     small = tcp_exchange(lab, b"a small first write", b"ok", port=PORT)  # the control
     assert small.server_received == b"a small first write"
     big = bytes(range(256)) * 4096
     for family in (4, 6):
         res = tcp_exchange(lab, big, b"ok", family=family, port=PORT, timeout=60)
         assert res.server_received == big and res.client_received == b"ok"
-    errors = _csum_errors(lab, "server") - errors_before
+    errors = lab.tcp_counters("server")["Tcp.InCsumErrors"] - errors_before
     stats, _, _ = stop_worker(worker)
     garbled = stats["garbled"]
     assert isinstance(garbled, dict)

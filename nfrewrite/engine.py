@@ -203,7 +203,7 @@ class Engine:
         track = flow is not None
         if not pkt.modified:
             return Result(ACCEPT, rules=names, track=track)
-        if len(pkt.buf) > MAX_VERDICT_PACKET:
+        if pkt.room < 0:
             # Only a packet that came longer than a verdict can carry back (a GRO packet of up
             # to 65,535 bytes) and did not shrink. Unchanged, it is still valid unless its
             # connection has offsets; then the sender must retransmit it.

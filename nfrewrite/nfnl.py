@@ -52,7 +52,6 @@ NFQA_PAYLOAD = 10
 NFQA_SKB_INFO = 14
 NFQA_SKB_CSUMNOTREADY = 0x1
 NFQA_SKB_GSO = 0x2
-NFQA_SKB_CSUM_NOTVERIFIED = 0x4
 
 NFQA_CFG_CMD = 1
 NFQA_CFG_PARAMS = 2
@@ -169,7 +168,8 @@ def answer_to(datagram: bytes, seq: int) -> int | None:
 def packet_skb_info(datagram: bytes) -> list[tuple[int, int]]:
     """(packet id, ``NFQA_SKB_*`` flags) of each packet message in ``datagram`` (flags 0 when the
     kernel sent no ``NFQA_SKB_INFO``: none set). Messages or attributes that do not parse end the
-    walk; a packet message without an id is left out."""
+    walk; a packet message without an id is left out. (Not through :func:`parse`: that copies
+    each message's payload, up to 64 KB here, for two 4-byte attributes.)"""
     out: list[tuple[int, int]] = []
     off, n = 0, len(datagram)
     head, attr, be32 = _MSG_HEAD.unpack_from, _NLATTR.unpack_from, _BE32.unpack_from

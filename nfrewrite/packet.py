@@ -577,13 +577,12 @@ class TcpPacket:
         """
         if len(find) != len(with_) or not find:
             raise ValueError("replace_literal needs a pattern and a same-length replacement")
-        base, end = self.l4 + self.doff, self.end
-        old = bytes(memoryview(self.buf)[base:end])
+        old = self.payload
         if find not in old:  # stops at the first occurrence; counting them all costs a full scan
             return False
         new = old.replace(find, with_)
         if new != old:
-            self.buf[base:end] = new
+            self.buf[self.l4 + self.doff : self.end] = new
             if not self.csum_partial:  # the payload starts at an even offset of the segment
                 self._tcp_csum_adjust(cs.ones_sum(old), cs.ones_sum(new))
             self.modified = True

@@ -12,6 +12,8 @@ parser from the registry, runs the chosen function and turns failures into exit 
     2  usage error (argparse)
     3  subcommand not implemented yet
     4  runtime failure (one line on stderr; set NFREWRITE_DEBUG=1 for the traceback)
+    5  replay: the input capture is damaged part way (one line on stderr saying where; the output
+       holds the packets before the damage, their summary goes to stdout)
 
 Diagnostics and warnings go to stderr; a command's result (``check``'s summary line) to stdout.
 """
@@ -30,6 +32,7 @@ from nfrewrite.diagnostics import Diagnostic
 from nfrewrite.examples import check_examples
 
 __all__ = [
+    "EXIT_DAMAGED_INPUT",
     "EXIT_INVALID",
     "EXIT_NOT_IMPLEMENTED",
     "EXIT_OK",
@@ -45,6 +48,7 @@ EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_NOT_IMPLEMENTED = 3
 EXIT_RUNTIME = 4
+EXIT_DAMAGED_INPUT = 5
 
 DEFAULT_CONFIG = "/etc/nfrewrite/nfrewrite.toml"
 
@@ -138,6 +142,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
+def _mtu(value: str) -> int:
+    """``--mtu``: an IP MTU, 68 (IPv4's minimum) to 65535."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 68 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{n} is not from 68 to 65535")
+    return n
+
+
 @command(
     "replay", "apply the rules to a capture, offline (summary on stdout)", CONFIG_ARG,
     arg("input", metavar="IN.pcap", help="capture to read (pcap or pcapng; Ethernet, raw IP, "
@@ -151,9 +166,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         help="bridge port the packets came in on (for rules with match.in_port)"),
     arg("--out-port", metavar="PORT", default=None,
         help="bridge port the packets go out on (for rules with match.out_port)"),
+    arg("--mtu", metavar="N", type=_mtu, default=1500,
+        help="MTU of the link the packets leave by: a segment that edits grow past it is cut, "
+             "as live (the summary counts the bytes not emitted); default 1500"),
 )
 def cmd_replay(args: argparse.Namespace) -> int:
-    from nfrewrite.replay import ReplayError, replay, stderr_progress
+    from nfrewrite.replay import DamagedInput, ReplayError, replay, stderr_progress
 
     config, ruleset, diagnostics = load_all(args.config)
     print_diagnostics(diagnostics)
@@ -164,8 +182,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         summary = replay(
             ruleset, args.input, args.output, flows=config.flows,
             csum_partial=args.csum_partial, in_port=args.in_port, out_port=args.out_port,
-            progress=stderr_progress(),
+            mtu=args.mtu, progress=stderr_progress(),
         )
+    except DamagedInput as exc:
+        print(f"nfrewrite replay: error: {exc}", file=sys.stderr)
+        print(exc.summary.format())
+        return EXIT_DAMAGED_INPUT
     except ReplayError as exc:
         print(f"nfrewrite replay: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

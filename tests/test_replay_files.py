@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import subprocess
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from scapy.utils import RawPcapNgReader, RawPcapReader
 from nfrewrite.config import load_all
 from nfrewrite.replay import DamagedInput, ReplayError, replay
 from nfrewrite.rules import RuleSet
-from tests.test_replay import T0, nfrewrite, report, write_config
+from tests.test_replay import T0, TSHARK, nfrewrite, report, write_config
 
 RULES = """
 [[rule]]
@@ -406,6 +407,13 @@ def test_ethernet_with_fcs_is_stripped_and_restored(tmp_path: Path, kind: str) -
         (frames[2], len(frames[2])),
         (cut, len(cut) + 2),
     ]
+    if TSHARK is not None:  # an independent check of the FCS and TCP checksums
+        proc = subprocess.run(
+            [TSHARK, "-r", str(tmp_path / "out.pcap"), "-o", "eth.check_fcs:TRUE", "-o",
+             "tcp.check_checksum:TRUE", "-T", "fields", "-e", "eth.fcs.status", "-e",
+             "tcp.checksum.status"], capture_output=True, text=True, timeout=60, check=True)
+        assert [line.split("\t") for line in proc.stdout.splitlines()] == [
+            ["1", "1"], ["0", "1"], ["1", "1"], ["", "1"]]  # good, bad, good, not captured
 
 
 @pytest.mark.parametrize(

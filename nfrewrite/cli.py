@@ -143,13 +143,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _mtu(value: str) -> int:
-    """``--mtu``: an IP MTU, 68 (IPv4's minimum) to 65535."""
+    """``--mtu``: an IP MTU, 68 (IPv4's minimum) to 65536 (loopback's)."""
     try:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 68 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"{n} is not from 68 to 65535")
+    if not 68 <= n <= 65536:
+        raise argparse.ArgumentTypeError(f"{n} is not from 68 to 65536")
     return n
 
 

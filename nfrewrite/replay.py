@@ -112,10 +112,11 @@ updates and computes the checksum at the end.)
 
 Report. At the end a summary goes to STDOUT (it is the command's result): packets read, modified
 (any byte changed, sequence numbers included), dropped, not ours by reason, written, segments cut
-at the MTU (only when some were), flows that got a sequence offset, and one line per rule: the
-packets it rewrote (or, for a ``drop`` rule, dropped), counted as the daemon's per-rule metric
-counts them (a retransmission that gets an edit recorded earlier again does not count a second
-time)::
+at the MTU and packets too long to change (datagrams over 65,531 bytes that a rule's match covers
+and the engine passed as they were; both only when there were any), flows that got a sequence
+offset, and one line per rule: the packets it rewrote (or, for a ``drop`` rule, dropped),
+counted as the daemon's per-rule metric counts them (a retransmission that gets an edit recorded
+earlier again does not count a second time)::
 
     replay in.pcap -> out.pcap (Ethernet, link type 1)
     packets read                  200000
@@ -154,7 +155,7 @@ from typing import IO, Literal
 
 from nfrewrite.config import FlowsConfig
 from nfrewrite.engine import DEFAULT_MTU, DROP, Engine
-from nfrewrite.packet import TRUNCATED_IP, TcpPacket, parse
+from nfrewrite.packet import MAX_VERDICT_PACKET, TRUNCATED_IP, TcpPacket, parse
 from nfrewrite.rules import RuleSet
 from nfrewrite.seqadj import FlowTable, flow_key
 
@@ -340,6 +341,7 @@ class Summary:
     segments_cut: int = 0  # segments cut at the MTU (live, the sender resends the tail)
     bytes_not_emitted: int = 0  # rewritten bytes of those tails
     mtu: int = DEFAULT_MTU
+    too_long: int = 0  # matched datagrams longer than a verdict carries, left unchanged
     unparsed: Counter[str] = field(default_factory=Counter)
     rewritten: dict[str, int] = field(default_factory=dict)
     dropped_by: dict[str, int] = field(default_factory=dict)
@@ -375,6 +377,12 @@ class Summary:
                 "segments cut at the MTU", self.segments_cut,
                 f"({self.bytes_not_emitted:,} bytes not emitted; live the sender resends them; "
                 f"--mtu {self.mtu})",
+            ))
+        if self.too_long:
+            rows.append((
+                "packets too long to change", self.too_long,
+                f"(matched, over {MAX_VERDICT_PACKET:,} bytes: live, a verdict cannot carry "
+                "them back changed unless edits shrink them)",
             ))
         rows.append(("flows with a sequence offset", self.flows_created, ""))
         for name, count in self.rewritten.items():
@@ -903,6 +911,8 @@ def _run(
                 continue
             new = result.packet
             if new is None:
+                if len(ip) > MAX_VERDICT_PACKET and _matched(ruleset, ip, in_port, out_port):
+                    summary.too_long += 1
                 write(data + tail, sec, frac, wirelen)
                 continue
             summary.modified += 1
@@ -939,6 +949,15 @@ def _run(
     summary.flows_created = table.flows_created
     summary.seconds = time.perf_counter() - started
     return summary, damage
+
+
+def _matched(ruleset: RuleSet, ip: bytes, in_port: str | None, out_port: str | None) -> bool:
+    """Some rule's match covers this TCP segment (its addresses, ports and bridge ports)."""
+    pkt = parse(ip)
+    if not isinstance(pkt, TcpPacket):
+        return False
+    sel = ruleset.select(pkt.version, pkt.src, pkt.dst, pkt.sport, pkt.dport, in_port, out_port)
+    return bool(sel.rules)
 
 
 def _describe(iface: Interface) -> str:

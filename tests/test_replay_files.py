@@ -118,14 +118,15 @@ def segment(sport: int, payload: bytes, seq: int = 1000, flags: str = "PA") -> b
 
 def test_a_65549_byte_loopback_frame_is_taken_whole_and_rewritten(tmp_path: Path) -> None:
     """A full 64 KB segment captured on loopback: 14 bytes of Ethernet + a 65,535-byte datagram.
-    Both frames come out whole; the one the rule matches is rewritten (65,535 - 12 bytes), with
-    the checksums of a freshly built packet."""
+    All frames come out whole; the one the shrinking rule matches is rewritten (65,535 - 12
+    bytes), with the checksums of a freshly built packet. One a same-length rule matches passes
+    unchanged, as live (65,535 bytes do not fit a verdict), and the summary says so."""
     filler = b"0123456789abcdef" * 4094  # 65,504 bytes; + "a-long-secret" + 2 = 65,495 payload
     payload = filler[:65_495 - 13 - 20] + b"a-long-secret" + filler[:20]
     ip = segment(80, payload)
     assert len(ip) == 65_535
-    other = segment(9, payload)
-    frames: list[Frame] = [(lo(ip), T0), (lo(other), T0)]
+    frames: list[Frame] = [(lo(ip), T0), (lo(segment(9, payload)), T0),
+                           (lo(segment(82, payload.replace(b"a-long-", b"aa-the-"))), T0)]
     assert len(frames[0][0]) == 65_549
     (tmp_path / "lo.pcap").write_bytes(pcap_bytes(1, frames))
     proc = nfrewrite("replay", "-c", str(write_config(tmp_path, RULES)), "lo.pcap", "out.pcap",
@@ -133,10 +134,12 @@ def test_a_65549_byte_loopback_frame_is_taken_whole_and_rewritten(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     lines = report(proc.stdout)
     assert "packets not ours 0" in lines and "rule shrink 1 rewritten" in lines
+    assert ("packets too long to change 1 (matched, over 65,531 bytes: live, a verdict cannot "
+            "carry them back changed unless edits shrink them)") in lines
     _, snaplen, out = read_out(tmp_path / "out.pcap")
     expect = lo(segment(80, payload.replace(b"a-long-secret", b"x")))
     assert len(expect) == 65_549 - 12
-    assert out == [(expect, len(expect)), (frames[1][0], 65_549)]
+    assert out == [(expect, len(expect)), (frames[1][0], 65_549), (frames[2][0], 65_549)]
     assert snaplen == 262144
 
 

@@ -293,7 +293,7 @@ class _Damage(Exception):
     """Raised by the readers: where (record or block number, byte offset) and what."""
 
     def __init__(self, kind: str, number: int, offset: int, what: str) -> None:
-        super().__init__(f"{kind} {number} at byte offset {offset:,}: {what}")
+        super().__init__(f"{kind} {number} at byte offset {offset}: {what}")
 
 
 class Progress:
@@ -635,7 +635,7 @@ def _pcapng_records(
                     fcs = (struct.unpack_from(order + "I", value)[0] >> 5) & 0xF
                     if fcs and fcs != iface.fcs:
                         raise ReplayError(
-                            f"{name}: block {number} at byte offset {here:,}: a packet whose "
+                            f"{name}: block {number} at byte offset {here}: a packet whose "
                             f"flags say it ends in a {fcs}-byte FCS, which its interface does "
                             "not say; a pcap holds one FCS length for all its frames"
                         )

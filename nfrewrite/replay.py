@@ -42,13 +42,14 @@ could be started (the file header; a pcapng before its first interface) refuses 
 command exits 5 saying where and how many packets the output holds.
 
 Output. Written to a temporary file in OUT's directory and renamed over OUT only when the replay
-got that far (done, or stopped at damage), so a refused input, an unwritable disk or an
-interrupted run leaves an existing OUT as it was. (OUT that exists and is not a regular file, say
-a FIFO or ``/dev/null``, is written directly.) The output is classic pcap: nanosecond timestamps
-when the input had them, or came from pcapng; the input's link type field (its FCS bits too) and
-snaplen. A rewritten frame longer than that snaplen raises the header's snaplen to the longest
-record written (readers cut records at the header's snaplen), patched in at the end (OUT that
-cannot be seeked gets the larger of the input's snaplen and 262,144 from the start).
+got that far (done, or stopped at damage), so a refused input, an unwritable disk or an interrupted
+run leaves an existing OUT as it was. (OUT that exists and is not a regular file, say a FIFO or
+``/dev/null``, is written directly.) The output is classic pcap: nanosecond timestamps when the
+input had them, or came from pcapng; the input's link type field (its FCS bits too) and snaplen (a
+pcapng's: the largest of its interfaces', 262,144 if one has none). A rewritten frame longer than
+that snaplen raises the header's snaplen to the longest record written (readers cut records at the
+header's snaplen), patched in at the end (OUT that cannot be seeked gets the larger of the input's
+snaplen and 262,144 from the start).
 
 One engine, one flow table, over the whole capture, fed in file order with ``now`` = the packet's
 capture timestamp: a length-changing replace in one segment shifts the sequence numbers of every

@@ -44,6 +44,8 @@ from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nfrewrite.diagnostics import ifname_problem
+
 #: short key -> ethtool "long" offload name (as ``ethtool -k`` prints it).
 OFFLOAD_NAMES: dict[str, str] = {
     "rx": "rx-checksumming",
@@ -202,8 +204,13 @@ def setup_bridge(
 ) -> BridgeState:
     """Create or reuse bridge ``name``, enslave ``ports``, bring all up, apply ``offloads``.
 
-    Returns the bridge state with each port's offloads read after applying the changes.
+    Returns the bridge state with each port's offloads read after applying the changes. Names are
+    checked first with the validator ``nfrewrite check`` uses (:func:`ifname_problem`).
     """
+    for what, ifname in (("bridge", name), *(("port", p) for p in ports)):
+        problem = ifname_problem(ifname)
+        if problem is not None:
+            raise NetSetupError(f"{what} {ifname!r} is not a valid interface name: {problem}")
     with IPRoute() as ipr:
         br_index = _lookup(ipr, name)
         created = False

@@ -26,7 +26,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +35,7 @@ from nfrewrite.tomlpos import KeyPath, Pos, locate, scan_positions
 __all__ = [
     "MAX_FILE_SIZE",
     "Diagnostic",
+    "Opener",
     "Severity",
     "TomlFile",
     "has_errors",
@@ -45,6 +46,9 @@ __all__ = [
 Severity = Literal["error", "warning"]
 
 MAX_FILE_SIZE = 1024 * 1024  # bytes; a bigger config or rule file is refused before it is read
+
+#: ``path`` -> (a read-only descriptor of it or None, problems found opening it)
+Opener = Callable[[str], "tuple[int | None, list[Diagnostic]]"]
 
 
 def _size(n: int) -> str:
@@ -121,16 +125,32 @@ class TomlFile:
     # -- reading ---------------------------------------------------------------------------------
 
     @classmethod
-    def read(cls, path: str, max_size: int = MAX_FILE_SIZE) -> TomlFile:
+    def read(
+        cls, path: str, max_size: int = MAX_FILE_SIZE, *, opener: Opener | None = None
+    ) -> TomlFile:
         """Read and parse ``path``. Problems become diagnostics; ``data`` is then ``None``.
 
         A file larger than ``max_size`` bytes is refused before it is read (its size from
         ``fstat``; at most ``max_size + 1`` bytes are ever read, for files that do not know their
         size), so a huge file costs nothing: no config or rule file is that large by accident.
+
+        ``opener`` (``nfrewrite.filesafety.SafeOpener``) opens the file and reports what it found
+        on the way; the text is read from the descriptor it returns and from nothing else.
         """
         doc = cls(path)
+        if opener is not None:
+            fd, found = opener(path)
+            doc.diagnostics.extend(found)
+            if fd is None:
+                return doc
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                doc._add("error", 0, 0, f"cannot read: {exc.strerror or exc}")
+                return doc
         try:
-            with open(path, "rb") as fh:
+            with os.fdopen(fd, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 raw = b"" if size > max_size else fh.read(max_size + 1)
         except OSError as exc:

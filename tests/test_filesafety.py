@@ -115,8 +115,7 @@ def test_strict_off_makes_the_rules_problems_warnings_but_not_the_configs(tree: 
 def test_a_path_that_cannot_be_checked_is_reported(tree: Path) -> None:
     diags = check_permissions(str(tree / "nfrewrite.toml"), None, [str(tree / "gone.toml")])
     assert [d.format() for d in diags] == [
-        f"{tree}/gone.toml: error: cannot check the rule file's owner and mode: "
-        "No such file or directory"
+        f"{tree}/gone.toml: error: cannot read: No such file or directory"
     ]
 
 

@@ -152,8 +152,7 @@ class SafeOpener:
                 flags = _FILE_FLAGS if last and not directory else _DIR_FLAGS
                 nfd = os.open(name, flags, dir_fd=fd)
             except OSError as exc:
-                if not (last and exc.errno == errno.ELOOP):
-                    exc.filename = None if last else child
+                exc.filename = None if last else child  # the walk's name, not openat's
                 return exc
             try:
                 st = os.fstat(nfd)

@@ -11,8 +11,9 @@ start (and a reload is refused) when one of them is
   others when it has the sticky bit, as ``/tmp`` has: then only an entry's owner can move it), or
 * owned by a user other than root and the user the daemon runs as (``chown root`` fixes it), or
 * (the config and rule files) a symbolic link: a link is read as the file it points at *now*,
-  so it is refused (``cp --remove-destination TARGET LINK`` fixes it); links in the directories
-  above are followed, and what they lead through is checked like the rest.
+  so it is refused (``cp --remove-destination TARGET LINK`` fixes it); links to directories
+  (the rules directory, those above) are followed, and what they lead through is checked like
+  the rest.
 
 It must not change anything on disk or decide policy beyond those rules. It returns
 :class:`~nfrewrite.diagnostics.Diagnostic` values in the loaders' ``path:line:col`` form, line 0
@@ -160,9 +161,7 @@ class SafeOpener:
                 os.close(nfd)
                 raise
             if stat.S_ISLNK(st.st_mode):
-                os.close(nfd)
-                if last:  # a directory asked for (O_PATH opened the link itself)
-                    return OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+                os.close(nfd)  # (also a rules directory given as a link: followed like one above)
                 self._judge_owner(st, child, "directory", severity, out)
                 links += 1
                 if links > MAX_LINKS:

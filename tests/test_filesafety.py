@@ -5,6 +5,8 @@ owned by root or by the user the daemon runs as; ``[security] strict_permissions
 the rules' problems into warnings, never the config file's own. Checked through the pure function,
 through ``load_all`` (what the daemon and ``check`` call) and through the real ``nfrewrite check``.
 Ownership tests chown to a uid nobody has (12345) and need root; ownership is restored after.
+The race tests let a child running as uid 65534 swap files under 2,000 loads: what is read must be
+what was checked (the check happens on the descriptor the loader reads).
 """
 
 from __future__ import annotations
@@ -358,3 +360,15 @@ def test_a_symlinked_config_file_is_refused(tree: Path) -> None:
         f"{tree}/linked.toml: error: config file is a symbolic link: nfrewrite reads no link "
         f"(whoever can change it chooses the file); fix: cp --remove-destination "
         f"\"$(readlink -f {tree}/linked.toml)\" {tree}/linked.toml")
+
+
+def test_a_rules_directory_given_as_a_link_is_followed(tree: Path) -> None:
+    (tree / "rules-link").symlink_to(tree / "rules")
+    (tree / "nfrewrite.toml").write_text('rules_dir = "rules-link"\n')
+    config, ruleset, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert config is not None and ruleset is not None and diags == []
+    (tree / "rules").chmod(0o757)
+    _, ruleset, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert ruleset is None
+    assert diags[0].format().startswith(f"{tree}/rules-link: error: rules directory is writable "
+                                        "by others (mode 0757)")

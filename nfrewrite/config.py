@@ -11,7 +11,7 @@ Schema (DESIGN §2; defaults in brackets)::
 
     rules_dir = "rules"            # [rules] relative to this file's directory
     [[bridge]]                     # zero or more
-    name     = "br0"               # required; Linux interface name (<= 15 bytes)
+    name     = "br0"               # required; interface name (diagnostics.ifname_problem)
     ports    = ["eth1", "eth2"]    # required, >= 1, each an interface name used by one bridge only
     offloads = { gro = false }     # optional; keys rx tx tso gso gro lro -> bool [leave as is]
     [queue]
@@ -35,9 +35,11 @@ Schema (DESIGN §2; defaults in brackets)::
 
 :func:`load_all` loads the config and then the rules of its ``rules_dir``, passing the configured
 bridge ports so ``in_port``/``out_port`` can be checked against them; diagnostics of both come back
-in one list (config first, then the ownership/permission check of the config file, the rules
-directory and the rule files (:mod:`nfrewrite.filesafety`), then rule files in the order they are
-read). Any file larger than 1 MiB is refused before it is read (``diagnostics.MAX_FILE_SIZE``).
+in one list (the config file's, its ownership/permission problems first, then the rules
+directory's, then each rule file's in the order they are read). Every file is opened and checked
+by :class:`nfrewrite.filesafety.SafeOpener` and read from the descriptor it checked (no second
+open by name that a swap could redirect). Any file larger than 1 MiB is refused before it is read
+(``diagnostics.MAX_FILE_SIZE``).
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from nfrewrite.diagnostics import Diagnostic, TomlFile, has_errors, type_name
-from nfrewrite.filesafety import check_permissions
-from nfrewrite.rules import RuleSet, load_rules, rule_files
+from nfrewrite.diagnostics import Diagnostic, Severity, TomlFile, has_errors, type_name
+from nfrewrite.filesafety import SafeOpener
+from nfrewrite.rules import RuleSet, load_rules
 from nfrewrite.tomlpos import KeyPath
 
 __all__ = [
@@ -173,12 +175,15 @@ def load_all(
     Rules are still loaded (to report their errors) when the config has errors elsewhere, but not
     when the config cannot be parsed or its ``rules_dir`` is invalid.
 
-    ``permissions`` (default on): check who may write the config file, the rules directory and
-    the rule files (:func:`nfrewrite.filesafety.check_permissions`, ``euid`` = the daemon's user,
-    default this process's). An error there makes the config (config file) or the ruleset (rules)
-    ``None``, like any other error: the daemon refuses to start or to reload.
+    ``permissions`` (default on): open the config file and the rule files through one
+    :class:`nfrewrite.filesafety.SafeOpener` (``euid`` = the daemon's user, default this
+    process's), which checks who may write them, the rules directory and every directory above,
+    on the descriptors the files are then read from. An error there makes the config (config
+    file) or the ruleset (rules) ``None``, like any other error: the daemon refuses to start or
+    to reload.
     """
-    doc = TomlFile.read(config_path)
+    safe = SafeOpener(euid) if permissions else None
+    doc = TomlFile.read(config_path, opener=safe.opener("config file", "error") if safe else None)
     config = None if doc.data is None else _build(doc, doc.data)
     rules_dir: str | None = None
     if doc.data is not None:
@@ -200,18 +205,19 @@ def load_all(
     diagnostics = list(doc.diagnostics)
     config_ok = not has_errors(diagnostics)
     rules_ok = True
-    if permissions and os.path.exists(config_path):
-        files = rule_files(rules_dir)[0] if rules_dir is not None else None
-        found = check_permissions(config_path, rules_dir, files or (), euid=euid,
-                                  strict=_strict(doc.data))
+    rules_severity: Severity = "error" if _strict(doc.data) else "warning"
+    if safe is not None and rules_dir is not None:
+        fd, found = safe.open(rules_dir, "rules directory", rules_severity, directory=True)
+        if fd is not None:
+            os.close(fd)
         diagnostics.extend(found)
-        config_ok &= not has_errors(d for d in found if d.path == config_path)
-        rules_ok = not has_errors(d for d in found if d.path != config_path)
+        rules_ok = not has_errors(found)
     ruleset: RuleSet | None = None
     if rules_dir is not None:
         ports = config.bridge_ports if config is not None else None
         ruleset, rule_diags = load_rules(
-            rules_dir, allow_length_change=allow_length_change, bridge_ports=ports
+            rules_dir, allow_length_change=allow_length_change, bridge_ports=ports,
+            opener=safe.opener("rule file", rules_severity) if safe else None,
         )
         diagnostics.extend(rule_diags)
     if not rules_ok:

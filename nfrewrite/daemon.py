@@ -14,7 +14,11 @@ Start (each step only after the previous one succeeded)::
 so that no packet is queued before a worker is there to take it (and if one were, the rules'
 ``--queue-bypass`` would let it pass). Stop is the reverse: STOPPING=1, firewall rules removed
 (new packets stay in the kernel), workers told to stop (they verdict what is waiting and unbind),
-HTTP closed, metrics dir removed. Bridges stay up so traffic keeps flowing without us.
+HTTP closed, sysctls put back, metrics dir removed. Bridges stay up so traffic keeps flowing
+without us. The sysctls (br_netfilter's switches, conntrack's liberal TCP mode) are changed
+through a ``netsetup.SysctlKeeper``, which records their originals in the runtime directory
+first, so the clean stop after a ``kill -9`` and a restart still restores the values from before
+the first run.
 
 Workers are forked children with ``PR_SET_PDEATHSIG``: if the supervisor is killed (even with
 ``kill -9``) they die too, their queues unbind and ``--queue-bypass`` passes traffic; a restart
@@ -198,6 +202,7 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
+        self.sysctls = netsetup.SysctlKeeper()
         try:
             self.sup = metrics.SupervisorMetrics(queues, ports=cfg.bridge_ports)
             server = metrics.serve(cfg.metrics.listen, self.sup.registry)
@@ -227,11 +232,12 @@ class Supervisor:
                 except Exception as e:  # noqa: BLE001 - keep stopping
                     log(f"error removing firewall rules: {e}")
             self._stop_workers()
-            if self._liberal_before is False:
-                from nfrewrite.netsetup import set_conntrack_tcp_liberal
-
-                with contextlib.suppress(Exception):
-                    set_conntrack_tcp_liberal(False)
+            try:  # also what a killed earlier run left changed (its record)
+                restored = self.sysctls.restore()
+                if restored:
+                    log(f"sysctls restored: {' '.join(restored)}")
+            except netsetup.NetSetupError as e:
+                log(f"error: {e}")
             if server is not None:
                 server.close()
             metrics.cleanup_multiprocess_dir(mp_dir)
@@ -249,11 +255,14 @@ class Supervisor:
 
     def _ensure_liberal_conntrack(self, ruleset: RuleSet) -> None:
         """Length-changing rules need conntrack's liberal TCP window mode (see netsetup)."""
-        from nfrewrite.netsetup import set_conntrack_tcp_liberal
+        from nfrewrite.netsetup import NetSetupError, set_conntrack_tcp_liberal
 
         grows = any(len(r.find) != len(r.with_) for rule in ruleset.rules for r in rule.replaces)
         if grows and not self._liberal_set:
-            self._liberal_before = set_conntrack_tcp_liberal(True)
+            try:
+                self._liberal_before = set_conntrack_tcp_liberal(True, keeper=self.sysctls)
+            except NetSetupError as e:
+                raise StartError(str(e)) from e
             self._liberal_set = True
             if self._liberal_before is False:
                 log("length-changing rules: net.netfilter.nf_conntrack_tcp_be_liberal=1 "
@@ -266,7 +275,7 @@ class Supervisor:
             log("no [[bridge]] configured: queueing routed (FORWARD) traffic")
             return
         try:
-            enable_br_netfilter()
+            enable_br_netfilter(keeper=self.sysctls)
             for b in self.config.bridges:
                 state = setup_bridge(b.name, b.ports, dict(b.offloads.items()) or None)
                 verb = "created" if state.created else "reused"

@@ -26,7 +26,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +35,7 @@ from nfrewrite.tomlpos import KeyPath, Pos, locate, scan_positions
 __all__ = [
     "MAX_FILE_SIZE",
     "Diagnostic",
+    "Opener",
     "Severity",
     "TomlFile",
     "has_errors",
@@ -45,6 +46,9 @@ __all__ = [
 Severity = Literal["error", "warning"]
 
 MAX_FILE_SIZE = 1024 * 1024  # bytes; a bigger config or rule file is refused before it is read
+
+#: ``path`` -> (a read-only descriptor of it or None, problems found opening it)
+Opener = Callable[[str], "tuple[int | None, list[Diagnostic]]"]
 
 
 def _size(n: int) -> str:
@@ -121,16 +125,32 @@ class TomlFile:
     # -- reading ---------------------------------------------------------------------------------
 
     @classmethod
-    def read(cls, path: str, max_size: int = MAX_FILE_SIZE) -> TomlFile:
+    def read(
+        cls, path: str, max_size: int = MAX_FILE_SIZE, *, opener: Opener | None = None
+    ) -> TomlFile:
         """Read and parse ``path``. Problems become diagnostics; ``data`` is then ``None``.
 
         A file larger than ``max_size`` bytes is refused before it is read (its size from
         ``fstat``; at most ``max_size + 1`` bytes are ever read, for files that do not know their
         size), so a huge file costs nothing: no config or rule file is that large by accident.
+
+        ``opener`` (``nfrewrite.filesafety.SafeOpener``) opens the file and reports what it found
+        on the way; the text is read from the descriptor it returns and from nothing else.
         """
         doc = cls(path)
+        if opener is not None:
+            fd, found = opener(path)
+            doc.diagnostics.extend(found)
+            if fd is None:
+                return doc
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                doc._add("error", 0, 0, f"cannot read: {exc.strerror or exc}")
+                return doc
         try:
-            with open(path, "rb") as fh:
+            with os.fdopen(fd, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 raw = b"" if size > max_size else fh.read(max_size + 1)
         except OSError as exc:
@@ -278,29 +298,53 @@ class TomlFile:
         return value
 
     def want_ifname(self, path: KeyPath, value: object, what: str) -> str | None:
-        """A Linux interface name: 1..15 bytes, not "." or "..", no '/', ':' or whitespace."""
+        """An interface name the daemon can use (see :func:`ifname_problem`)."""
         name = self.want_str(path, value, what)
         if name is None:
             return None
         problem = ifname_problem(name)
         if problem is not None:
-            self.error(path, f"{what} {name!r} is not a valid interface name: {problem}")
+            self.error(path, f"{what} {name!r} is not a valid interface name: {problem}; pick "
+                             "another (ip link set dev OLD name NEW renames an existing link)")
             return None
         return name
 
 
 IFNAMSIZ = 16  # Linux: names are at most IFNAMSIZ - 1 bytes
+#: the bytes the kernel's isspace() is true for (its ctype table is Latin-1: 0xa0 is a space too,
+#: so a UTF-8 name holding that byte, such as "\u00e0", is refused by the kernel)
+_KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
 
 
 def ifname_problem(name: str) -> str | None:
-    """Why ``name`` is not a valid Linux interface name, or ``None`` if it is one."""
+    """Why ``name`` cannot be a bridge or port name of the daemon, or ``None`` if it can.
+
+    The one validator for ``check``, start-up (:mod:`nfrewrite.netsetup`) and the kernel rules
+    (:class:`nfrewrite.firewall.QueueMatch`). It accepts what the kernel accepts for a new link
+    (``dev_valid_name``: 1..15 bytes, not "." or "..", no '/', ':' or space byte) except
+
+    * a trailing '+': iptables reads ``--physdev-in lan+`` as "every name starting with lan";
+    * '%': the kernel turns "br%d" into the first free "br0", "br1", ... when it creates a link;
+    * characters that are not printable (a log line or a metrics label could not show them).
+
+    Everything else works end to end ("lan+0", "wan#1", "é"): iptables-restore gets the name
+    quoted (see ``nfrewrite.firewall``).
+    """
     if not name:
         return "it is empty"
-    if len(name.encode()) > IFNAMSIZ - 1:
-        return f"longer than {IFNAMSIZ - 1} bytes"
+    raw = name.encode("utf-8", errors="surrogatepass")
+    if len(raw) > IFNAMSIZ - 1:
+        return f"longer than {IFNAMSIZ - 1} bytes ({len(raw)})"
     if name in (".", ".."):
         return "reserved name"
     for ch in name:
         if ch in "/:" or ch.isspace() or not ch.isprintable():
             return f"contains {ch!r}"
+    for ch in name:
+        if _KERNEL_SPACES.intersection(ch.encode("utf-8", errors="surrogatepass")):
+            return f"contains {ch!r}, whose UTF-8 bytes the kernel counts as a space"
+    if "%" in name:
+        return "contains '%' (the kernel would turn it into a number when creating the link)"
+    if name.endswith("+"):
+        return "ends with '+' (iptables would match every name that starts with the rest)"
     return None

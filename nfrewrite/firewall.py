@@ -78,6 +78,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from nfrewrite.diagnostics import ifname_problem
+
 Variant = Literal["nft", "legacy"]
 
 CHAIN = "NFREWRITE"
@@ -149,8 +151,9 @@ class QueueMatch:
             object.__setattr__(self, name, norm_c)
         for name in ("in_port", "out_port"):
             port = getattr(self, name)
-            if port is not None and not re.fullmatch(r"[A-Za-z0-9_.@:-]{1,15}", port):
-                raise ValueError(f"{name}: {port!r} is not a valid interface name")
+            problem = None if port is None else ifname_problem(port)
+            if problem is not None:
+                raise ValueError(f"{name}: {port!r} is not a valid interface name: {problem}")
         if self.literal is not None and not 1 <= len(self.literal) <= MAX_LITERAL:
             raise ValueError(f"literal must be 1..{MAX_LITERAL} bytes, not {len(self.literal)}")
 

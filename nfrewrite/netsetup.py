@@ -27,14 +27,31 @@ still maps onto its feature bits exactly as ``ethtool -K rx/tx/tso/gso/gro/lro``
 netlink ethtool (``ETHTOOL_MSG_FEATURES_*``) has no features request in this version, so the ioctl
 path is the one that works; nothing falls back to the ``ethtool`` binary.
 
+The sysctls the daemon changes (the two br_netfilter switches above and conntrack's
+``nf_conntrack_tcp_be_liberal``, see :func:`set_conntrack_tcp_liberal`) belong to the whole
+network namespace, in production the host's own, so a clean stop puts them back as they were.
+A :class:`SysctlKeeper` writes the original value to a record file *before* it changes a sysctl,
+and a later run that finds the record keeps that original instead of reading the value the
+crashed run left (a restart after ``kill -9`` would otherwise take "1" for the original). The
+record lives in the daemon's runtime directory (``$RUNTIME_DIRECTORY``, else ``/run/nfrewrite``;
+the unit must keep it across restarts: ``RuntimeDirectoryPreserve=yes``), one file per network
+namespace, named by the namespace's inode; inside it the namespace's cookie (``SO_NETNS_COOKIE``,
+never reused while the machine runs) and the boot id tell a record of a namespace that is gone,
+or of an earlier boot, from a current one: such a record is ignored. Only these three sysctls
+are ever written back, and only with a value read from them.
+
 What it must not do: run ``ip``/``ethtool``/``sysctl`` subprocesses (pyroute2 and /proc only), touch
-interfaces other than the named bridge and ports, or undo anything on stop: the bridge stays up so
-traffic keeps flowing when the daemon exits.
+interfaces other than the named bridge and ports, or take the bridge down on stop: the bridge stays
+up so traffic keeps flowing when the daemon exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +60,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.exceptions import NetlinkError
+
+from nfrewrite.diagnostics import ifname_problem
 
 #: short key -> ethtool "long" offload name (as ``ethtool -k`` prints it).
 OFFLOAD_NAMES: dict[str, str] = {
@@ -83,14 +102,22 @@ class BridgeState:
         return {p.name: dict(p.offloads) for p in self.ports}
 
 
-def enable_br_netfilter(proc_bridge: Path = PROC_BRIDGE) -> None:
-    """Turn on bridge-nf-call-iptables/-ip6tables in the current network namespace."""
+def enable_br_netfilter(
+    proc_bridge: Path = PROC_BRIDGE, keeper: SysctlKeeper | None = None
+) -> None:
+    """Turn on bridge-nf-call-iptables/-ip6tables in the current network namespace.
+
+    With ``keeper`` the original values are recorded first, for :meth:`SysctlKeeper.restore`.
+    """
     if not proc_bridge.is_dir():
         raise NetSetupError(
             f"{proc_bridge} does not exist: br_netfilter is not loaded (modprobe br_netfilter)"
         )
     for name in BR_NF_SYSCTLS:
         path = proc_bridge / name
+        if keeper is not None:
+            keeper.set(path, True)
+            continue
         try:
             if path.read_text().strip() != "1":
                 path.write_text("1\n")
@@ -101,8 +128,11 @@ def enable_br_netfilter(proc_bridge: Path = PROC_BRIDGE) -> None:
 CT_TCP_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 
 
-def set_conntrack_tcp_liberal(on: bool, path: Path = CT_TCP_LIBERAL) -> bool | None:
-    """Set conntrack's TCP window checking to liberal (or back); returns the previous setting.
+def set_conntrack_tcp_liberal(
+    on: bool, path: Path = CT_TCP_LIBERAL, keeper: SysctlKeeper | None = None
+) -> bool | None:
+    """Set conntrack's TCP window checking to liberal (or back); returns the previous setting
+    (with ``keeper``: the setting before nfrewrite first changed it, from its record).
 
     Why: after a length-changing rewrite, each side acknowledges sequence numbers that conntrack
     (which saw the packets before we changed them) never saw sent. In strict mode it marks those
@@ -111,6 +141,8 @@ def set_conntrack_tcp_liberal(on: bool, path: Path = CT_TCP_LIBERAL) -> bool | N
     mode only stops marking out-of-window packets INVALID. Per network namespace. Returns None
     when conntrack is not there (nothing to do).
     """
+    if keeper is not None:
+        return keeper.set(path, on)
     try:
         previous = path.read_text().strip() == "1"
         if previous != on:
@@ -120,6 +152,125 @@ def set_conntrack_tcp_liberal(on: bool, path: Path = CT_TCP_LIBERAL) -> bool | N
     except OSError as e:
         raise NetSetupError(f"cannot set {path}: {e.strerror}") from e
     return previous
+
+
+#: the sysctls a :class:`SysctlKeeper` may change and write back (all booleans)
+KEPT_SYSCTLS: tuple[Path, ...] = (*(PROC_BRIDGE / n for n in BR_NF_SYSCTLS), CT_TCP_LIBERAL)
+DEFAULT_STATE_DIR = "/run/nfrewrite"
+SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
+
+
+def state_dir() -> str:
+    """Where the daemon keeps its sysctl record: the first of systemd's ``$RUNTIME_DIRECTORY``
+    (``RuntimeDirectory=nfrewrite``), else ``/run/nfrewrite``."""
+    given = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return given or DEFAULT_STATE_DIR
+
+
+def _netns_identity() -> tuple[int, int | None, str]:
+    """(inode, cookie or None, boot id) of this process's network namespace."""
+    inode = os.stat("/proc/self/ns/net").st_ino
+    cookie: int | None = None
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return inode, cookie, boot
+
+
+class SysctlKeeper:
+    """Sets this network namespace's sysctls and puts them back on :meth:`restore`, also when a
+    run in between was killed (see the module doc). One per daemon run."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory or state_dir()
+        inode, self._cookie, self._boot = _netns_identity()
+        self.path = os.path.join(self.directory, f"sysctl-netns-{inode}.json")
+
+    def set(self, path: Path, on: bool) -> bool | None:
+        """Set the boolean sysctl ``path``; return its original value (the one recorded by an
+        earlier run if there is a record) or None if the sysctl does not exist."""
+        if path not in KEPT_SYSCTLS:
+            raise ValueError(f"{path} is not a sysctl nfrewrite changes")
+        want = "1" if on else "0"
+        try:
+            current = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise NetSetupError(f"cannot read {path}: {e.strerror}") from e
+        record = self._load()
+        original = record.get(str(path))
+        if original is None and current != want:
+            original = record[str(path)] = current
+            self._save(record)  # before the change: a crash right after it still finds it
+        if current != want:
+            try:
+                path.write_text(want + "\n")
+            except OSError as e:
+                raise NetSetupError(f"cannot set {path}: {e.strerror}") from e
+        return (original if original is not None else current) == "1"
+
+    def restore(self) -> list[str]:
+        """Write every recorded original back, then delete the record; ``["name=value", ...]``
+        of what was written. Raises NetSetupError (record kept) if a sysctl cannot be written."""
+        record = self._load()
+        done: list[str] = []
+        for path in KEPT_SYSCTLS:
+            original = record.get(str(path))
+            if original is None:
+                continue
+            try:
+                if path.read_text().strip() != original:
+                    path.write_text(original + "\n")
+                    done.append(f"{path.name}={original}")
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise NetSetupError(f"cannot restore {path} to {original}: {e.strerror}; the "
+                                    f"original stays recorded in {self.path}") from e
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        return done
+
+    def _load(self) -> dict[str, str]:
+        """The recorded originals; {} without a record or with one of another namespace that had
+        the same inode, or of an earlier boot."""
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read(65536))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise NetSetupError(f"cannot read the sysctl record {self.path}: {e}; remove it after "
+                                "checking the sysctls it names") from e
+        if (not isinstance(data, dict) or data.get("boot_id") != self._boot
+                or data.get("netns_cookie") != self._cookie):
+            return {}
+        values = data.get("originals")
+        if not isinstance(values, dict):
+            return {}
+        known = {str(p) for p in KEPT_SYSCTLS}
+        return {k: v for k, v in values.items() if k in known and v in ("0", "1")}
+
+    def _save(self, originals: dict[str, str]) -> None:
+        data = {"boot_id": self._boot, "netns_cookie": self._cookie, "originals": originals}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise NetSetupError(f"cannot record the original sysctl values in {self.path}: "
+                                f"{e.strerror}; nothing was changed") from e
 
 
 def read_offloads(ifname: str) -> dict[str, bool]:
@@ -202,8 +353,13 @@ def setup_bridge(
 ) -> BridgeState:
     """Create or reuse bridge ``name``, enslave ``ports``, bring all up, apply ``offloads``.
 
-    Returns the bridge state with each port's offloads read after applying the changes.
+    Returns the bridge state with each port's offloads read after applying the changes. Names are
+    checked first with the validator ``nfrewrite check`` uses (:func:`ifname_problem`).
     """
+    for what, ifname in (("bridge", name), *(("port", p) for p in ports)):
+        problem = ifname_problem(ifname)
+        if problem is not None:
+            raise NetSetupError(f"{what} {ifname!r} is not a valid interface name: {problem}")
     with IPRoute() as ipr:
         br_index = _lookup(ipr, name)
         created = False

@@ -103,7 +103,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from nfrewrite.diagnostics import Diagnostic, TomlFile, has_errors, type_name
+from nfrewrite.diagnostics import Diagnostic, Opener, TomlFile, has_errors, type_name
 from nfrewrite.tomlpos import KeyPath
 
 __all__ = [
@@ -479,8 +479,11 @@ def load_rules(
     *,
     allow_length_change: bool = True,
     bridge_ports: Collection[str] | None = None,
+    opener: Opener | None = None,
 ) -> tuple[RuleSet | None, list[Diagnostic]]:
     """Read, validate and compile ``rules_dir/*.toml``. Returns (ruleset or None, diagnostics).
+
+    ``opener``: how each file is opened (``nfrewrite.filesafety.SafeOpener``; default plain).
 
     ``allow_length_change=False`` makes a replace whose ``with`` differs in length from its
     ``find`` an error. ``bridge_ports``, when given, are the only valid ``in_port``/``out_port``
@@ -496,7 +499,7 @@ def load_rules(
                                           f"files not read: the limit of {MAX_RULES} rules is "
                                           "reached"))
             break
-        doc = TomlFile.read(path)
+        doc = TomlFile.read(path, opener=opener)
         if doc.data is not None:
             loader.load_file(doc, doc.data)
         doc.sort()

@@ -5,6 +5,8 @@ owned by root or by the user the daemon runs as; ``[security] strict_permissions
 the rules' problems into warnings, never the config file's own. Checked through the pure function,
 through ``load_all`` (what the daemon and ``check`` call) and through the real ``nfrewrite check``.
 Ownership tests chown to a uid nobody has (12345) and need root; ownership is restored after.
+The race tests let a child running as uid 65534 swap files under 2,000 loads: what is read must be
+what was checked (the check happens on the descriptor the loader reads).
 """
 
 from __future__ import annotations
@@ -115,8 +117,7 @@ def test_strict_off_makes_the_rules_problems_warnings_but_not_the_configs(tree: 
 def test_a_path_that_cannot_be_checked_is_reported(tree: Path) -> None:
     diags = check_permissions(str(tree / "nfrewrite.toml"), None, [str(tree / "gone.toml")])
     assert [d.format() for d in diags] == [
-        f"{tree}/gone.toml: error: cannot check the rule file's owner and mode: "
-        "No such file or directory"
+        f"{tree}/gone.toml: error: cannot read: No such file or directory"
     ]
 
 
@@ -205,3 +206,169 @@ def test_check_refuses_a_world_writable_config(tree: Path) -> None:
     assert f"{tree}/nfrewrite.toml: error: config file is writable by others (mode 0646)" in (
         proc.stderr
     )
+
+
+# -- the race: checked, then swapped, then read ----------------------------------------------------
+
+NOBODY = 65534
+GOOD = '[[rule]]\nname = "good"\nset = { ttl = 64 }\n'
+EVIL = '[[rule]]\nname = "evil"\nset = { ttl = 1 }\n'
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def _exchange_forever(a: str, b: str) -> None:
+    """In a child running as uid 65534: swap ``a`` and ``b`` atomically, as fast as it can."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    ea, eb = a.encode(), b.encode()
+    while True:
+        if libc.renameat2(AT_FDCWD, ea, AT_FDCWD, eb, RENAME_EXCHANGE) != 0:
+            os._exit(3)
+
+
+def _write(path: str, text: str, uid: int) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
+    os.chown(path, uid, uid)
+
+
+@pytest.fixture
+def base() -> Iterator[str]:
+    """A root-owned 0755 directory in /tmp (others may look in, as the attacker must)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="nfr-race-")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def _swapped_through_a_strangers_dir(base: str, layout: str) -> tuple[str, str, str]:
+    """The config, and the two paths the stranger keeps swapping.
+
+    "link": rules/a.toml is a symlink (set up by root) to evil/a.toml; evil/ belongs to the
+    stranger, who swaps root's good file there with a file of their own.
+    "dir": rules_dir is evil/rules, a root-owned directory inside the stranger's directory, which
+    the stranger swaps with a symlink to a directory of their own.
+    """
+    evil = os.path.join(base, "evil")
+    os.mkdir(evil, 0o755)
+    os.chown(evil, NOBODY, NOBODY)
+    config = os.path.join(base, "nfrewrite.toml")
+    if layout == "link":
+        _write(config, 'rules_dir = "rules"\n', 0)
+        os.mkdir(os.path.join(base, "rules"), 0o755)
+        _write(os.path.join(evil, "a.toml"), GOOD, 0)
+        _write(os.path.join(evil, "spare"), EVIL, NOBODY)
+        os.symlink(os.path.join(evil, "a.toml"), os.path.join(base, "rules", "a.toml"))
+        return config, os.path.join(evil, "a.toml"), os.path.join(evil, "spare")
+    _write(config, 'rules_dir = "evil/rules"\n', 0)
+    os.mkdir(os.path.join(evil, "rules"), 0o755)
+    _write(os.path.join(evil, "rules", "a.toml"), GOOD, 0)
+    own = os.path.join(evil, "own")
+    os.mkdir(own, 0o755)
+    os.chown(own, NOBODY, NOBODY)
+    _write(os.path.join(own, "a.toml"), EVIL, NOBODY)
+    os.symlink(own, os.path.join(evil, "spare"))
+    os.lchown(os.path.join(evil, "spare"), NOBODY, NOBODY)
+    return config, os.path.join(evil, "rules"), os.path.join(evil, "spare")
+
+
+@needs_root
+@pytest.mark.parametrize("layout", ["link", "dir"])
+def test_a_file_swapped_in_through_a_strangers_directory_is_never_accepted(
+    base: str, layout: str
+) -> None:
+    """2,000 loads while uid 65534 swaps the file (or the rules directory) under them: not one
+    is accepted, and every load names the problem and its fix."""
+    import signal
+
+    config, a, b = _swapped_through_a_strangers_dir(base, layout)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the attacker
+        try:
+            _exchange_forever(a, b)
+        finally:
+            os._exit(4)
+    accepted = evil = 0
+    refusals: list[str] = []
+    try:
+        for _ in range(2000):
+            _, ruleset, diags = load_all(config)
+            if ruleset is not None:
+                accepted += 1
+                evil += any(r.name == "evil" for r in ruleset.rules)
+            else:
+                refusals.append("\n".join(d.format() for d in diags))
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the swapping child died"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert (accepted, evil) == (0, 0)
+    if layout == "link":
+        expected = (f"{base}/rules/a.toml: error: rule file is a symbolic link: nfrewrite reads "
+                    "no link (whoever can change it chooses the file); fix: cp "
+                    "--remove-destination")
+    else:
+        expected = (f"{base}/evil: error: directory is owned by user 'nobody' (uid {NOBODY}), "
+                    f"not root (the daemon's user); fix: chown root {base}/evil")
+    assert all(expected in text for text in refusals), refusals[:3]
+
+
+def test_a_group_writable_directory_above_is_an_error_a_sticky_one_is_not(tree: Path) -> None:
+    tree.chmod(0o775)
+    found = _check(tree)
+    assert found == [f"{tree}: error: directory is writable by group (mode 0775): anyone who can "
+                     f"write it can swap the files below it; fix: chmod go-w {tree}"]
+    tree.chmod(0o1777)  # like /tmp: only an entry's owner may move it, and ours are root's
+    assert _check(tree) == []
+    tree.chmod(0o700)
+
+
+def test_a_link_to_the_config_directory_is_followed_and_what_it_leads_to_checked(
+    tree: Path,
+) -> None:
+    link = tree.parent / f"{tree.name}-link"
+    link.symlink_to(tree)
+    try:
+        config, ruleset, diags = load_all(str(link / "nfrewrite.toml"))
+        assert config is not None and ruleset is not None and diags == []
+        (tree / "rules").chmod(0o777)
+        _, ruleset, diags = load_all(str(link / "nfrewrite.toml"))
+        assert ruleset is None
+        assert [d.format() for d in diags][0].startswith(
+            f"{link}/rules: error: rules directory is writable by group and others (mode 0777)")
+    finally:
+        link.unlink()
+
+
+def test_a_symlinked_config_file_is_refused(tree: Path) -> None:
+    (tree / "real.toml").write_text('rules_dir = "rules"\n')
+    (tree / "linked.toml").symlink_to(tree / "real.toml")
+    config, _, diags = load_all(str(tree / "linked.toml"))
+    assert config is None
+    assert diags[0].format() == (
+        f"{tree}/linked.toml: error: config file is a symbolic link: nfrewrite reads no link "
+        f"(whoever can change it chooses the file); fix: cp --remove-destination "
+        f"\"$(readlink -f {tree}/linked.toml)\" {tree}/linked.toml")
+
+
+def test_a_rules_directory_given_as_a_link_is_followed(tree: Path) -> None:
+    (tree / "rules-link").symlink_to(tree / "rules")
+    (tree / "nfrewrite.toml").write_text('rules_dir = "rules-link"\n')
+    config, ruleset, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert config is not None and ruleset is not None and diags == []
+    (tree / "rules").chmod(0o757)
+    _, ruleset, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert ruleset is None
+    assert diags[0].format().startswith(f"{tree}/rules-link: error: rules directory is writable "
+                                        "by others (mode 0757)")

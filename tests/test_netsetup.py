@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from nfrewrite.lab import Lab, tcp_exchange
+from nfrewrite.lab import Lab, Role, tcp_exchange
 
 pytestmark = pytest.mark.privileged
 
@@ -61,11 +61,13 @@ def test_setup_bridge_creates_it_turns_br_netfilter_on_and_traffic_flows(lab: La
 
 
 def test_setup_bridge_twice_reuses_the_bridge(lab: Lab) -> None:
-    first, second = in_appliance(lab, """
+    pair = in_appliance(lab, """
         a = setup_bridge("br0", ["nfr0", "nfr1"], None)
         b = setup_bridge("br0", ["nfr0", "nfr1"], None)
         out([a, b])
-    """)  # type: ignore[misc]
+    """)
+    assert isinstance(pair, list)
+    first, second = pair
     assert first["created"] is True and second["created"] is False
     assert first["ifindex"] == second["ifindex"]
     bridges = lab.run("appliance", ["ip", "-j", "link", "show", "type", "bridge"]).stdout
@@ -141,3 +143,88 @@ def test_a_port_of_another_bridge_is_not_stolen(lab: Lab) -> None:
             out(str(e))
     """)
     assert "nfr1 already belongs to another master" in str(msg)
+
+
+# -- the sysctls come back as they were, also after a kill -9 ------------------------------------
+
+SYSCTLS = {
+    "net/netfilter/nf_conntrack_tcp_be_liberal": "0",
+    "net/bridge/bridge-nf-call-iptables": "0",
+    "net/bridge/bridge-nf-call-ip6tables": "0",
+}
+GROWING = """
+[[rule]]
+name = "grow"
+match = { sport = 8080 }
+replace = [ { find = "Server: nginx", with = "Server: nginx-longer" } ]
+"""
+
+
+def _sysctls(lab: Lab) -> dict[str, str]:
+    return {name: lab.run("appliance", ["cat", f"/proc/sys/{name}"]).stdout.strip()
+            for name in SYSCTLS}
+
+
+def test_sysctls_come_back_after_kill_9_a_restart_and_a_clean_stop(lab: Lab, workdir: str) -> None:
+    """0 before; 1 while running; still 1 after kill -9 (nothing can run then); the restarted
+    daemon must not take that 1 for the original: after its clean stop all are 0 again."""
+    import os
+    import signal
+
+    from nfrewrite.lab import Daemon, write_lab_config
+
+    for name, value in SYSCTLS.items():
+        lab.run("appliance", ["sh", "-c", f"echo {value} > /proc/sys/{name}"])
+    config = write_lab_config(workdir, {"10.toml": GROWING})
+    run_dir = os.path.join(workdir, "run")
+    os.mkdir(run_dir, 0o700)
+    env = {"RUNTIME_DIRECTORY": run_dir}
+    first = Daemon(lab, config, env=env).start()
+    assert set(_sysctls(lab).values()) == {"1"}
+    first.signal(signal.SIGKILL)
+    first.wait(5)
+    assert set(_sysctls(lab).values()) == {"1"}
+    second = Daemon(lab, config, env=env).start()
+    assert set(_sysctls(lab).values()) == {"1"}
+    assert second.stop() == 0
+    assert _sysctls(lab) == SYSCTLS, second.log()
+    assert [n for n in os.listdir(run_dir) if n.startswith("sysctl-")] == []
+    # the bridge keeps carrying traffic (its own nf_call_iptables option stays on)
+    lab.wait_reachable()
+
+
+def test_two_namespaces_never_share_a_record(lab: Lab, workdir: str) -> None:
+    """Same directory, two namespaces: two record files; a restore in one leaves the other's
+    value and record alone."""
+    import os
+
+    code = textwrap.dedent(f"""
+        import sys
+        from nfrewrite.netsetup import CT_TCP_LIBERAL, SysctlKeeper
+        keeper = SysctlKeeper({workdir!r})
+        if sys.argv[1] == "set":
+            keeper.set(CT_TCP_LIBERAL, True)
+        else:
+            keeper.restore()
+        print(keeper.path)
+    """)
+    liberal = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
+
+    def keeper(role: Role, what: str) -> str:
+        return str(lab.run(role, [sys.executable, "-c", code, what],
+                           env=lab.python_env()).stdout.strip())
+
+    def value(role: Role) -> str:
+        return str(lab.run(role, ["cat", liberal]).stdout.strip())
+
+    paths = {}
+    for role in ("client", "appliance"):
+        lab.run(role, ["sh", "-c", f"echo 0 > {liberal}"])
+        paths[role] = keeper(role, "set")
+        assert value(role) == "1"
+    assert paths["client"] != paths["appliance"]
+    keeper("appliance", "restore")
+    assert (value("appliance"), value("client")) == ("0", "1")
+    assert os.path.exists(paths["client"]) and not os.path.exists(paths["appliance"])
+    keeper("client", "restore")
+    assert value("client") == "0" and not os.path.exists(paths["client"])

@@ -68,8 +68,8 @@ refill it, and the whole table is committed at once (nf_tables: one netlink batc
 table replace), so a swap is atomic and a failing swap leaves the previous rules in place. The
 jumps are added only when ``iptables-save`` shows them missing, and surplus copies (left by a crash
 between two starts) are deleted, so there is always exactly one. ``remove()`` deletes the jumps and
-flushes and deletes our chains (the two and any bucket or tree chains), nothing else. (What cannot be
-undone: if the ``mangle`` table did not exist before, the kernel keeps it with empty built-in
+flushes and deletes our chains (the two and any bucket or tree chains), nothing else. (What cannot
+be undone: if the ``mangle`` table did not exist before, the kernel keeps it with empty built-in
 chains and ACCEPT policies; that changes no packet's fate.)
 
 The host's ``iptables`` is either the nf_tables or the legacy variant; ``iptables -V`` says which
@@ -346,8 +346,8 @@ def _units(
                         ["-m", "string", "--algo", "bm", "--hex-string", f"|{lit.hex()}|"]
                         for lit in literals],
         }
-        sizes = [len(values) for values in dims.values()]
-        if sum(n > 1 for n in sizes) >= 2 and math.prod(sizes) > 1 + sum(sizes):
+        flat = math.prod(len(values) for values in dims.values())
+        if flat > 1 + sum(len(level) for level in _levels(dims)):  # the tree is smaller
             envelopes = {name: (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
                          for name, ranges in (("sport", m.sports), ("dport", m.dports))
                          if ranges is not None}
@@ -379,6 +379,13 @@ def _key_of(sports: Sequence[PortRange] | None, dports: Sequence[PortRange] | No
     return None
 
 
+def _levels(dims: dict[str, list[list[str]]]) -> list[list[list[str]]]:
+    """A tree's chains, in walking order: each dimension with several values, and the literal
+    (even a single one: the costly match goes last)."""
+    return [dims[name] for name in ("dport", "sport", "src", "dst", "literal")
+            if len(dims[name]) > 1 or (name == "literal" and dims[name][0])]
+
+
 def _tree(
     number: int,
     dims: dict[str, list[list[str]]],
@@ -392,15 +399,12 @@ def _tree(
     multi-valued dimension; each chain's rules go (``-g``) to the next, the last one's queue.
     The literal, the expensive match, is always tested last."""
     fixed: list[str] = []
-    levels: list[list[list[str]]] = []
     for name in ("src", "dst", "sport", "dport"):
         if len(dims[name]) == 1:
             fixed += dims[name][0]
         elif name in envelopes:  # a cheap superset: most packets need not enter the tree
             fixed += [f"--{name}", _fmt_range(envelopes[name])]
-    for name in ("dport", "sport", "src", "dst", "literal"):
-        if len(dims[name]) > 1 or (name == "literal" and dims[name][0]):
-            levels.append(dims[name])
+    levels = _levels(dims)
     names = [tree_chain(number, i + 1) for i in range(len(levels))]
     chains: dict[str, list[list[str]]] = {}
     for i, (name, values) in enumerate(zip(names, levels, strict=True)):

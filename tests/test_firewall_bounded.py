@@ -347,3 +347,15 @@ def test_start_refuses_what_check_refuses_with_the_same_position(lab: Lab, workd
     # nothing was set up: no chain of ours, no bridge
     assert CHAIN not in lab.run("appliance", ["iptables-save"]).stdout
     assert "br0" not in lab.run("appliance", ["ip", "-o", "link"]).stdout
+
+
+@pytest.mark.privileged
+def test_reload_refuses_it_too_and_keeps_the_running_rules(lab: Lab, workdir: str) -> None:
+    cfg = write_lab_config(workdir, {"10.toml": NORMAL})
+    with Daemon(lab, cfg) as daemon:
+        before = _kernel_counts(lab)
+        write_lab_config(workdir, {"10.toml": huge_rule()})
+        tail = daemon.reload(timeout=60)
+        assert f"{workdir}/rules/10.toml:3:1: error: the kernel prefilter would need 26002" in tail
+        assert "reload failed: keeping the running rules" in tail
+        assert _kernel_counts(lab) == before

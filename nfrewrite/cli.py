@@ -107,14 +107,22 @@ CONFIG_ARG = arg(
         help="also print the iptables/ip6tables rules (kernel prefilter) the daemon would load"),
 )
 def cmd_check(args: argparse.Namespace) -> int:
+    from nfrewrite.firewall import render
+    from nfrewrite.prefilter import kernel_rules
+
     config, ruleset, diagnostics = load_all(
         args.config, allow_length_change=not args.no_length_change
     )
+    kernel = None
     if ruleset is not None:  # every rule's examples through the engine (nfrewrite.examples)
         diagnostics = diagnostics + check_examples(ruleset)
+        # the kernel rules as start and reload compile them (the same function, the same verdict)
+        queue = (config.queue.num, config.queue.workers) if config is not None else (0, 1)
+        kernel, refused = kernel_rules(ruleset, *queue)
+        diagnostics = diagnostics + refused
     print_diagnostics(diagnostics)
     errors = sum(1 for d in diagnostics if d.severity == "error")
-    if errors or config is None or ruleset is None:
+    if errors or config is None or ruleset is None or kernel is None:
         warnings = len(diagnostics) - errors
         summary = f"{errors} error{'s' if errors != 1 else ''}"
         if warnings:
@@ -122,10 +130,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"nfrewrite: check failed: {summary}", file=sys.stderr)
         return EXIT_INVALID
     if args.show_kernel_rules:
-        from nfrewrite.firewall import render
-        from nfrewrite.prefilter import compile_prefilter
-
-        print(render(*compile_prefilter(ruleset), config.queue.num, config.queue.workers), end="")
+        print(render(kernel), end="")
     print(f"{len(ruleset.rules)} rules in {len(ruleset.files)} files OK")
     return EXIT_OK
 

@@ -73,8 +73,17 @@ class StartError(RuntimeError):
 
 
 def load(config_path: str) -> tuple[Config | None, RuleSet | None, list[Diagnostic]]:
-    """Config and rules, validated as ``nfrewrite check`` does (file permissions included)."""
-    return load_all(config_path)
+    """Config and rules, validated as ``nfrewrite check`` does (file permissions included, and
+    the kernel rules through the same ``prefilter.kernel_rules``: a rule set check refuses for
+    needing too many of them is refused here, before anything is set up or swapped)."""
+    from nfrewrite.prefilter import kernel_rules
+
+    config, ruleset, diags = load_all(config_path)
+    if config is not None and ruleset is not None:
+        kernel, refused = kernel_rules(ruleset, config.queue.num, config.queue.workers)
+        if kernel is None:
+            return config, None, diags + refused
+    return config, ruleset, diags
 
 
 # -- worker side ------------------------------------------------------------------------------

@@ -27,11 +27,19 @@ A rule whose only action is an MSS edit queues only segments with SYN set (``--t
 SYN``: SYN and SYN-ACK), the only ones that carry the option.
 
 Patterns longer than xt_string's 128-byte limit fall back to queueing by match alone.
+
+Every QueueMatch carries its rule's ``(path, line, col)``. :func:`kernel_rules` compiles the
+prefilter into kernel rules with :func:`nfrewrite.firewall.plan` (chain trees keep a rule's cost
+the *sum* of its src, dst, port-chunk and pattern counts, not their product) and turns a refusal
+(more than ``MAX_KERNEL_RULES`` in one family) into a ``path:line:col`` diagnostic at the rule
+needing most of them. ``nfrewrite check`` and the daemon's start and reload call it alike, so
+check fails exactly where start or reload would.
 """
 
 from __future__ import annotations
 
-from nfrewrite.firewall import MAX_LITERAL, QueueMatch
+from nfrewrite.diagnostics import Diagnostic
+from nfrewrite.firewall import MAX_LITERAL, Plan, QueueMatch, TooManyRules, plan
 from nfrewrite.rules import Rule, RuleSet
 
 
@@ -46,6 +54,7 @@ def _matches_of(rule: Rule) -> list[QueueMatch]:
         "dst": None if m.dst is None else tuple(str(n) for n in m.dst),
         "in_port": m.in_port,
         "out_port": m.out_port,
+        "origin": (rule.path, rule.line, rule.col),
     }
     literal_only = (
         rule.verdict != "drop"
@@ -90,3 +99,28 @@ def compile_prefilter(ruleset: RuleSet) -> tuple[list[QueueMatch], list[QueueMat
             if qm.version in (None, 6):
                 v6[qm] = None
     return list(v4), list(v6)
+
+
+def kernel_rules(
+    ruleset: RuleSet, queue_num: int = 0, workers: int = 1
+) -> tuple[Plan | None, list[Diagnostic]]:
+    """The kernel rules for ``ruleset``, or None and the error at the rule that needs most of
+    them. ``nfrewrite check`` and the daemon (start and reload) both ask this one function, so
+    check refuses exactly what start would refuse, and ``--show-kernel-rules`` prints what start
+    loads."""
+    try:
+        return plan(*compile_prefilter(ruleset), queue_num, workers), []
+    except TooManyRules as e:
+        path, line, col = e.origin or ("<rules>", 0, 0)
+        return None, [Diagnostic(path, line, col, "error", str(e), _source_line(path, line))]
+
+
+def _source_line(path: str, line: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, text in enumerate(f, 1):
+                if n == line:
+                    return text.rstrip("\r\n")
+    except OSError:
+        pass
+    return ""

@@ -251,7 +251,8 @@ def test_many_rules_are_grouped_by_port_and_a_swap_drops_unused_buckets() -> Non
     # a bucket chain of an earlier layout goes; a chain that is not ours stays
     assert f"-X {CHAIN}_D3" in lines and not any("HOSTCHAIN" in ln for ln in lines)
     # a rule spanning two buckets is in both; one spanning many stays in the main chain
-    two = restore_text([QueueMatch(dports=[(1000, 1030)])] * 33, 4, 0, 1).splitlines()
+    spans = [QueueMatch(dports=[(1000, 1030)], literal=b"p%d" % i) for i in range(33)]
+    two = restore_text(spans, 4, 0, 1).splitlines()
     assert f"-A {CHAIN} -p tcp --dport 0:1023 -j {CHAIN}_D0" in two
     assert f"-A {CHAIN} -p tcp --dport 1024:2047 -j {CHAIN}_D1" in two
     # few rules: one flat chain, as before

@@ -414,7 +414,14 @@ class Supervisor:
             target=loader_main, args=(self.config_path, child), name="nfrewrite-reload",
             daemon=True,
         )
-        proc.start()
+        try:
+            proc.start()
+        except OSError as e:  # fork refused (memory, process limit): the old rules stay
+            parent.close()
+            child.close()
+            self._reload_failed(f"reload failed: cannot start the loader: {e}; keeping the "
+                                "running rules")
+            return
         child.close()
         self._reloading = Reload(proc, parent)
         log(f"reload: reading config and rules (loader {proc.pid})")

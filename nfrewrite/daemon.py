@@ -35,6 +35,18 @@ diagnostic (``path:line:col``) and keep the running rules; else swap the kernel 
 atomically and hand the new rule set to every worker (which swaps ``engine.ruleset`` between two
 packets; per-flow sequence state is kept). Then READY=1. Changes to bridges, queue numbers or the
 metrics address need a restart and are reported as such.
+
+Reading and validating the files is the slow part (about 0.1 s per MiB of rule files, up to
+minutes at the size limits), so it runs off the main loop, in a forked *loader* process that sends
+back ``(config, ruleset, diagnostics)`` over a pipe. Meanwhile the loop goes on as usual: it reads
+heartbeats, restarts dead workers and keeps ``WATCHDOG=1`` coming, so ``WatchdogSec`` need not
+cover the reload. Only one reload runs at a time: a SIGHUP that arrives during a reload is
+remembered, and one more reload (however many SIGHUPs came) starts when the current one has
+finished, so files edited meanwhile are read. A loader that dies or sends nothing usable is a failed
+reload: the running rules stay. SIGTERM during a reload kills the loader (it holds nothing: no
+kernel state is touched before its result is back) and stops as usual. Applying a result (kernel
+prefilter swap, rule set to the workers, their confirmations) stays on the main loop, which
+pings the watchdog between those steps too.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import sys
 import time
@@ -165,6 +178,31 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
         qw.unbind()
 
 
+# -- loader side (one reload) ------------------------------------------------------------------
+
+
+def loader_main(config_path: str, conn: Connection) -> None:
+    """A reload's loader process: read and validate everything, send the result, exit."""
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        result = load(config_path)
+    except Exception as e:  # noqa: BLE001 - told to the supervisor, which keeps the old rules
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("loaded", *result))
+
+
+@dataclass
+class Reload:
+    """The reload in progress: its loader process and the read end of its pipe."""
+
+    process: Any
+    conn: Connection
+
+
 # -- supervisor side --------------------------------------------------------------------------
 
 
@@ -185,6 +223,8 @@ class Supervisor:
     workers: list[Worker] = field(default_factory=list)
     _hup: bool = False
     _stop: bool = False
+    _reloading: Reload | None = None  # the loader at work, if any
+    _reload_again: bool = False  # a SIGHUP came during that reload: one more follows it
 
     def __post_init__(self) -> None:
         from nfrewrite.sdnotify import Notifier
@@ -235,6 +275,7 @@ class Supervisor:
             return 4
         finally:
             self.notifier.stopping()
+            self._cancel_reload()
             if firewall is not None:
                 try:
                     firewall.remove()
@@ -324,18 +365,27 @@ class Supervisor:
     def _loop(self) -> None:
         while not self._stop:
             self._read_messages(timeout=0.25)
-            now = time.monotonic()
             self._restart_dead_workers()
             if self._hup:
                 self._hup = False
-                self.reload()
-            if all(now - w.last_beat < HEARTBEAT_STALE for w in self.workers):
-                self.notifier.watchdog(now)
+                self._start_reload()
+            self._finish_reload()
+            self._ping_watchdog()
+
+    def _ping_watchdog(self, *, force: bool = False) -> None:
+        """``WATCHDOG=1`` if due (or ``force``: before a step that may block the loop for a
+        while, such as handing 50 MiB of rules to a worker) and every worker's heartbeat is
+        fresh."""
+        now = time.monotonic()
+        if all(now - w.last_beat < HEARTBEAT_STALE for w in self.workers):
+            self.notifier.watchdog(now, force=force)
 
     def _read_messages(self, timeout: float) -> set[int]:
-        """Wait up to ``timeout`` for worker messages; note heartbeats; return the indexes of the
-        workers that confirmed a new rule set."""
-        conns = [w.conn for w in self.workers if w.conn is not None]
+        """Wait up to ``timeout`` for worker messages (or a loader's result); note heartbeats;
+        return the indexes of the workers that confirmed a new rule set."""
+        conns: list[Any] = [w.conn for w in self.workers if w.conn is not None]
+        if self._reloading is not None:
+            conns.append(self._reloading.conn)
         ready = multiprocessing.connection.wait(conns, timeout=timeout)
         now = time.monotonic()
         confirmed: set[int] = set()
@@ -369,40 +419,112 @@ class Supervisor:
                 continue
             self.sup.worker_restarted(w.queue_num)
 
-    def reload(self) -> None:
+    def _start_reload(self) -> None:
+        """SIGHUP: start a loader, or note that one more reload must follow the running one."""
+        if self._reloading is not None:
+            if not self._reload_again:
+                log("reload: SIGHUP during a reload; one more reload follows this one")
+            self._reload_again = True
+            return
+        self.notifier.reloading()
+        parent, child = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=loader_main, args=(self.config_path, child), name="nfrewrite-reload",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        except OSError as e:  # fork refused (memory, process limit): the old rules stay
+            parent.close()
+            child.close()
+            self._reload_failed(f"reload failed: cannot start the loader: {e}; keeping the "
+                                "running rules")
+            return
+        child.close()
+        self._reloading = Reload(proc, parent)
+        log(f"reload: reading config and rules (loader {proc.pid})")
+
+    def _finish_reload(self) -> None:
+        """Apply the loader's result once it is there (a dead loader is a failed reload)."""
+        r = self._reloading
+        if r is None or not r.conn.poll():
+            return  # still loading (a loader that died leaves its pipe readable: EOF)
+        msg: tuple[Any, ...] | None
+        self._ping_watchdog(force=True)
+        try:
+            msg = r.conn.recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            msg = None
+        r.conn.close()
+        r.process.join(BIND_TIMEOUT)
+        if r.process.is_alive():
+            r.process.kill()
+            r.process.join()
+        self._reloading = None
+        if msg is None or msg[0] != "loaded":
+            why = msg[1] if msg is not None else f"loader exited with code {r.process.exitcode}"
+            self._reload_failed(f"reload failed: {why}; keeping the running rules")
+        else:
+            self._apply(msg[1], msg[2], msg[3])
+        if self._reload_again:
+            self._reload_again = False
+            self._hup = True
+
+    def _cancel_reload(self) -> None:
+        """Stopping: kill the loader of a reload in progress, if any."""
+        r = self._reloading
+        if r is None:
+            return
+        self._reloading = None
+        r.process.kill()
+        r.process.join()
+        r.conn.close()
+        log("reload: cancelled (stopping)")
+
+    def _reload_failed(self, message: str) -> None:
+        log(message)
+        self.sup.reload(False, time.time())
+        self.notifier.ready(f"reload failed; {self._status()}")
+
+    def _apply(
+        self, config: Config | None, ruleset: RuleSet | None, diags: list[Diagnostic]
+    ) -> None:
+        """A loader's result: diagnostics to stderr, then the new rules in force, or none."""
+        from multiprocessing.reduction import ForkingPickler
+
         from nfrewrite.prefilter import compile_prefilter
 
-        self.notifier.reloading()
-        log("reload: reading config and rules")
-        config, ruleset, diags = load(self.config_path)
         for d in diags:
             print(d.format(), file=sys.stderr, flush=True)
         if config is None or ruleset is None or has_errors(diags):
-            log("reload failed: keeping the running rules")
-            self.sup.reload(False, time.time())
-            self.notifier.ready(f"reload failed; {self._status()}")
+            self._reload_failed("reload failed: keeping the running rules")
             return
         for what in ("bridges", "queue", "metrics"):
             if getattr(config, what) != getattr(self.config, what):
                 log(f"reload: [{what}] changed; it takes effect at the next restart")
+        self._ping_watchdog(force=True)
         try:
             self._ensure_liberal_conntrack(ruleset)
             self.firewall.swap(*compile_prefilter(ruleset))
         except Exception as e:  # noqa: BLE001 - old rules stay in force
-            log(f"reload failed: kernel rules not swapped: {e}")
-            self.sup.reload(False, time.time())
-            self.notifier.ready(f"reload failed; {self._status()}")
+            self._reload_failed(f"reload failed: kernel rules not swapped: {e}")
             return
         self.ruleset = ruleset
+        # pickled once for all workers; each send waits for its worker to read it, so the
+        # watchdog is fed before each
+        self._ping_watchdog(force=True)
+        message = ForkingPickler.dumps(("rules", ruleset))
         pending: set[int] = set()
         for i, w in enumerate(self.workers):
+            self._ping_watchdog(force=True)
             if w.conn is not None:
                 with contextlib.suppress(OSError):
-                    w.conn.send(("rules", ruleset))
+                    w.conn.send_bytes(message)
                     pending.add(i)
         deadline = time.monotonic() + RELOAD_TIMEOUT
-        while pending and time.monotonic() < deadline:
+        while pending and time.monotonic() < deadline and not self._stop:
             pending -= self._read_messages(timeout=0.1)
+            self._ping_watchdog()
         if pending:
             log(f"reload: {len(pending)} worker(s) did not confirm the new rules in time")
         self.sup.rules_loaded(len(ruleset.rules))

@@ -35,6 +35,19 @@ exactly as to the first changed segment of a live connection.
 
 A rule whose packet is dropped shows ``got <dropped by 'rule'>``; long payloads are shown as a
 window around the first difference (:func:`short_repr`).
+
+Cost, and its limit
+-------------------
+An example costs what the same packet costs on the wire: one search of its payload per distinct
+``find`` pattern of the rules its packet meets, plus, per match found, one step over those
+patterns. Examples of rules with their own ports are cheap (1,000 rules each with a 4 KB example:
+~0.2 s); rules that all meet every packet make it quadratic (1,000 such rules whose patterns occur
+~700 times in each 4 KB example: about a minute). So before running anything, ``check_examples``
+adds up an estimate in *search steps* (payload bytes x patterns / 64, plus matches x patterns;
+a step is roughly 50-100 ns) and, past ``EXAMPLE_STEPS_MAX`` (2**28, some 15-30 s), runs none and
+reports an error at the example where the sum crossed the limit. Counting the matches is itself
+a search (in C: as long again as running the examples when many patterns meet each packet, next
+to nothing when each rule has its own ports); it stops as soon as the limit is crossed.
 """
 
 from __future__ import annotations
@@ -50,7 +63,14 @@ from nfrewrite.packet import ACK, PSH, TcpPacket, parse
 from nfrewrite.rules import Example, Match, PortRanges, Rule, RuleSet
 from nfrewrite.seqadj import FlowTable
 
-__all__ = ["ExampleOutcome", "check_examples", "example_packet", "run_example", "short_repr"]
+__all__ = [
+    "ExampleOutcome",
+    "check_examples",
+    "example_packet",
+    "run_example",
+    "search_steps",
+    "short_repr",
+]
 
 EPHEMERAL = 40000
 DEFAULT_V4 = (ipaddress.IPv4Address("192.0.2.1"), ipaddress.IPv4Address("198.51.100.1"))
@@ -58,27 +78,75 @@ DEFAULT_V6 = (ipaddress.IPv6Address("2001:db8::1"), ipaddress.IPv6Address("2001:
 SEQ, ACK_NUM = 1000, 2000
 MAX_PAYLOAD = 65535 - 60  # what fits in one IPv4 datagram with a 20-byte IP and TCP header
 REPR_WIDTH = 48  # characters of payload shown around the first difference
+EXAMPLE_STEPS_MAX = 2**28  # estimated search steps of all examples together (see module doc)
+SCAN_BYTES_PER_STEP = 64  # payload bytes one bytes.find covers in about one step
 
 ExampleOutcome = tuple[bytes | None, str | None]  # (payload out, or None and the dropping rule)
 
 
 def check_examples(ruleset: RuleSet) -> list[Diagnostic]:
-    """Run every example of every rule; one error per example that does not hold."""
-    diagnostics: list[Diagnostic] = []
+    """Run every example of every rule; one error per example that does not hold.
+
+    If the examples together would cost more than ``EXAMPLE_STEPS_MAX`` search steps, none is
+    run: one error, at the example where the estimate crossed the limit.
+    """
     sources: dict[str, list[str]] = {}
-    for rule in ruleset.rules:
-        for example in rule.examples:
-            problem = _problem(ruleset, rule, example)
-            if problem is None:
-                continue
-            lines = sources.get(rule.path)
-            if lines is None:
-                lines = sources[rule.path] = _read_lines(rule.path)
-            source = lines[example.line - 1] if 0 < example.line <= len(lines) else ""
-            diagnostics.append(
-                Diagnostic(rule.path, example.line, example.col, "error", problem, source)
-            )
+
+    def error(rule: Rule, example: Example, problem: str) -> Diagnostic:
+        lines = sources.get(rule.path)
+        if lines is None:
+            lines = sources[rule.path] = _read_lines(rule.path)
+        source = lines[example.line - 1] if 0 < example.line <= len(lines) else ""
+        return Diagnostic(rule.path, example.line, example.col, "error", problem, source)
+
+    todo = [(rule, example) for rule in ruleset.rules for example in rule.examples]
+    total = 0
+    for n, (rule, example) in enumerate(todo):
+        steps, patterns, hits = search_steps(ruleset, rule, example, EXAMPLE_STEPS_MAX - total)
+        total += steps
+        if total > EXAMPLE_STEPS_MAX:
+            return [error(rule, example, _too_costly(len(todo), n, total, patterns, hits))]
+    diagnostics: list[Diagnostic] = []
+    for rule, example in todo:
+        problem = _problem(ruleset, rule, example)
+        if problem is not None:
+            diagnostics.append(error(rule, example, problem))
     return diagnostics
+
+
+def search_steps(
+    ruleset: RuleSet, rule: Rule, example: Example, limit: int = EXAMPLE_STEPS_MAX
+) -> tuple[int, int, int]:
+    """Estimated cost of running ``example``: (steps, distinct patterns searched, matches).
+
+    Matches are counted (a search per pattern, in C) only while the steps stay within ``limit``;
+    past it they are reported as 0 (not counted).
+    """
+    version, src, dst, sport, dport = _endpoints(rule.match)
+    selection = ruleset.select(version, src, dst, sport, dport, rule.match.in_port,
+                               rule.match.out_port)
+    patterns = {rep.find for r in selection.rules for rep in r.replaces}
+    payload = example.input
+    steps = len(payload) * len(patterns) // SCAN_BYTES_PER_STEP + 1
+    if steps > limit:
+        return steps, len(patterns), 0
+    hits = 0
+    for pattern in patterns:
+        hits += payload.count(pattern)
+        if steps + hits * len(patterns) > limit:
+            break
+    return steps + hits * len(patterns), len(patterns), hits
+
+
+def _too_costly(count: int, n: int, total: int, patterns: int, hits: int) -> str:
+    counted = f", ~{hits} matches" if hits else ""
+    return (
+        f"examples too costly to check ({count} examples, none run): up to this one they need "
+        f"an estimated {total:,} search steps, at most {EXAMPLE_STEPS_MAX:,} are allowed (this "
+        f"example's packet meets {patterns} patterns{counted}; each match costs a step per "
+        "pattern, on the wire too): give the rules narrower matches (ports, addresses) or "
+        "shorter examples"
+    )
 
 
 def run_example(ruleset: RuleSet, rule: Rule, example: Example) -> ExampleOutcome:
@@ -114,8 +182,8 @@ def _problem(ruleset: RuleSet, rule: Rule, example: Example) -> str | None:
 # -- the packet ----------------------------------------------------------------------------------
 
 
-def example_packet(match: Match, payload: bytes) -> bytes:
-    """An IPv4/IPv6 TCP segment carrying ``payload`` that ``match`` applies to (see module doc)."""
+def _endpoints(match: Match) -> tuple[int, bytes, bytes, int, int]:
+    """(IP version, source, destination, source port, destination port) of ``match``'s packet."""
     version = 4 if 4 in match.versions else 6
     defaults = DEFAULT_V4 if version == 4 else DEFAULT_V6
     src = _address_in(match.src, version, defaults[0])
@@ -123,13 +191,17 @@ def example_packet(match: Match, payload: bytes) -> bytes:
     sport = _first_port(match.sport)
     dport = _first_port(match.dport)
     if sport is None and dport is None:
-        sport, dport = EPHEMERAL, EPHEMERAL + 1
+        return version, src, dst, EPHEMERAL, EPHEMERAL + 1
+    return (version, src, dst, EPHEMERAL if sport is None else sport,
+            EPHEMERAL if dport is None else dport)
+
+
+def example_packet(match: Match, payload: bytes) -> bytes:
+    """An IPv4/IPv6 TCP segment carrying ``payload`` that ``match`` applies to (see module doc)."""
+    version, src, dst, sport, dport = _endpoints(match)
     tcp = bytearray(
         struct.pack(
-            "!HHIIBBHHH",
-            EPHEMERAL if sport is None else sport,
-            EPHEMERAL if dport is None else dport,
-            SEQ, ACK_NUM, 5 << 4, PSH | ACK, 65535, 0, 0,
+            "!HHIIBBHHH", sport, dport, SEQ, ACK_NUM, 5 << 4, PSH | ACK, 65535, 0, 0,
         )
     )
     tcp += payload

@@ -3,7 +3,8 @@
 One datagram per state change to the AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a path, or an
 abstract name starting with ``@``). Without the variable (not under systemd) every call is a no-op,
 so the daemon calls it unconditionally. Sending never raises: losing a status line must not take
-the packet path down.
+the packet path down. ``WATCHDOG=1`` goes out every quarter of ``$WATCHDOG_USEC`` (while the caller
+finds all well) and never blocks: a ping the receiver has no room for is dropped.
 """
 
 from __future__ import annotations
@@ -26,19 +27,23 @@ class Notifier:
         pid = os.environ.get("WATCHDOG_PID", "")
         self.watchdog_interval: float | None = None
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
-            # ping twice per period, as systemd advises
-            self.watchdog_interval = int(usec) / 1e6 / 2
+            # systemd advises a ping every half period; pinging every quarter keeps the pings
+            # within half a period even when the loop that calls watchdog() runs late
+            self.watchdog_interval = int(usec) / 1e6 / 4
         self._last_watchdog = 0.0
 
     @property
     def enabled(self) -> bool:
         return self._sock is not None
 
-    def send(self, *fields: str) -> None:
+    def send(self, *fields: str, wait: bool = True) -> None:
+        """One datagram. ``wait=False``: dropped if the receiver's queue is full, instead of
+        blocking the caller until the receiver reads."""
         if self._sock is None or self._address is None:
             return
+        flags = 0 if wait else socket.MSG_DONTWAIT
         with contextlib.suppress(OSError):
-            self._sock.sendto("\n".join(fields).encode(), self._address)
+            self._sock.sendto("\n".join(fields).encode(), flags, self._address)
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")
@@ -53,12 +58,16 @@ class Notifier:
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")
 
-    def watchdog(self, now: float) -> None:
-        """Ping the watchdog if due; called from the packet loop's heartbeat."""
-        if self.watchdog_interval is None or now - self._last_watchdog < self.watchdog_interval:
+    def watchdog(self, now: float, *, force: bool = False) -> None:
+        """Ping the watchdog if due (``force``: now, before a step that may block a while)."""
+        if self.watchdog_interval is None:
+            return
+        if not force and now - self._last_watchdog < self.watchdog_interval:
             return
         self._last_watchdog = now
-        self.send("WATCHDOG=1")
+        # a ping never blocks the supervisor: if the receiver lags, this one is lost and the
+        # next comes a quarter period later
+        self.send("WATCHDOG=1", wait=False)
 
     def close(self) -> None:
         if self._sock is not None:

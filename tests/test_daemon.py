@@ -7,6 +7,7 @@ arrived at the far end (or on the kernel's own rule listings), byte for byte.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +42,36 @@ def _saves(lab: Lab) -> tuple[str, str]:
         clean(lab.run("appliance", ["iptables-save"]).stdout),
         clean(lab.run("appliance", ["ip6tables-save"]).stdout),
     )
+
+
+class NotifyCollector:
+    """A NOTIFY_SOCKET the test reads in a thread: every datagram with the time it arrived."""
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._done = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def close(self) -> list[tuple[float, str]]:
+        self._done = True
+        self._thread.join(5)
+        self.sock.close()
+        return self.messages
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -243,26 +274,17 @@ def test_kill_9_mid_transfer_completes_and_restart_leaves_one_copy(
 
 
 def test_notify_messages_arrive_in_order(lab: Lab, workdir: str) -> None:
-    sock_path = os.path.join(workdir, "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(10)
+    notify = NotifyCollector(os.path.join(workdir, "notify.sock"))
     config = write_lab_config(workdir, {"10.toml": SERVER_HEADER})
-    env = {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}
-    messages: list[str] = []
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}
     try:
         daemon = Daemon(lab, config, env=env).start()
         time.sleep(1.5)  # at least two watchdog periods
         daemon.reload()
         daemon.stop()
-        sock.settimeout(0.5)
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                break
+        time.sleep(0.5)
     finally:
-        sock.close()
+        messages = [m for _, m in notify.close()]
     kinds = [m.splitlines()[0].split("=")[0] for m in messages]
     first = kinds.index("READY")
     assert "STATUS=1 rules in 1 files, queue 0" in messages[first]
@@ -294,3 +316,147 @@ def test_unit_file_security_score_and_verify() -> None:
         res = subprocess.run(["systemd-analyze", "verify", copy], capture_output=True,
                              text=True, timeout=60, check=False)
     assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
+
+
+# -- reload of a large rule set: off the main loop, coalesced, cancellable ----------------------
+
+WATCHDOG_SEC = 4.0
+BULK_FILES = 50
+
+
+def _write_bulk_rules(rules_dir: str, files: int = BULK_FILES) -> int:
+    """``files`` valid rule files of 1 MiB each (the per-file limit), made of rules with 60 kB
+    find/with strings no traffic carries and a comment; returns the bytes written."""
+    from nfrewrite.diagnostics import MAX_FILE_SIZE
+
+    total = 0
+    for k in range(files):
+        entries: list[str] = []
+        size = 0
+        for i in range(100):
+            pattern = f"bulk-{k}-{i}-".ljust(60_000, "z")
+            entry = (f'[[rule]]\nname = "bulk-{k}-{i}"\nmatch = {{ dport = 9999 }}\n'
+                     f'replace = [ {{ find = "{pattern}", with = "{pattern.upper()}" }} ]\n')
+            if size + len(entry) > MAX_FILE_SIZE:
+                break
+            entries.append(entry)
+            size += len(entry)
+        entries.append("#" * (MAX_FILE_SIZE - size - 1) + "\n")  # a comment up to the limit
+        size = MAX_FILE_SIZE
+        path = os.path.join(rules_dir, f"50-bulk-{k:02d}.toml")
+        with open(path, "w") as f:
+            f.write("".join(entries))
+        os.chmod(path, 0o600)
+        total += size
+    return total
+
+
+def _reload_events(log_text: str) -> list[str]:
+    return re.findall(r"reload: reading|reload done|reload failed|reload: cancelled", log_text)
+
+
+WORD_RULE = """
+[[rule]]
+name = "word"
+match = { dport = 8080 }
+replace = [ { find = "apple", with = "APPLE" } ]
+"""
+
+
+def test_a_50_mib_reload_keeps_the_watchdog_fed_and_sighups_during_it_coalesce(
+    lab: Lab, workdir: str
+) -> None:
+    config = write_lab_config(workdir, {"10.toml": WORD_RULE})
+    rules_dir = os.path.join(workdir, "rules")
+    notify = NotifyCollector(os.path.join(workdir, "notify.sock"))
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1e6))}
+    try:
+        with Daemon(lab, config, env=env) as daemon:
+            lab.wait_reachable()
+            conn = LineConn(lab)
+            assert conn.send(b"apple pear") == b"APPLE pear\n"
+            written = _write_bulk_rules(rules_dir)
+            assert written == BULK_FILES * 2**20
+            with open(os.path.join(rules_dir, "10.toml"), "w") as f:
+                f.write(WORD_RULE.replace('"apple", with = "APPLE"', '"pear", with = "PEAR"'))
+            mark = len(daemon.log())
+            daemon.signal(signal.SIGHUP)
+            daemon.wait_log("reload: reading", after=mark)
+            daemon.signal(signal.SIGHUP)  # both during the reload: one more reload, not two
+            daemon.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 300
+            while len(re.findall("reload done|reload failed", daemon.log()[mark:])) < 2:
+                assert time.monotonic() < deadline, daemon.log()
+                assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()
+                time.sleep(0.2)
+            time.sleep(1.0)  # no third reload starts
+            tail = daemon.log()[mark:]
+            assert conn.send(b"apple pear") == b"apple PEAR\n"  # the new rules are in force
+            conn.close()
+            assert daemon.stop() == 0
+    finally:
+        messages = notify.close()
+    kinds = [(t, m.splitlines()[0]) for t, m in messages]
+    reloading = [t for t, k in kinds if k.startswith("RELOADING=1")]
+    assert len(reloading) == 2, kinds
+    ready_after = [t for t, k in kinds if k == "READY=1" and t > reloading[-1]]
+    assert ready_after, kinds
+    begin, end = reloading[0], ready_after[0]
+    pings = [t for t, k in kinds if k == "WATCHDOG=1" and begin < t < end]
+    marks = [begin, *pings, end]
+    worst = max(b - a for a, b in zip(marks, marks[1:], strict=False))
+    assert worst <= WATCHDOG_SEC / 2, (
+        f"WATCHDOG=1 paused {worst:.1f} s during a {end - begin:.1f} s reload of "
+        f"{written / 2**20:.0f} MiB; with WatchdogSec={WATCHDOG_SEC:.0f}s it must come at least "
+        f"every {WATCHDOG_SEC / 2:.0f} s or systemd kills the daemon"
+    )
+    # the two SIGHUPs sent during the first reload made exactly one more, after it
+    assert _reload_events(tail) == ["reload: reading", "reload done"] * 2, tail
+    assert "one more reload follows" in tail
+    assert f"{BULK_FILES + 1} files" in tail
+
+
+def test_sigterm_during_a_long_reload_cancels_it_and_stops_cleanly(
+    lab: Lab, workdir: str
+) -> None:
+    config = write_lab_config(workdir, {"10.toml": WORD_RULE})
+    daemon = Daemon(lab, config).start()
+    _write_bulk_rules(os.path.join(workdir, "rules"))
+    mark = len(daemon.log())
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("reload: reading", after=mark)
+    found = re.search(r"reload: reading config and rules \(loader (\d+)\)", daemon.log()[mark:])
+    assert found, "the reload names its loader process"
+    loader = int(found[1])
+    assert daemon.stop(timeout=60) == 0
+    tail = daemon.log()[mark:]
+    assert _reload_events(tail) == ["reload: reading", "reload: cancelled"], tail
+    assert tail.rstrip().endswith("nfrewrite: stopped")
+    with pytest.raises(ProcessLookupError):
+        os.kill(loader, 0)
+    v4, v6 = _saves(lab)
+    assert "NFQUEUE" not in v4 and "NFQUEUE" not in v6
+
+
+def test_a_reload_whose_loader_dies_keeps_the_running_rules(lab: Lab, workdir: str) -> None:
+    config = write_lab_config(workdir, {"10.toml": WORD_RULE})
+    rules_dir = os.path.join(workdir, "rules")
+    with Daemon(lab, config) as daemon:
+        lab.wait_reachable()
+        conn = LineConn(lab)
+        _write_bulk_rules(rules_dir, files=20)
+        with open(os.path.join(rules_dir, "10.toml"), "w") as f:
+            f.write(WORD_RULE.replace('"apple", with = "APPLE"', '"pear", with = "PEAR"'))
+        mark = len(daemon.log())
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log("reload: reading", after=mark)
+        found = re.search(r"\(loader (\d+)\)", daemon.log()[mark:])
+        assert found, daemon.log()[mark:]
+        os.kill(int(found[1]), signal.SIGKILL)  # as the OOM killer would
+        daemon.wait_log("reload failed", after=mark, timeout=60)
+        assert "loader exited with code -9; keeping the running rules" in daemon.log()[mark:]
+        assert conn.send(b"apple pear") == b"APPLE pear\n"  # the old rules still in force
+        tail = daemon.reload(timeout=120)  # the next reload is not hindered
+        assert "reload done" in tail and "21 files" in tail
+        assert conn.send(b"apple pear") == b"apple PEAR\n"
+        conn.close()

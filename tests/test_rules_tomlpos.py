@@ -137,6 +137,62 @@ def test_locate_falls_back_to_the_nearest_known_ancestor() -> None:
     assert locate({}, ()) == (1, 1)
 
 
+def _python_lines_run(text: str) -> int:
+    """How many lines of ``nfrewrite.tomlpos`` the interpreter runs to scan ``text``."""
+    import sys
+
+    import nfrewrite.tomlpos as tomlpos
+
+    count = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if frame.f_code.co_filename != tomlpos.__file__:
+            return None
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        scan_positions(text)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def test_scan_work_grows_with_tokens_not_with_characters() -> None:
+    """A 100 KB string, comment, literal or multi-line string costs the scanner no more Python
+    steps than a short one: long runs of characters are consumed by regular expressions in C.
+    (50 x 1 MiB of rule files made mostly of long strings took ~0.16 s/MiB when the scanner
+    walked characters in Python, and the reload that read them starved the watchdog.)"""
+
+    def doc(n: int) -> str:
+        filler = "x" * n
+        return (
+            f"# {filler}\n"
+            "[[rule]]\n"
+            f'name = "{filler}\\"\\u00e9{filler}"\n'
+            f"match = {{ dport = 80, src = '{filler}' }}   # {filler}\n"
+            f'replace = [ {{ find = """{filler}\\""{filler}""", with = \'\'\'{filler}\'\'\' }} ]\n'
+            f'"{filler}\\u00e9" = 1\n'
+            f"y{filler} = 2\n"
+        )
+
+    short, long = doc(10), doc(100_000)
+    assert tomllib.loads(long)["rule"][0]["name"] == "x" * 100_000 + '"\u00e9' + "x" * 100_000
+    pos = scan_positions(long)
+    with_ = pos[("rule", 0, "replace", 0, "with")]
+    assert (with_.key_line, with_.key_col) == spot(long, "with = ")
+    quoted = '"' + "x" * 100_000 + '\\u00e9"'
+    key = ("rule", 0, "x" * 100_000 + "\u00e9")
+    assert pos[key] == Pos(*spot(long, quoted), *spot(long, "1\n"))
+    assert pos[("rule", 0, "y" + "x" * 100_000)] == Pos(*spot(long, "yx"), *spot(long, "2\n"))
+    assert _python_lines_run(long) == _python_lines_run(short), (
+        "scanning long strings or comments runs Python code per character"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Generated documents
 # ---------------------------------------------------------------------------------------------

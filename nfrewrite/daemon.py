@@ -16,6 +16,11 @@ so that no packet is queued before a worker is there to take it (and if one were
 (new packets stay in the kernel), workers told to stop (they verdict what is waiting and unbind),
 HTTP closed, metrics dir removed. Bridges stay up so traffic keeps flowing without us.
 
+Descriptors: the HTTP server bounds its own (see ``metrics``), and the supervisor keeps a few in
+reserve (``fdreserve``), freed around a reload, a worker restart and the stop, so that a full
+descriptor table cannot stop those. A worker restart that fails for want of descriptors even so
+stops the daemon cleanly (rules removed, exit 4) for systemd to restart it.
+
 Workers are forked children with ``PR_SET_PDEATHSIG``: if the supervisor is killed (even with
 ``kill -9``) they die too, their queues unbind and ``--queue-bypass`` passes traffic; a restart
 re-installs the rules idempotently (one copy). A worker that dies is restarted by the supervisor
@@ -51,6 +56,7 @@ from typing import Any
 from nfrewrite import metrics, netsetup
 from nfrewrite.config import Config, load_all
 from nfrewrite.diagnostics import Diagnostic, has_errors
+from nfrewrite.fdreserve import FdReserve
 from nfrewrite.rules import RuleSet
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
@@ -193,6 +199,7 @@ class Supervisor:
         cfg = self.config
         queues = list(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
         mp_dir = metrics.setup_multiprocess_dir(os.environ.get("RUNTIME_DIRECTORY"))
+        self._fds = FdReserve()  # before the HTTP server sizes itself by what is left
         server = None
         firewall: Firewall | None = None
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -221,9 +228,19 @@ class Supervisor:
             return 4
         finally:
             self.notifier.stopping()
+            self._fds.release()  # room for the teardown, however full the table is
             if firewall is not None:
                 try:
                     firewall.remove()
+                except OSError as e:  # out of descriptors even so: free the HTTP server's
+                    log(f"removing firewall rules: {e}; closing the metrics server, retrying")
+                    if server is not None:
+                        server.close()
+                        server = None
+                    try:
+                        firewall.remove()
+                    except Exception as e2:  # noqa: BLE001 - keep stopping
+                        log(f"error removing firewall rules: {e2}")
                 except Exception as e:  # noqa: BLE001 - keep stopping
                     log(f"error removing firewall rules: {e}")
             self._stop_workers()
@@ -310,7 +327,8 @@ class Supervisor:
             self._restart_dead_workers()
             if self._hup:
                 self._hup = False
-                self.reload()
+                with self._fds.released():
+                    self.reload()
             if all(now - w.last_beat < HEARTBEAT_STALE for w in self.workers):
                 self.notifier.watchdog(now)
 
@@ -344,11 +362,14 @@ class Supervisor:
             if w.conn is not None:
                 w.conn.close()
             try:
-                self.workers[i] = self._start_worker(w.queue_num)
+                with self._fds.released():
+                    self.workers[i] = self._start_worker(w.queue_num)
             except StartError as e:
                 log(f"error: restart failed: {e}")
                 w.conn = None
                 continue
+            except OSError as e:  # even the reserve did not do: stop cleanly, to be restarted
+                raise StartError(f"restarting the worker for queue {w.queue_num}: {e}") from e
             self.sup.worker_restarted(w.queue_num)
 
     def reload(self) -> None:

@@ -58,18 +58,20 @@ bound-method calls and at most one dict lookup per rule that fired.
 
 The HTTP server.  Anyone who can reach the port can open connections, so what one costs is
 bounded, and the daemon's descriptors for reloads and worker restarts stay free.  One loop thread
-accepts (listen backlog :data:`LISTEN_BACKLOG`) and keeps each new connection without a thread
-until its first bytes arrive; at most :data:`MAX_WAITING` connections wait so (silent, or with a
-request no handler has taken yet): when one more comes, the oldest silent one is closed (else the
-oldest unserved one).  A silent connection is closed after :data:`IDLE_TIMEOUT`.  At most
-:data:`MAX_HANDLERS` requests are served at once, each by a short-lived thread that reads the one
-request (no keep-alive), writes the answer and closes; every read or write may block for
-:data:`IDLE_TIMEOUT` at most, the request must be read within :data:`REQUEST_TIMEOUT` of the
-accept and the answer written within :data:`RESPONSE_TIMEOUT` (the loop shuts the socket of a
-late one).  So the server holds at most ``1 + MAX_WAITING + MAX_HANDLERS * FDS_PER_REQUEST``
-descriptors; :func:`serve` lowers both bounds (not below 1) if that would not leave
-:data:`FD_RESERVE` free under the soft ``RLIMIT_NOFILE``.  A flood of connections can delay
-scrapes (each new one pushes out the oldest waiting one) but not exhaust descriptors.
+accepts (listen backlog :data:`LISTEN_BACKLOG`) and reads each connection's request line and
+headers itself, without a thread, up to the blank line (at most :data:`MAX_HEAD` bytes).  At most
+:data:`MAX_WAITING` connections wait so, or with a whole request for a handler: when one more
+comes, the oldest incomplete one is closed (else the oldest unserved one).  A connection that
+sends nothing for :data:`IDLE_TIMEOUT`, or has not sent a whole request head within
+:data:`REQUEST_TIMEOUT` of its accept, is closed.  At most :data:`MAX_HANDLERS` requests are served
+at once, each by a short-lived thread that answers the one request (no keep-alive) and closes;
+each of its writes may block for :data:`IDLE_TIMEOUT` at most, and the answer must be written
+within :data:`RESPONSE_TIMEOUT` of the accept (the loop shuts the socket of a late one).  So the
+server holds at most ``1 + MAX_WAITING + MAX_HANDLERS * FDS_PER_REQUEST`` descriptors and
+``MAX_HANDLERS`` threads besides its own; :func:`serve` lowers both bounds (not below 1) if that
+would not leave :data:`FD_RESERVE` free under the soft ``RLIMIT_NOFILE``.  A flood of new
+connections can delay scrapes (each pushes out the oldest waiting one) but not exhaust
+descriptors; slow or stalled requests never hold a handler.
 
 API
 ===
@@ -108,6 +110,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import io
 import os
 import platform
 import resource
@@ -118,7 +121,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from nfrewrite import __version__
@@ -139,11 +142,12 @@ NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 DEFAULT_LISTEN = "127.0.0.1:9640"
 
 # The HTTP server's bounds (see "The HTTP server" above).
-MAX_WAITING = 64  # accepted connections that have not sent their request yet
+MAX_WAITING = 64  # accepted connections whose request is incomplete or not served yet
 MAX_HANDLERS = 4  # requests served at once, one thread each
 LISTEN_BACKLOG = 64  # connections the kernel holds until the loop accepts them
 IDLE_TIMEOUT = 2.0  # seconds a connection may stay silent (and a read or write may block)
 REQUEST_TIMEOUT = 5.0  # seconds from accept until the request line and headers are read
+MAX_HEAD = 16384  # bytes of request line and headers the loop reads before a handler takes over
 RESPONSE_TIMEOUT = 15.0  # seconds from accept until the response is written
 FDS_PER_REQUEST = 3  # the connection, plus the files a scrape opens (one value file at a time)
 FD_RESERVE = 64  # descriptors the limits leave to the rest of the daemon (workers, reloads)
@@ -753,16 +757,37 @@ def _reply(
     return [] if head else [body]
 
 
+class _Prefixed(io.RawIOBase):
+    """Reads ``prefix`` first (the request the loop already read), then ``raw``."""
+
+    def __init__(self, prefix: bytes, raw: BinaryIO) -> None:
+        self._prefix = prefix
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int | None:
+        view = memoryview(buf).cast("B")
+        if self._prefix:
+            n = min(len(view), len(self._prefix))
+            view[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._raw.readinto(view)  # type: ignore[attr-defined, no-any-return]
+
+
 class _Handler(WSGIRequestHandler):
-    """One request on an accepted connection, with the socket timeout of :data:`IDLE_TIMEOUT`."""
+    """One request whose head the loop has read, with the socket timeout :data:`IDLE_TIMEOUT`."""
 
     timeout = IDLE_TIMEOUT  # applied by StreamRequestHandler.setup() to every read and write
     server: _HTTPServer
 
-    def parse_request(self) -> bool:
-        ok = super().parse_request()  # the request line was read; this reads the headers
-        self.server.request_read(self.request)
-        return ok
+    def setup(self) -> None:
+        super().setup()
+        head = self.server.head_of(self.request)
+        raw = self.connection.makefile("rb", buffering=0)
+        self.rfile = io.BufferedReader(_Prefixed(head, cast("BinaryIO", raw)))
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class name
         """No line per request."""
@@ -773,7 +798,8 @@ class _Conn:
     sock: socket.socket
     addr: Any
     accepted: float  # time.monotonic()
-    reading: bool = True  # until the request line and headers are read
+    last: float  # when bytes last arrived (or the accept)
+    head: bytes = b""  # what the loop read of the request
 
 
 class _HTTPServer(WSGIServer):
@@ -799,8 +825,8 @@ class _HTTPServer(WSGIServer):
         self.max_waiting = max_waiting
         self.max_handlers = max_handlers
         self._lock = threading.Lock()
-        self._waiting: dict[socket.socket, _Conn] = {}  # no bytes yet; insertion = age order
-        self._ready: list[_Conn] = []  # bytes arrived, no handler free yet
+        self._waiting: dict[socket.socket, _Conn] = {}  # request head incomplete; oldest first
+        self._ready: list[_Conn] = []  # request head read, no handler free yet
         self._active: dict[socket.socket, _Conn] = {}  # a handler thread has it
         self._stop = False
 
@@ -839,17 +865,39 @@ class _HTTPServer(WSGIServer):
 
     def _step(self, poll_interval: float) -> None:
         events = self._sel.select(poll_interval)
+        now = time.monotonic()
         for key, _ in events:  # request bytes first: a scrape is not evicted by the accepts below
-            conn = self._waiting.pop(cast("socket.socket", key.fileobj), None)
+            conn = self._waiting.get(cast("socket.socket", key.fileobj))
             if conn is not None:
-                self._sel.unregister(conn.sock)
-                self._ready.append(conn)
+                self._read_head(conn, now)
         if any(key.fileobj is self.socket for key, _ in events):
-            self._accept()
-        self._expire(time.monotonic())
+            self._accept(now)
+        self._expire(now)
         self._dispatch()
 
-    def _accept(self) -> None:
+    def _read_head(self, conn: _Conn, now: float) -> None:
+        try:
+            data = conn.sock.recv(MAX_HEAD)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away
+            self._drop_waiting(conn)
+            return
+        conn.head += data
+        conn.last = now
+        if b"\r\n\r\n" in conn.head or b"\n\n" in conn.head or len(conn.head) >= MAX_HEAD:
+            del self._waiting[conn.sock]  # complete (or too long: the handler answers that)
+            self._sel.unregister(conn.sock)
+            self._ready.append(conn)
+
+    def _drop_waiting(self, conn: _Conn) -> None:
+        del self._waiting[conn.sock]
+        self._sel.unregister(conn.sock)
+        self._close(conn.sock)
+
+    def _accept(self, now: float) -> None:
         import selectors
 
         for _ in range(self.max_waiting):  # a bounded batch, then look at the rest again
@@ -862,33 +910,31 @@ class _HTTPServer(WSGIServer):
                     time.sleep(0.1)  # out of fds elsewhere: do not spin on the listen socket
                 return
             if len(self._waiting) + len(self._ready) >= self.max_waiting:
-                # full: the oldest silent connection goes, else the oldest unserved request
+                # full: the oldest incomplete request goes, else the oldest unserved one
                 if self._waiting:
-                    oldest = next(iter(self._waiting.values()))
-                    del self._waiting[oldest.sock]
-                    self._sel.unregister(oldest.sock)
+                    self._drop_waiting(next(iter(self._waiting.values())))
                 else:
-                    oldest = self._ready.pop(0)
-                self._close(oldest.sock)
+                    self._close(self._ready.pop(0).sock)
             sock.setblocking(False)
-            self._waiting[sock] = _Conn(sock, addr, time.monotonic())
+            self._waiting[sock] = _Conn(sock, addr, now, now)
             self._sel.register(sock, selectors.EVENT_READ)
 
     def _expire(self, now: float) -> None:
-        """Close silent connections after IDLE_TIMEOUT; cut requests not read in REQUEST_TIMEOUT
-        and responses not written in RESPONSE_TIMEOUT (counted from accept)."""
-        for conn in [c for c in self._waiting.values() if now - c.accepted > IDLE_TIMEOUT]:
-            del self._waiting[conn.sock]
-            self._sel.unregister(conn.sock)
-            self._close(conn.sock)
-        for conn in [c for c in self._ready if now - c.accepted > REQUEST_TIMEOUT]:
+        """Close connections silent for IDLE_TIMEOUT or without a whole request head within
+        REQUEST_TIMEOUT of the accept; cut answers not written within RESPONSE_TIMEOUT."""
+        for conn in [
+            c
+            for c in self._waiting.values()
+            if now - c.last > IDLE_TIMEOUT or now - c.accepted > REQUEST_TIMEOUT
+        ]:
+            self._drop_waiting(conn)
+        for conn in [c for c in self._ready if now - c.accepted > RESPONSE_TIMEOUT]:
             self._ready.remove(conn)
             self._close(conn.sock)
         with self._lock:
             for conn in self._active.values():
-                limit = REQUEST_TIMEOUT if conn.reading else RESPONSE_TIMEOUT
-                if now - conn.accepted > limit:
-                    # the handler's blocked read or write returns; it closes the socket itself
+                if now - conn.accepted > RESPONSE_TIMEOUT:
+                    # the handler's blocked write returns; it closes the socket itself
                     with contextlib.suppress(OSError):
                         conn.sock.shutdown(socket.SHUT_RDWR)
 
@@ -914,11 +960,11 @@ class _HTTPServer(WSGIServer):
                 self._active.pop(conn.sock, None)
             self._close(conn.sock)
 
-    def request_read(self, sock: socket.socket) -> None:
+    def head_of(self, sock: socket.socket) -> bytes:
+        """What the loop read of the request on ``sock`` (for its handler)."""
         with self._lock:
             conn = self._active.get(sock)
-            if conn is not None:
-                conn.reading = False
+        return conn.head if conn is not None else b""
 
     @staticmethod
     def _close(sock: socket.socket) -> None:
@@ -926,7 +972,7 @@ class _HTTPServer(WSGIServer):
             sock.close()
 
     def counts(self) -> tuple[int, int]:
-        """(connections waiting for their request, connections being served): for tests."""
+        """(connections waiting for their request or a handler, requests being served)."""
         with self._lock:
             return len(self._waiting) + len(self._ready), len(self._active)
 

@@ -109,16 +109,20 @@ def test_when_full_the_oldest_silent_connection_makes_room_for_a_scrape(
                 s.close()
 
 
-def test_a_request_that_never_completes_frees_its_handler(
+def test_incomplete_requests_take_no_handler_and_a_scrape_is_served_at_once(
     registry: M.SupervisorMetrics,
 ) -> None:
-    with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1)) as srv:
-        (s,) = silent(srv, 1, first=b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line
-        with s:
-            assert wait_until(lambda: srv.counts() == (0, 1), 5)
-            # the one handler is taken; a scrape waits for it, then is answered
-            assert get(srv, timeout=M.REQUEST_TIMEOUT + 10) == 200
-            assert closed_by_peer(s, 1)
+    with M.serve("127.0.0.1:0", registry.registry, limits=(8, 1)) as srv:
+        stalled = list(silent(srv, 5, first=b"GET /metrics HTTP/1.1\r\nHost: x\r\n"))
+        try:
+            assert wait_until(lambda: srv.counts() == (5, 0), 5)  # no blank line: no handler
+            t0 = time.monotonic()
+            assert get(srv) == 200
+            assert time.monotonic() - t0 < M.IDLE_TIMEOUT
+            assert all(closed_by_peer(s, M.IDLE_TIMEOUT + 5) for s in stalled)
+        finally:
+            for s in stalled:
+                s.close()
 
 
 def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_request_timeout(

@@ -71,7 +71,9 @@ server holds at most ``1 + MAX_WAITING + MAX_HANDLERS * FDS_PER_REQUEST`` descri
 ``MAX_HANDLERS`` threads besides its own; :func:`serve` lowers both bounds (not below 1) if that
 would not leave :data:`FD_RESERVE` free under the soft ``RLIMIT_NOFILE``.  A flood of new
 connections can delay scrapes (each pushes out the oldest waiting one) but not exhaust
-descriptors; slow or stalled requests never hold a handler.
+descriptors; slow or stalled requests never hold a handler.  A process forked while the server
+runs (a worker) closes its copies of the server's sockets at once, so it keeps no client's
+connection, nor the port, open.
 
 API
 ===
@@ -119,6 +121,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -829,6 +832,8 @@ class _HTTPServer(WSGIServer):
         self._ready: list[_Conn] = []  # request head read, no handler free yet
         self._active: dict[socket.socket, _Conn] = {}  # a handler thread has it
         self._stop = False
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_in_child(ref))
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look up the host's FQDN (DNS, maybe slow); not needed.
@@ -975,6 +980,24 @@ class _HTTPServer(WSGIServer):
         """(connections waiting for their request or a handler, requests being served)."""
         with self._lock:
             return len(self._waiting) + len(self._ready), len(self._active)
+
+    def forget_in_child(self) -> None:
+        """In a forked child: close its copies of our sockets (the parent's stay open), so that a
+        worker never keeps a client's connection or the port open.  No lock: a thread of the
+        parent may have held it at the fork, and in the child no other thread runs."""
+        self._stop = True
+        socks = [self.socket, *self._waiting, *(c.sock for c in self._ready), *self._active]
+        for sock in socks:
+            fd = sock.detach()  # closed now even if a handler's file objects refer to it
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _forget_in_child(ref: weakref.ref[_HTTPServer]) -> None:
+    httpd = ref()
+    if httpd is not None:
+        httpd.forget_in_child()
 
 
 class Server:

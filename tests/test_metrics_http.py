@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -158,3 +159,41 @@ def test_limits_follow_the_soft_descriptor_limit() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert M.connection_limits() == (M.MAX_WAITING, M.MAX_HANDLERS)
+
+
+def test_a_forked_child_does_not_keep_the_servers_connections_open(
+    registry: M.SupervisorMetrics,
+) -> None:
+    """Workers are forked from the supervisor while the server runs: their copies of its
+    sockets must not keep a client's connection (or the port) open."""
+    with M.serve("127.0.0.1:0", registry.registry) as srv:
+        (s,) = silent(srv, 1)
+        with s:
+            assert wait_until(lambda: srv.counts() == (1, 0), 5)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                time.sleep(M.IDLE_TIMEOUT + 10)
+                os._exit(0)
+            try:
+                assert closed_by_peer(s, M.IDLE_TIMEOUT + 5)
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+def test_a_child_forked_while_a_request_is_served_closes_its_copy_too(
+    registry: M.SupervisorMetrics,
+) -> None:
+    with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1)) as srv:
+        httpd = srv._httpd
+        (s,) = silent(srv, 1, first=b"GET /metrics HTTP/1.1\r\n\r\n")
+        with s:
+            # a handler is writing the answer (or has): its socket has file objects on it
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                ok = httpd.socket.fileno() == -1 and all(c.fileno() == -1 for c in httpd._active)
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            s.settimeout(5)
+            assert s.recv(15) == b"HTTP/1.0 200 OK"

@@ -15,6 +15,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -167,8 +168,19 @@ def test_idle_connections_leave_room_for_a_scrape_a_reload_and_a_worker_restart(
     config = write_lab_config(workdir, {"10.toml": RULE}, metrics_port=METRICS_PORT)
     daemon = LimitedDaemon(lab, config, SOFT_NOFILE).start()
     holder = None
+    sampling = threading.Event()
+    during: list[int] = []
+
+    def sample_fds() -> None:
+        while not sampling.wait(0.05):
+            with contextlib.suppress(OSError):
+                during.append(open_fds(daemon.pid))
+
+    sampler = threading.Thread(target=sample_fds, daemon=True)
     try:
         lab.wait_reachable()
+        base = open_fds(daemon.pid)
+        sampler.start()
         holder = lab.popen(
             "appliance", [sys.executable, "-c", HOLDER, str(IDLE_CONNECTIONS), str(METRICS_PORT)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -176,7 +188,8 @@ def test_idle_connections_leave_room_for_a_scrape_a_reload_and_a_worker_restart(
         assert holder.stdout is not None
         connected = int(holder.stdout.readline())
         assert connected > SOFT_NOFILE - 64, connected  # enough to fill an unbounded server's table
-        peak = settled_fds(daemon.pid)
+        settled = settled_fds(daemon.pid)
+        sampling.set()
 
         body = scrape(lab)
         assert sample(body, "nfrewrite_last_reload_successful") == 1
@@ -193,9 +206,11 @@ def test_idle_connections_leave_room_for_a_scrape_a_reload_and_a_worker_restart(
         assert got.server_received == b"APPLE pie"
         assert sample(scrape(lab), "nfrewrite_worker_restarts_total") == 1
         assert connected == IDLE_CONNECTIONS  # the server never stopped accepting
-        assert peak < SOFT_NOFILE // 4, peak
-        assert open_fds(daemon.pid) < SOFT_NOFILE // 4
+        # the server's bound: the listening socket is in base; 64 waiting, 4 handlers x 3
+        assert max(during) <= base + 64 + 4 * 3, (base, max(during))
+        assert settled <= base + 4, (base, settled)
     finally:
+        sampling.set()
         if holder is not None:
             holder.kill()
             holder.wait(5)
@@ -211,6 +226,7 @@ def test_with_a_full_descriptor_table_a_worker_restarts_and_stop_removes_the_rul
     what it has open), the fds it keeps in reserve let it restart a worker and tear down."""
     config = write_lab_config(workdir, {"10.toml": RULE}, metrics_port=METRICS_PORT)
     daemon = LimitedDaemon(lab, config, SOFT_NOFILE).start()
+    restarted = False
     try:
         lab.wait_reachable()
         assert "NFQUEUE" in nfqueue_rules(lab)
@@ -230,7 +246,7 @@ def test_with_a_full_descriptor_table_a_worker_restarts_and_stop_removes_the_rul
             tail = daemon.reload(timeout=30)
             assert "reload done" in tail, tail
     finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.stop(timeout=10)
+        rc = daemon.stop(timeout=10)
     assert nfqueue_rules(lab) == "", daemon.log()
     assert restarted, daemon.log()
+    assert rc == 0, daemon.log()

@@ -1026,7 +1026,7 @@ class Server:
 
     @property
     def limits(self) -> tuple[int, int]:
-        """(silent connections kept, requests served at once)."""
+        """(connections kept waiting, requests served at once)."""
         return self._httpd.max_waiting, self._httpd.max_handlers
 
     def counts(self) -> tuple[int, int]:
@@ -1053,7 +1053,7 @@ def _open_fds() -> int:
 
 
 def connection_limits(reserve: int = FD_RESERVE) -> tuple[int, int]:
-    """(silent connections kept, requests served at once) that fit in this process's soft
+    """(connections kept waiting, requests served at once) that fit in this process's soft
     RLIMIT_NOFILE with ``reserve`` descriptors, and those it has open now, left to the rest."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft <= 0:
@@ -1069,7 +1069,8 @@ def serve(
 ) -> Server:
     """Serve ``registry`` on ``listen`` ("host:port", "[::1]:port") in a daemon thread.
 
-    ``limits``: (silent connections kept, requests served at once); by default
+    ``limits``: (connections waiting with an incomplete or unserved request, requests served at
+    once); by default
     :func:`connection_limits` (what fits beside :data:`FD_RESERVE`), computed now.
     """
     waiting, handlers = limits if limits is not None else connection_limits()

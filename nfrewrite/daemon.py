@@ -20,6 +20,11 @@ through a ``netsetup.SysctlKeeper``, which records their originals in the runtim
 first, so the clean stop after a ``kill -9`` and a restart still restores the values from before
 the first run.
 
+Descriptors: the HTTP server bounds its own (see ``metrics``), and the supervisor keeps a few in
+reserve (``fdreserve``), freed around a reload, a worker restart and the stop, so that a full
+descriptor table cannot stop those. A worker restart that fails for want of descriptors even so
+stops the daemon cleanly (rules removed, exit 4) for systemd to restart it.
+
 Workers are forked children with ``PR_SET_PDEATHSIG``: if the supervisor is killed (even with
 ``kill -9``) they die too, their queues unbind and ``--queue-bypass`` passes traffic; a restart
 re-installs the rules idempotently (one copy). A worker that dies is restarted by the supervisor
@@ -68,6 +73,7 @@ from typing import Any
 from nfrewrite import metrics, netsetup
 from nfrewrite.config import Config, load_all
 from nfrewrite.diagnostics import Diagnostic, has_errors
+from nfrewrite.fdreserve import FdReserve
 from nfrewrite.rules import RuleSet
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
@@ -246,6 +252,7 @@ class Supervisor:
         cfg = self.config
         queues = list(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
         mp_dir = metrics.setup_multiprocess_dir(os.environ.get("RUNTIME_DIRECTORY"))
+        self._fds = FdReserve()  # before the HTTP server sizes itself by what is left
         server = None
         firewall: Firewall | None = None
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -276,9 +283,19 @@ class Supervisor:
         finally:
             self.notifier.stopping()
             self._cancel_reload()
+            self._fds.release()  # room for the teardown, however full the table is
             if firewall is not None:
                 try:
                     firewall.remove()
+                except OSError as e:  # out of descriptors even so: free the HTTP server's
+                    log(f"removing firewall rules: {e}; closing the metrics server, retrying")
+                    if server is not None:
+                        server.close()
+                        server = None
+                    try:
+                        firewall.remove()
+                    except Exception as e2:  # noqa: BLE001 - keep stopping
+                        log(f"error removing firewall rules: {e2}")
                 except Exception as e:  # noqa: BLE001 - keep stopping
                     log(f"error removing firewall rules: {e}")
             self._stop_workers()
@@ -368,7 +385,8 @@ class Supervisor:
             self._restart_dead_workers()
             if self._hup:
                 self._hup = False
-                self._start_reload()
+                with self._fds.released():  # a loader is a fork and a pipe
+                    self._start_reload()
             self._finish_reload()
             self._ping_watchdog()
 
@@ -412,11 +430,14 @@ class Supervisor:
             if w.conn is not None:
                 w.conn.close()
             try:
-                self.workers[i] = self._start_worker(w.queue_num)
+                with self._fds.released():
+                    self.workers[i] = self._start_worker(w.queue_num)
             except StartError as e:
                 log(f"error: restart failed: {e}")
                 w.conn = None
                 continue
+            except OSError as e:  # even the reserve did not do: stop cleanly, to be restarted
+                raise StartError(f"restarting the worker for queue {w.queue_num}: {e}") from e
             self.sup.worker_restarted(w.queue_num)
 
     def _start_reload(self) -> None:
@@ -449,6 +470,10 @@ class Supervisor:
         r = self._reloading
         if r is None or not r.conn.poll():
             return  # still loading (a loader that died leaves its pipe readable: EOF)
+        with self._fds.released():  # applying runs iptables-restore and sends to workers
+            self._take_reload_result(r)
+
+    def _take_reload_result(self, r: Reload) -> None:
         msg: tuple[Any, ...] | None
         self._ping_watchdog(force=True)
         try:

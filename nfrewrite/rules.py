@@ -55,6 +55,8 @@ The compiled shape, which the engine consumes::
     Selection                       shared by every packet with the same set of matching rules
       .rules: tuple[Rule, ...]      the rules that match, in rule order
       .has_replaces: bool           False: find_edits always returns [] (skip the payload)
+      .same_length: bool            no replace of these rules changes a length
+      .max_growth: int              the most one replace adds to a payload (0: none grows)
       .find_edits(payload) -> list[(start, end, replacement, rule)]
 
 ``src``/``dst`` given to ``select``/``matches`` are the raw 4- or 16-byte addresses from the packet.
@@ -301,19 +303,27 @@ class Rule:
 class Selection:
     """The rules that match one kind of packet, with their replace patterns ready to search."""
 
-    __slots__ = ("_patterns", "has_replaces", "rules")
+    __slots__ = ("_patterns", "has_replaces", "max_growth", "rules", "same_length")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         patterns: list[tuple[bytes, bytes, Rule]] = []
         seen: set[bytes] = set()
+        growth = 0
+        same_length = True
         for rule in rules:
             for rep in rule.replaces:
+                delta = len(rep.with_) - len(rep.find)
+                if delta:
+                    same_length = False
+                    growth = max(growth, delta)
                 if rep.find not in seen:  # an identical later pattern could never win
                     seen.add(rep.find)
                     patterns.append((rep.find, rep.with_, rule))
         self._patterns = tuple(patterns)
         self.has_replaces = bool(patterns)
+        self.same_length = same_length  # no replace of these rules changes a length
+        self.max_growth = growth  # the most one replace adds to a payload (0: none grows)
 
     def __repr__(self) -> str:
         return f"Selection({[r.name for r in self.rules]!r})"

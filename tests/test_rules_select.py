@@ -19,9 +19,13 @@ from unittest import mock
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.packet import Raw
 
 from nfrewrite import rules as rules_module
+from nfrewrite.engine import Engine
 from nfrewrite.rules import HeaderSet, Match, Replace, Rule, RuleSet, Selection, load_rules
+from nfrewrite.seqadj import FlowTable
 
 V4_A = ipaddress.IPv4Address("10.1.2.3").packed
 V4_B = ipaddress.IPv4Address("192.0.2.9").packed
@@ -426,3 +430,33 @@ def test_the_cache_stays_within_its_byte_bound_whatever_the_traffic() -> None:
     assert held < 2 * SmallCache.CACHE_BYTES, held  # the estimate is not far off the real bytes
     info = rs.cache_info()
     assert 0 < info["selections"] < 1000 and info["groups"] <= RuleSet.GROUP_CACHE
+
+
+class FewSelections(RuleSet):
+    SELECTION_CACHE = 8
+
+
+def test_an_engine_keeps_no_selection_alive_past_the_ruleset_cache() -> None:
+    # 100 rules on a destination port each: 100 distinct Selections, the cache keeps at most 8;
+    # the engine must not keep the others (what each one needs is on the Selection itself)
+    rs = FewSelections([rule(f"p{p}", p, (b"ab", b"xy"), match=Match(dport=((1000 + p,) * 2,)))
+                        for p in range(100)])
+    engine = Engine(rs, FlowTable())
+    for p in range(100):
+        raw = bytes(IP(src="198.18.0.2", dst="198.18.0.1")
+                    / TCP(sport=5555, dport=1000 + p, flags="PA") / Raw(b"-ab-"))
+        res = engine.process(raw)
+        assert res.rules == (f"p{p}",) and res.packet is not None and b"-xy-" in res.packet
+    gc.collect()
+    alive = sum(isinstance(o, Selection) for o in gc.get_objects())
+    assert alive <= FewSelections.SELECTION_CACHE, alive
+
+
+def test_a_selection_knows_whether_its_replaces_change_lengths() -> None:
+    same = Selection((rule("a", 0, (b"ab", b"xy")), rule("b", 1, (b"c", b"d"))))
+    grows = Selection((rule("a", 0, (b"ab", b"xy")), rule("b", 1, (b"c", b"ddd"), (b"e", b""))))
+    shrinks = Selection((rule("a", 0, (b"abc", b"x")),))
+    assert (same.same_length, same.max_growth) == (True, 0)
+    assert (grows.same_length, grows.max_growth) == (False, 2)
+    assert (shrinks.same_length, shrinks.max_growth) == (False, 0)
+    assert (Selection(()).same_length, Selection(()).max_growth) == (True, 0)

@@ -1,19 +1,20 @@
 """Rule selection for new connections: the cost of a (sport, dport) pair seen for the first time,
 and the memory the selection cache holds after many of them.
 
-Three rulesets, each a worst case for a port index keyed by exact ports:
+Four rulesets, each a worst case for a port index keyed by exact ports:
 
 * ``ranges_1000`` / ``ranges_10000``: every rule has a port *range* (100 ports wide; half on
   ``dport``, half on ``sport``), spread over the whole port space, so no dict of exact ports helps;
-* ``portless_1000``: 1,000 rules with no port condition at all (an address condition instead), so
-  every one of them is a candidate for every packet.
+* ``portless_1000``: 1,000 rules with no port condition (a /32 destination each instead), so
+  every one of them is a candidate for every packet and the addresses decide;
+* ``any_1000``: 1,000 rules with no condition at all: every rule applies to every packet.
 
 For each: the mean cost of ``RuleSet.select`` on ``--pairs`` distinct, never seen (sport, dport)
 pairs (a fresh ruleset, so nothing is cached), the mean cost of the same pairs again (cached),
 and the memory the ruleset's caches grew by (``tracemalloc``) after 65,536 new pairs: every
 source port 0..65535 towards one destination port, as many clients' ephemeral ports would be.
 
-    python -m bench.bench_select               # the three rulesets, one line each
+    python -m bench.bench_select               # the four rulesets, one line each
     python -m bench.bench_select --pairs 200   # fewer new pairs per figure (default 2000)
     python -m bench.bench_select --ports 4096 ranges_10000   # one ruleset, a shorter sweep
 """
@@ -89,6 +90,7 @@ RULESETS: dict[str, Callable[[], RuleSet]] = {
     "ranges_1000": lambda: range_rules(1000),
     "ranges_10000": lambda: range_rules(10000),
     "portless_1000": lambda: portless_rules(1000),
+    "any_1000": lambda: RuleSet([_rule(i, Match()) for i in range(1000)]),
 }
 
 
@@ -111,8 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=2000, help="new pairs per figure")
     parser.add_argument("--ports", type=int, default=65536, help="source ports for the memory")
-    parser.add_argument("only", nargs="*", choices=[*RULESETS, []], help="rulesets (all)")
+    parser.add_argument("only", nargs="*", metavar="RULESET",
+                        help=f"some of {', '.join(RULESETS)} (default: all)")
     args = parser.parse_args()
+    unknown = set(args.only) - set(RULESETS)
+    if unknown:
+        parser.error(f"unknown ruleset(s): {', '.join(sorted(unknown))}")
     for name, r in run(args.pairs, args.ports, tuple(args.only) or tuple(RULESETS)).items():
         print(f"{name:<14} new pair {r['new_pair_us']:9.2f} us   cached {r['cached_us']:6.2f} us"
               f"   cache after {args.ports:,} source ports {r['cache_mb']:7.1f} MB")

@@ -91,10 +91,11 @@ rule without the condition has its bit set in every mask), and the rules that ap
 the masks, read back lowest bit first, hence in rule order:
 
 * ``sport``/``dport``: the ranges of all rules cut 0..65535 into intervals (at every ``lo`` and
-  ``hi + 1``) on which no rule's condition changes; a port's interval is one bisection. The masks
-  of the intervals are precomputed, or, when they would take more than ``INDEX_BYTES`` (1 MiB; ten
-  thousand rules with distinct ranges), every ``step``-th of them, the rest being rebuilt from the
-  rules whose range starts or ends in between.
+  ``hi + 1``) on which no rule's condition changes; a port's interval is read from a table by
+  port (128 KiB per field some rule tests). The masks of the intervals are precomputed or, when
+  they would take more than ``INDEX_BYTES`` (1 MiB: thousands of rules with distinct ranges),
+  every ``step``-th of them, the others rebuilt from the rules whose range starts or ends in
+  between.
 * ``in_port``/``out_port``: a dict by port name; a name no rule gives, or none, is one class.
 * ``src``/``dst``: per IP version and per prefix length some rule uses, a dict keyed by the
   address's leading bits: a handful of lookups per address, whatever the number of networks.
@@ -107,7 +108,7 @@ otherwise it holds two masks, and the addresses are looked up per packet. Select
 per distinct set of rules (keyed by mask). The cache holds at most ``GROUP_CACHE`` (65,536) keys,
 ``SELECTION_CACHE`` (4096) Selections and an estimated ``CACHE_BYTES`` (64 MiB) for both; it is
 emptied as a whole when it would pass a bound, and refills from the packets that follow
-(``RuleSet.cache_info()`` shows its size). So a packet of a known class costs two bisections and a
+(``RuleSet.cache_info()`` shows its size). So a packet of a known class costs two table reads and a
 dict lookup; a new class costs a few big-integer ANDs and reading the result, never a walk over
 the rules (``bench/bench_select.py``).
 """
@@ -118,7 +119,7 @@ import difflib
 import ipaddress
 import os
 import re
-from bisect import bisect_right
+from array import array
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -414,7 +415,8 @@ class _PortIndex:
 
     The rules' ranges cut 0..65535 into intervals ("classes") at every ``lo`` and ``hi + 1``; on
     one interval every rule's condition is either true or false throughout. ``klass(port)`` is
-    the interval's number (a bisection), ``mask(klass)`` the rules true on it, as a bitmask (bit
+    the interval's number (from a 128 KiB table by port), ``mask(klass)`` the rules true on it,
+    as a bitmask (bit
     ``i``: the ``i``-th rule in rule order; rules with no condition on this field: always set).
     Between two neighbouring intervals exactly the rules with a range starting or ending there
     change ("toggles"). The mask of every ``step``-th interval is kept, the others are rebuilt
@@ -422,7 +424,7 @@ class _PortIndex:
     masks take at most ``INDEX_BYTES``: memory grows with the rules, never with the traffic.
     """
 
-    __slots__ = ("bounds", "kept", "single", "step", "toggles")
+    __slots__ = ("classes", "kept", "step", "toggles")
 
     def __init__(self, conditions: list[PortRanges | None], nbytes: int) -> None:
         wild: list[int] = []
@@ -435,9 +437,9 @@ class _PortIndex:
                 at.setdefault(lo, []).append(pos)
                 if hi < 65535:
                     at.setdefault(hi + 1, []).append(pos)
-        self.bounds = sorted({0, *at})
-        self.toggles = tuple(tuple(at.get(b, ())) for b in self.bounds)
-        self.step = max(1, -(-len(self.bounds) * (nbytes + 32) // INDEX_BYTES))
+        bounds = sorted({0, *at})
+        self.toggles = tuple(tuple(at.get(b, ())) for b in bounds)
+        self.step = max(1, -(-len(bounds) * (nbytes + 32) // INDEX_BYTES))
         kept: list[int] = []
         mask = _bits(wild, nbytes)
         for i, toggled in enumerate(self.toggles):
@@ -446,12 +448,17 @@ class _PortIndex:
             if i % self.step == 0:
                 kept.append(mask)
         self.kept = tuple(kept)
-        self.single = len(self.bounds) == 1  # no rule has this condition: one class
         if self.step == 1:
             self.toggles = ()  # every mask is kept
+        self.classes: array[int] | None = None  # None: no rule has this condition, one class
+        if len(bounds) > 1:
+            self.classes = array("H")  # at most 65,536 intervals: their numbers fit 16 bits
+            for i, (lo, hi) in enumerate(zip(bounds, [*bounds[1:], 65536], strict=True)):
+                self.classes += array("H", (i,)) * (hi - lo)
 
     def klass(self, port: int) -> int:
-        return 0 if self.single else bisect_right(self.bounds, port) - 1
+        classes = self.classes
+        return 0 if classes is None else classes[port]
 
     def mask(self, klass: int) -> int:
         base, extra = divmod(klass, self.step)

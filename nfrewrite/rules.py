@@ -92,10 +92,9 @@ the masks, read back lowest bit first, hence in rule order:
 
 * ``sport``/``dport``: the ranges of all rules cut 0..65535 into intervals (at every ``lo`` and
   ``hi + 1``) on which no rule's condition changes; a port's interval is read from a table by
-  port (128 KiB per field some rule tests). The masks of the intervals are precomputed or, when
-  they would take more than ``INDEX_BYTES`` (1 MiB: thousands of rules with distinct ranges),
-  every ``step``-th of them, the others rebuilt from the rules whose range starts or ends in
-  between.
+  port (128 KiB per field). The masks of the intervals are precomputed or, when they would take
+  more than ``INDEX_BYTES`` (1 MiB: thousands of rules with distinct ranges), every ``step``-th
+  of them, the others rebuilt from the rules whose range starts or ends in between.
 * ``in_port``/``out_port``: a dict by port name; a name no rule gives, or none, is one class.
 * ``src``/``dst``: per IP version and per prefix length some rule uses, a dict keyed by the
   address's leading bits: a handful of lookups per address, whatever the number of networks.
@@ -450,15 +449,12 @@ class _PortIndex:
         self.kept = tuple(kept)
         if self.step == 1:
             self.toggles = ()  # every mask is kept
-        self.classes: array[int] | None = None  # None: no rule has this condition, one class
-        if len(bounds) > 1:
-            self.classes = array("H")  # at most 65,536 intervals: their numbers fit 16 bits
-            for i, (lo, hi) in enumerate(zip(bounds, [*bounds[1:], 65536], strict=True)):
-                self.classes += array("H", (i,)) * (hi - lo)
+        self.classes = array("H")  # at most 65,536 intervals: their numbers fit 16 bits
+        for i, (lo, hi) in enumerate(zip(bounds, [*bounds[1:], 65536], strict=True)):
+            self.classes += array("H", (i,)) * (hi - lo)
 
     def klass(self, port: int) -> int:
-        classes = self.classes
-        return 0 if classes is None else classes[port]
+        return self.classes[port]
 
     def mask(self, klass: int) -> int:
         base, extra = divmod(klass, self.step)
@@ -475,7 +471,7 @@ class _NameIndex:
     no rule gives (or none: not bridged) is one class, ``None``: it passes the rules without the
     condition only."""
 
-    __slots__ = ("masks", "wild")
+    __slots__ = ("classes", "masks", "wild")
 
     def __init__(self, conditions: list[str | None], nbytes: int) -> None:
         wild = [pos for pos, name in enumerate(conditions) if name is None]
@@ -485,9 +481,10 @@ class _NameIndex:
                 names.setdefault(name, []).append(pos)
         self.wild = _bits(wild, nbytes)
         self.masks = {n: _bits(wild + ps, nbytes) for n, ps in names.items()}
+        self.classes: dict[str | None, str] = {n: n for n in names}  # .get(name) is the class
 
     def klass(self, name: str | None) -> str | None:
-        return name if name in self.masks else None
+        return self.classes.get(name)
 
     def mask(self, klass: str | None) -> int:
         return self.wild if klass is None else self.masks[klass]
@@ -626,8 +623,9 @@ class RuleSet:
         out_port: str | None = None,
     ) -> Selection:
         """The rules that apply to a packet, as a shared :class:`Selection`."""
-        key = (self._sport.klass(sport), self._dport.klass(dport), self._in.klass(in_port),
-               self._out.klass(out_port))
+        # _PortIndex.klass and _NameIndex.klass, inlined: this runs for every packet
+        key = (self._sport.classes[sport], self._dport.classes[dport],
+               self._in.classes.get(in_port), self._out.classes.get(out_port))
         group = self._cache.groups.get(key)
         if group is None:
             group = self._make_group(key)

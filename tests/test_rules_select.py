@@ -405,6 +405,26 @@ def test_port_less_rules_cost_one_cache_entry_for_all_pairs() -> None:
     assert held < 1 << 20, held
 
 
+class FewKeys(RuleSet):
+    GROUP_CACHE = 100
+    SELECTION_CACHE = 50
+
+
+def test_the_cache_holds_at_most_its_number_of_entries_whatever_the_traffic() -> None:
+    rules = [rule(f"d{i}", 2 * i, match=Match(dport=((7 * i, 7 * i),))) for i in range(500)]
+    rules += [rule(f"s{i}", 2 * i + 1, match=Match(sport=((100 * i, 100 * i + 150),)))
+              for i in range(500)]
+    rs = FewKeys(rules)
+    rng = random.Random(7)
+    for _ in range(3000):
+        sport, dport = rng.randrange(65536), rng.randrange(4000)
+        got = rs.select(4, V4_A, V4_B, sport, dport).rules
+        assert got == brute_force(rules, 4, V4_A, V4_B, sport, dport, None, None)
+        info = rs.cache_info()
+        assert info["groups"] <= FewKeys.GROUP_CACHE
+        assert info["selections"] <= FewKeys.SELECTION_CACHE
+
+
 class SmallCache(RuleSet):
     CACHE_BYTES = 1 << 20
 

@@ -413,10 +413,10 @@ class _PortIndex:
     """One port field (``sport`` or ``dport``): the rules whose condition on it holds, per port.
 
     The rules' ranges cut 0..65535 into intervals ("classes") at every ``lo`` and ``hi + 1``; on
-    one interval every rule's condition is either true or false throughout. ``klass(port)`` is
-    the interval's number (from a 128 KiB table by port), ``mask(klass)`` the rules true on it,
-    as a bitmask (bit
-    ``i``: the ``i``-th rule in rule order; rules with no condition on this field: always set).
+    one interval every rule's condition is either true or false throughout. ``classes[port]`` is
+    the interval's number (a 128 KiB table), ``mask(klass)`` the rules true on it, as a bitmask
+    (bit ``i``: the ``i``-th rule in rule order; rules with no condition on this field: always
+    set).
     Between two neighbouring intervals exactly the rules with a range starting or ending there
     change ("toggles"). The mask of every ``step``-th interval is kept, the others are rebuilt
     from the nearest kept one and the toggles after it, with ``step`` chosen so that the kept
@@ -453,9 +453,6 @@ class _PortIndex:
         for i, (lo, hi) in enumerate(zip(bounds, [*bounds[1:], 65536], strict=True)):
             self.classes += array("H", (i,)) * (hi - lo)
 
-    def klass(self, port: int) -> int:
-        return self.classes[port]
-
     def mask(self, klass: int) -> int:
         base, extra = divmod(klass, self.step)
         mask = self.kept[base]
@@ -481,10 +478,7 @@ class _NameIndex:
                 names.setdefault(name, []).append(pos)
         self.wild = _bits(wild, nbytes)
         self.masks = {n: _bits(wild + ps, nbytes) for n, ps in names.items()}
-        self.classes: dict[str | None, str] = {n: n for n in names}  # .get(name) is the class
-
-    def klass(self, name: str | None) -> str | None:
-        return self.classes.get(name)
+        self.classes: dict[str | None, str] = {n: n for n in names}  # .get(name): its class
 
     def mask(self, klass: str | None) -> int:
         return self.wild if klass is None else self.masks[klass]
@@ -623,7 +617,7 @@ class RuleSet:
         out_port: str | None = None,
     ) -> Selection:
         """The rules that apply to a packet, as a shared :class:`Selection`."""
-        # _PortIndex.klass and _NameIndex.klass, inlined: this runs for every packet
+        # the class of each field (see the indexes); this runs for every packet
         key = (self._sport.classes[sport], self._dport.classes[dport],
                self._in.classes.get(in_port), self._out.classes.get(out_port))
         group = self._cache.groups.get(key)

@@ -10,7 +10,8 @@ For each packet:
 
 1. :func:`nfrewrite.packet.parse`. Anything that is not a whole, first, well-formed TCP segment is
    *not ours*: accepted untouched, with the reason reported for the metrics.
-2. ``RuleSet.select`` gives the rules whose match covers this packet (indexed by port, cached).
+2. ``RuleSet.select`` gives the rules whose match covers this packet (indexed, cached by port
+   class; bounded in memory).
 3. Rules with ``verdict = "drop"`` drop it. Header edits (TTL/hop limit, DSCP, window, MSS) apply
    in rule order.
 4. Payload edits: every ``replace`` of every selected rule is found in one pass over the payload
@@ -103,32 +104,6 @@ class Engine:
         self.flows = flows
         self.mtu = mtu
         self._next_expire = 0.0
-        self._same_len: dict[Selection, bool] = {}
-        self._growth: dict[Selection, int] = {}
-
-    def _same_length(self, sel: Selection) -> bool:
-        """True when no replace of ``sel``'s rules changes a length (remembered per selection;
-        selections are shared and few, and a reload brings new ones)."""
-        same = self._same_len.get(sel)
-        if same is None:
-            same = all(len(r.find) == len(r.with_) for rule in sel.rules for r in rule.replaces)
-            if len(self._same_len) >= 4096:
-                self._same_len.clear()
-            self._same_len[sel] = same
-        return same
-
-    def _max_growth(self, sel: Selection) -> int:
-        """The most one replace of ``sel``'s rules adds to a payload (0: none grows)."""
-        growth = self._growth.get(sel)
-        if growth is None:
-            growth = max(
-                (len(r.with_) - len(r.find) for rule in sel.rules for r in rule.replaces),
-                default=0,
-            )
-            if len(self._growth) >= 4096:
-                self._growth.clear()
-            self._growth[sel] = max(growth, 0)
-        return self._growth[sel]
 
     def _leave_room_for_growth(
         self, pkt: TcpPacket, in_port: str | None, out_port: str | None
@@ -139,7 +114,7 @@ class Engine:
         rev = self.ruleset.select(
             pkt.version, pkt.dst, pkt.src, pkt.dport, pkt.sport, out_port, in_port
         )
-        growth = self._max_growth(rev) if rev.has_replaces else 0
+        growth = rev.max_growth
         mss = pkt.mss if growth else None
         if mss is None:
             return False
@@ -217,7 +192,7 @@ class Engine:
         """Edits for a connection with no sequence state. Returns the flow if one was created."""
         if pkt.payload_len == 0 or not sel.has_replaces:
             return None, 0
-        if self._same_length(sel):
+        if sel.same_length:
             # Every pattern of the selection keeps its length (the common case): no growth to
             # check, no edit to inspect one by one; a (GSO super-)packet may carry hundreds.
             one = sel.single_pattern
@@ -235,7 +210,7 @@ class Engine:
             return None, 0
         found = sel.find_edits(pkt.payload)
         if self.flows is None:  # no sequence state: what would not fit cannot be cut either
-            found = _fitting(pkt, found, self._max_growth(sel))
+            found = _fitting(pkt, found, sel.max_growth)
         if not found:
             return None, 0
         if self.flows is None or all(end - start == len(new) for start, end, new, _ in found):

@@ -40,6 +40,7 @@ The compiled shape, which the engine consumes::
       .rules: tuple[Rule, ...]        global order: file name, then position in the file
       .files: tuple[str, ...]         the files read, in that order
       .select(version, src, dst, sport, dport, in_port=None, out_port=None) -> Selection
+      .cache_info() -> {"groups", "selections", "bytes"}   what the selection cache holds
 
     Rule(name, index, path, line, col, match, replaces, set, verdict, examples)   frozen
       match:    Match(protocol, sport, dport, src, dst, in_port, out_port)
@@ -54,6 +55,8 @@ The compiled shape, which the engine consumes::
     Selection                       shared by every packet with the same set of matching rules
       .rules: tuple[Rule, ...]      the rules that match, in rule order
       .has_replaces: bool           False: find_edits always returns [] (skip the payload)
+      .same_length: bool            no replace of these rules changes a length
+      .max_growth: int              the most one replace adds to a payload (0: none grows)
       .find_edits(payload) -> list[(start, end, replacement, rule)]
 
 ``src``/``dst`` given to ``select``/``matches`` are the raw 4- or 16-byte addresses from the packet.
@@ -82,15 +85,31 @@ other way round): each side is just bytes. ``find`` must not be empty; ``with`` 
 
 Matching cost
 -------------
-A packet is compared only with rules that could match its ports: rules whose ``dport`` is a list of
-exact ports sit in a dict keyed by destination port, then likewise for ``sport``; only rules with
-port ranges or no port condition on both sides are scanned per lookup. The result for a
-``(version, sport, dport, in_port, out_port)`` key is memoised in a bounded cache; when no
-candidate rule has an address condition that result *is* the Selection, otherwise only those few
-address conditions are checked per packet. The cache is a dict that is emptied when it reaches
-``RuleSet.GROUP_CACHE`` entries. Selections are shared per distinct tuple of matching rules. So
-the per-packet cost depends on the rules that can match the packet, not on how many rules exist
-(see ``bench/bench_match.py``).
+Every condition of every rule is indexed, so a packet never walks the rule list. Each field gives
+a bitmask of the rules whose condition on it holds (bit ``i``: the ``i``-th rule in rule order; a
+rule without the condition has its bit set in every mask), and the rules that apply are the AND of
+the masks, read back lowest bit first, hence in rule order:
+
+* ``sport``/``dport``: the ranges of all rules cut 0..65535 into intervals (at every ``lo`` and
+  ``hi + 1``) on which no rule's condition changes; a port's interval is read from a table by
+  port (128 KiB per field). The masks of the intervals are precomputed or, when they would take
+  more than ``INDEX_BYTES`` (1 MiB: thousands of rules with distinct ranges), every ``step``-th
+  of them, the others rebuilt from the rules whose range starts or ends in between.
+* ``in_port``/``out_port``: a dict by port name; a name no rule gives, or none, is one class.
+* ``src``/``dst``: per IP version and per prefix length some rule uses, a dict keyed by the
+  address's leading bits: a handful of lookups per address, whatever the number of networks.
+
+The port and bridge-port part is cached by *class*, ``(sport interval, dport interval, in_port
+class, out_port class)``, not by the packet's values: a field no rule tests is one class, so with
+no ``sport`` condition anywhere all 65,536 source ports share one entry, and with ranges each
+interval does. An entry whose rules have no address condition holds the Selection itself;
+otherwise it holds two masks, and the addresses are looked up per packet. Selections are shared
+per distinct set of rules (keyed by mask). The cache holds at most ``GROUP_CACHE`` (65,536) keys,
+``SELECTION_CACHE`` (4096) Selections and an estimated ``CACHE_BYTES`` (64 MiB) for both; it is
+emptied as a whole when it would pass a bound, and refills from the packets that follow
+(``RuleSet.cache_info()`` shows its size). So a packet of a known class costs two table reads and a
+dict lookup; a new class costs a few big-integer ANDs and reading the result, never a walk over
+the rules (``bench/bench_select.py``).
 """
 
 from __future__ import annotations
@@ -99,6 +118,7 @@ import difflib
 import ipaddress
 import os
 import re
+from array import array
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -283,19 +303,27 @@ class Rule:
 class Selection:
     """The rules that match one kind of packet, with their replace patterns ready to search."""
 
-    __slots__ = ("_patterns", "has_replaces", "rules")
+    __slots__ = ("_patterns", "has_replaces", "max_growth", "rules", "same_length")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         patterns: list[tuple[bytes, bytes, Rule]] = []
         seen: set[bytes] = set()
+        growth = 0
+        same_length = True
         for rule in rules:
             for rep in rule.replaces:
+                delta = len(rep.with_) - len(rep.find)
+                if delta:
+                    same_length = False
+                    growth = max(growth, delta)
                 if rep.find not in seen:  # an identical later pattern could never win
                     seen.add(rep.find)
                     patterns.append((rep.find, rep.with_, rule))
         self._patterns = tuple(patterns)
         self.has_replaces = bool(patterns)
+        self.same_length = same_length  # no replace of these rules changes a length
+        self.max_growth = growth  # the most one replace adds to a payload (0: none grows)
 
     def __repr__(self) -> str:
         return f"Selection({[r.name for r in self.rules]!r})"
@@ -344,48 +372,210 @@ class Selection:
             edits.append((best, pos, with_, rule))
 
 
-_Group = tuple[Selection | None, tuple[Rule, ...]]
-_GroupKey = tuple[int, int, int, str | None, str | None]
+# ---------------------------------------------------------------------------------------------
+# Selection: which rules apply to a packet (see "Matching cost" in the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+INDEX_BYTES = 1 << 20  # most bytes of rule masks one port index keeps (it recomputes the rest)
+
+
+def _bits(positions: Iterable[int], nbytes: int) -> int:
+    """The mask with the given bit positions set (built in O(nbytes), not O(bits * nbytes))."""
+    buf = bytearray(nbytes)
+    for p in positions:
+        buf[p >> 3] |= 1 << (p & 7)
+    return int.from_bytes(buf, "little")
+
+
+def _positions(mask: int) -> list[int]:
+    """The bit positions set in ``mask``, lowest first."""
+    text = bin(mask)[:1:-1]  # lowest bit first, without "0b"
+    found: list[int] = []
+    at = text.find("1")
+    while at >= 0:
+        found.append(at)
+        at = text.find("1", at + 1)
+    return found
+
+
+def _merged(ranges: PortRanges) -> list[tuple[int, int]]:
+    """``ranges`` sorted, with overlapping and adjacent ranges joined (so they are disjoint)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+class _PortIndex:
+    """One port field (``sport`` or ``dport``): the rules whose condition on it holds, per port.
+
+    The rules' ranges cut 0..65535 into intervals ("classes") at every ``lo`` and ``hi + 1``; on
+    one interval every rule's condition is either true or false throughout. ``classes[port]`` is
+    the interval's number (a 128 KiB table), ``mask(klass)`` the rules true on it, as a bitmask
+    (bit ``i``: the ``i``-th rule in rule order; rules with no condition on this field: always
+    set).
+    Between two neighbouring intervals exactly the rules with a range starting or ending there
+    change ("toggles"). The mask of every ``step``-th interval is kept, the others are rebuilt
+    from the nearest kept one and the toggles after it, with ``step`` chosen so that the kept
+    masks take at most ``INDEX_BYTES``: memory grows with the rules, never with the traffic.
+    """
+
+    __slots__ = ("classes", "kept", "step", "toggles")
+
+    def __init__(self, conditions: list[PortRanges | None], nbytes: int) -> None:
+        wild: list[int] = []
+        at: dict[int, list[int]] = {}  # interval start -> rules whose condition changes there
+        for pos, ranges in enumerate(conditions):
+            if ranges is None:
+                wild.append(pos)
+                continue
+            for lo, hi in _merged(ranges):  # disjoint: a rule toggles at most once per boundary
+                at.setdefault(lo, []).append(pos)
+                if hi < 65535:
+                    at.setdefault(hi + 1, []).append(pos)
+        bounds = sorted({0, *at})
+        self.toggles = tuple(tuple(at.get(b, ())) for b in bounds)
+        self.step = max(1, -(-len(bounds) * (nbytes + 32) // INDEX_BYTES))
+        kept: list[int] = []
+        mask = _bits(wild, nbytes)
+        for i, toggled in enumerate(self.toggles):
+            for pos in toggled:
+                mask ^= 1 << pos
+            if i % self.step == 0:
+                kept.append(mask)
+        self.kept = tuple(kept)
+        if self.step == 1:
+            self.toggles = ()  # every mask is kept
+        self.classes = array("H")  # at most 65,536 intervals: their numbers fit 16 bits
+        for i, (lo, hi) in enumerate(zip(bounds, [*bounds[1:], 65536], strict=True)):
+            self.classes += array("H", (i,)) * (hi - lo)
+
+    def mask(self, klass: int) -> int:
+        base, extra = divmod(klass, self.step)
+        mask = self.kept[base]
+        start = base * self.step
+        for toggled in self.toggles[start + 1: start + extra + 1]:
+            for pos in toggled:
+                mask ^= 1 << pos
+        return mask
+
+
+class _NameIndex:
+    """``in_port`` or ``out_port``: the rules whose condition holds, per bridge port name. A name
+    no rule gives (or none: not bridged) is one class, ``None``: it passes the rules without the
+    condition only."""
+
+    __slots__ = ("classes", "masks", "wild")
+
+    def __init__(self, conditions: list[str | None], nbytes: int) -> None:
+        wild = [pos for pos, name in enumerate(conditions) if name is None]
+        names: dict[str, list[int]] = {}
+        for pos, name in enumerate(conditions):
+            if name is not None:
+                names.setdefault(name, []).append(pos)
+        self.wild = _bits(wild, nbytes)
+        self.masks = {n: _bits(wild + ps, nbytes) for n, ps in names.items()}
+        self.classes: dict[str | None, str] = {n: n for n in names}  # .get(name): its class
+
+    def mask(self, klass: str | None) -> int:
+        return self.wild if klass is None else self.masks[klass]
+
+
+class _AddressIndex:
+    """``src`` or ``dst``: the rules whose condition holds for an address. Per IP version and per
+    prefix length some rule uses, a dict from the address's leading bits to the rules with that
+    network; an address is looked up once per such length (a handful), not once per rule."""
+
+    __slots__ = ("tables", "wild")
+
+    def __init__(self, conditions: list[CompiledNets | None], nbytes: int) -> None:
+        self.wild = _bits((p for p, nets in enumerate(conditions) if nets is None), nbytes)
+        by_len: dict[tuple[int, int], dict[int, list[int]]] = {}
+        for pos, nets in enumerate(conditions):
+            for version, net, netmask in nets or ():
+                shift = (32 if version == 4 else 128) - netmask.bit_count()
+                by_len.setdefault((version, shift), {}).setdefault(net >> shift, []).append(pos)
+        self.tables: dict[int, tuple[tuple[int, dict[int, tuple[int, ...]]], ...]] = {
+            v: tuple((shift, {k: tuple(ps) for k, ps in table.items()})
+                     for (tv, shift), table in sorted(by_len.items()) if tv == v)
+            for v in (4, 6)
+        }
+
+    def mask(self, version: int, addr: bytes) -> int:
+        mask = self.wild
+        value = int.from_bytes(addr, "big")
+        for shift, table in self.tables[version]:
+            hit = table.get(value >> shift)
+            if hit is not None:
+                for pos in hit:
+                    mask |= 1 << pos
+        return mask
+
+
+class _Cache:
+    """What ``RuleSet.select`` remembers: groups by class key, Selections by rule mask, and an
+    estimate of the bytes both hold. Emptied as a whole when it would pass either bound."""
+
+    __slots__ = ("bytes", "groups", "selections")
+
+    def __init__(self) -> None:
+        self.groups: dict[_GroupKey, _Group] = {}
+        self.selections: dict[int, Selection] = {}
+        self.bytes = 0
+
+    def clear(self) -> None:
+        self.groups.clear()
+        self.selections.clear()
+        self.bytes = 0
+
+
+# (Selection when no candidate has an address condition, else None; the candidates without one;
+# the candidates with one) -- the last two as rule masks
+_Group = tuple[Selection | None, int, int]
+_GroupKey = tuple[int, int, str | None, str | None]  # sport class, dport class, in/out port
 
 
 class RuleSet:
     """An immutable, compiled set of rules. See the module docstring for the shape and costs."""
 
     __slots__ = (
-        "_by_dport",
-        "_by_sport",
+        "_addressed",
+        "_cache",
+        "_dport",
+        "_dst",
         "_files",
-        "_groups",
+        "_in",
+        "_nbytes",
+        "_order",
+        "_out",
         "_rules",
-        "_selections",
-        "_wild",
+        "_sport",
+        "_src",
     )
 
-    GROUP_CACHE = 65536
-    SELECTION_CACHE = 4096
+    GROUP_CACHE = 65536  # class keys remembered
+    SELECTION_CACHE = 4096  # distinct Selections remembered
+    CACHE_BYTES = 64 << 20  # estimated bytes both may hold together
 
     def __init__(self, rules: Iterable[Rule], files: Iterable[str] = ()) -> None:
         self._rules = tuple(rules)
         self._files = tuple(files)
-        by_dport: dict[int, list[Rule]] = {}
-        by_sport: dict[int, list[Rule]] = {}
-        wild: list[Rule] = []
-        for rule in self._rules:
-            dports = _exact_ports(rule.match.dport)
-            sports = _exact_ports(rule.match.sport)
-            if dports is not None:
-                for p in dports:
-                    by_dport.setdefault(p, []).append(rule)
-            elif sports is not None:
-                for p in sports:
-                    by_sport.setdefault(p, []).append(rule)
-            else:
-                wild.append(rule)
-        self._by_dport = {p: tuple(rs) for p, rs in by_dport.items()}
-        self._by_sport = {p: tuple(rs) for p, rs in by_sport.items()}
-        self._wild = tuple(wild)
-        self._selections: dict[tuple[int, ...], Selection] = {}
-        self._groups: dict[_GroupKey, _Group] = {}
+        # bit i of every mask is order[i]: rule order (index), whatever order rules came in
+        order = sorted(self._rules, key=lambda r: r.index)
+        self._order = tuple(order)
+        nbytes = self._nbytes = (len(order) + 7) // 8
+        matches = [r.match for r in order]
+        self._sport = _PortIndex([m.sport for m in matches], nbytes)
+        self._dport = _PortIndex([m.dport for m in matches], nbytes)
+        self._in = _NameIndex([m.in_port for m in matches], nbytes)
+        self._out = _NameIndex([m.out_port for m in matches], nbytes)
+        self._src = _AddressIndex([m._src for m in matches], nbytes)
+        self._dst = _AddressIndex([m._dst for m in matches], nbytes)
+        self._addressed = _bits((p for p, m in enumerate(matches) if m.has_addresses), nbytes)
+        self._cache = _Cache()  # last: __setattr__ refuses everything from here on
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -402,13 +592,19 @@ class RuleSet:
         return f"RuleSet({len(self._rules)} rules in {len(self._files)} files)"
 
     def __setattr__(self, name: str, value: object) -> None:
-        if hasattr(self, "_groups"):
+        if hasattr(self, "_cache"):
             raise AttributeError("RuleSet is immutable")
         object.__setattr__(self, name, value)
 
     def __reduce__(self) -> tuple[type[RuleSet], tuple[tuple[Rule, ...], tuple[str, ...]]]:
-        """Pickle as its rules and files (for worker processes); caches are rebuilt there."""
+        """Pickle as its rules and files (for worker processes); indexes are rebuilt there."""
         return RuleSet, (self._rules, self._files)
+
+    def cache_info(self) -> dict[str, int]:
+        """How much the selection cache holds: class keys, Selections, estimated bytes."""
+        cache = self._cache
+        return {"groups": len(cache.groups), "selections": len(cache.selections),
+                "bytes": cache.bytes}
 
     def select(
         self,
@@ -421,50 +617,56 @@ class RuleSet:
         out_port: str | None = None,
     ) -> Selection:
         """The rules that apply to a packet, as a shared :class:`Selection`."""
-        key = (version, sport, dport, in_port, out_port)
-        group = self._groups.get(key)
+        # the class of each field (see the indexes); this runs for every packet
+        key = (self._sport.classes[sport], self._dport.classes[dport],
+               self._in.classes.get(in_port), self._out.classes.get(out_port))
+        group = self._cache.groups.get(key)
         if group is None:
             group = self._make_group(key)
-        selection, candidates = group
+        selection, plain, addressed = group
         if selection is not None:
             return selection
-        return self._selection(
-            tuple(r for r in candidates if r.match.matches_addresses(version, src, dst))
-        )
+        addressed &= self._src.mask(version, src) & self._dst.mask(version, dst)
+        return self._selection(plain | addressed)
 
     def _make_group(self, key: _GroupKey) -> _Group:
-        version, sport, dport, in_port, out_port = key
-        found = {
-            r.index: r
-            for r in (*self._by_dport.get(dport, ()), *self._by_sport.get(sport, ()), *self._wild)
-            if version in r.match.versions
-            and r.match.matches_ports(sport, dport, in_port, out_port)
-        }
-        candidates = tuple(found[i] for i in sorted(found))
-        if any(r.match.has_addresses for r in candidates):
-            group: _Group = (None, candidates)
-        else:
-            group = (self._selection(candidates), candidates)
-        if len(self._groups) >= self.GROUP_CACHE:
-            self._groups.clear()  # bounded; it refills from the packets that follow
-        self._groups[key] = group
+        sport, dport, in_port, out_port = key
+        mask = (self._sport.mask(sport) & self._dport.mask(dport) & self._in.mask(in_port)
+                & self._out.mask(out_port))
+        addressed = mask & self._addressed
+        plain = mask ^ addressed
+        group: _Group = (None if addressed else self._selection(plain), plain, addressed)
+        cache = self._cache
+        cost = _KEY_BYTES + (2 * self._nbytes if addressed else 0)
+        if len(cache.groups) >= self.GROUP_CACHE or cache.bytes + cost > self.CACHE_BYTES:
+            cache.clear()  # bounded; it refills from the packets that follow
+            if group[0] is not None:
+                group = (self._selection(plain), plain, addressed)  # counted again
+        cache.groups[key] = group
+        cache.bytes += cost
         return group
 
-    def _selection(self, rules: tuple[Rule, ...]) -> Selection:
-        key = tuple(r.index for r in rules)
-        sel = self._selections.get(key)
+    def _selection(self, mask: int) -> Selection:
+        cache = self._cache
+        sel = cache.selections.get(mask)
         if sel is None:
-            if len(self._selections) >= self.SELECTION_CACHE:
-                self._selections.clear()
-            sel = self._selections[key] = Selection(rules)
+            order = self._order
+            sel = Selection(tuple(order[p] for p in _positions(mask)))
+            cost = (_SELECTION_BYTES + self._nbytes + 8 * len(sel.rules)
+                    + _PATTERN_BYTES * len(sel._patterns))
+            if (len(cache.selections) >= self.SELECTION_CACHE
+                    or cache.bytes + cost > self.CACHE_BYTES):
+                cache.clear()  # groups point at Selections: both go, so both stay bounded
+            cache.selections[mask] = sel
+            cache.bytes += cost
         return sel
 
 
-def _exact_ports(ranges: PortRanges | None) -> list[int] | None:
-    """The ports of ``ranges`` if they are a few exact ports (worth a dict entry each)."""
-    if ranges is None or sum(hi - lo + 1 for lo, hi in ranges) > 64:
-        return None
-    return [p for lo, hi in ranges for p in range(lo, hi + 1)]
+# Estimated sizes for the cache bound: a group key with its dict slot and group tuple; a Selection
+# with its tuples and mask key (plus 8 per rule and the mask's own bytes); one search pattern.
+_KEY_BYTES = 240
+_SELECTION_BYTES = 300
+_PATTERN_BYTES = 72
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,15 +7,25 @@ ties go to rule order; matches never overlap; a replacement's output is never se
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import pickle
+import random
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.packet import Raw
 
+from nfrewrite import rules as rules_module
+from nfrewrite.engine import Engine
 from nfrewrite.rules import HeaderSet, Match, Replace, Rule, RuleSet, Selection, load_rules
+from nfrewrite.seqadj import FlowTable
 
 V4_A = ipaddress.IPv4Address("10.1.2.3").packed
 V4_B = ipaddress.IPv4Address("192.0.2.9").packed
@@ -279,3 +289,194 @@ def test_find_edits_equals_the_reference_semantics(
 ) -> None:
     rules = [rule(f"r{i}", i, *[(f, f.upper()) for f in fs]) for i, fs in enumerate(finds)]
     assert edits(Selection(tuple(rules)), payload) == reference(rules, payload)
+
+
+# -- selection index and cache -----------------------------------------------------------------
+
+PORT_POINTS = (0, 1, 2, 21, 22, 79, 80, 81, 443, 1023, 1024, 8080, 65534, 65535)
+NETS = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.3/32", "192.0.2.0/24",
+    "::/0", "2001:db8::/32", "2001:db8::1/128", "2001:db8:ffff::/48"))
+ADDRESSES = ((4, V4_A, V4_B), (4, V4_B, V4_A), (4, V4_A, V4_A),
+             (6, V6_A, V6_B), (6, V6_B, V6_A), (6, V6_B, V6_B))
+BRIDGE = (None, "eth1", "eth2", "eth3")
+
+port_range = st.tuples(st.sampled_from(PORT_POINTS), st.sampled_from(PORT_POINTS)).map(
+    lambda t: (min(t), max(t)))
+port_cond = st.none() | st.lists(port_range, min_size=1, max_size=3).map(tuple)
+net_cond = st.none() | st.lists(st.sampled_from(NETS), min_size=1, max_size=3).map(tuple)
+name_cond = st.sampled_from((None, None, "eth1", "eth2"))
+matches = st.builds(Match, sport=port_cond, dport=port_cond, src=net_cond, dst=net_cond,
+                    in_port=name_cond, out_port=name_cond)
+packets = st.tuples(st.sampled_from(ADDRESSES), st.sampled_from(PORT_POINTS),
+                    st.sampled_from(PORT_POINTS), st.sampled_from(BRIDGE),
+                    st.sampled_from(BRIDGE))
+
+
+class TinyCache(RuleSet):
+    """Caches so small that almost every lookup evicts: the results must not change."""
+
+    GROUP_CACHE = 3
+    SELECTION_CACHE = 2
+    CACHE_BYTES = 2000
+
+
+def brute_force(rules: list[Rule], version: int, src: bytes, dst: bytes, sport: int, dport: int,
+                in_port: str | None, out_port: str | None) -> tuple[Rule, ...]:
+    """The rules that apply, the slow obvious way: every rule, in rule order."""
+    return tuple(r for r in sorted(rules, key=lambda r: r.index)
+                 if r.match.matches(version, src, dst, sport, dport, in_port, out_port))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(matches, max_size=12), st.randoms(use_true_random=False),
+       st.lists(packets, min_size=1, max_size=30), st.sampled_from([1, 1 << 20]))
+def test_select_equals_a_brute_force_reference(
+    match_list: list[Match], rng: random.Random,
+    traffic: list[tuple[tuple[int, bytes, bytes], int, int, str | None, str | None]],
+    index_bytes: int,
+) -> None:
+    rules = [rule(f"r{i}", i, match=m) for i, m in enumerate(match_list)]
+    given_order = rules[:]
+    rng.shuffle(given_order)  # rule order is the index, whatever order they are given in
+    # index_bytes = 1: the port index keeps only its first interval's mask, rebuilding the rest
+    with mock.patch.object(rules_module, "INDEX_BYTES", index_bytes):
+        sets = [RuleSet(given_order), TinyCache(given_order)]
+    for _ in range(2):  # the second pass is served from the caches (what is left of them)
+        for (version, src, dst), sport, dport, in_port, out_port in traffic:
+            want = brute_force(rules, version, src, dst, sport, dport, in_port, out_port)
+            for rs in sets:
+                assert rs.select(version, src, dst, sport, dport, in_port, out_port).rules == want
+    assert sets[1].cache_info()["groups"] <= TinyCache.GROUP_CACHE
+
+
+def test_the_source_port_is_no_key_when_no_rule_matches_on_it() -> None:
+    rs = RuleSet([
+        rule("web", 0, match=Match(dport=((80, 80), (443, 443)))),
+        rule("high", 1, match=Match(dport=((1024, 65535),))),
+        rule("any", 2),
+        rule("to-10", 3, match=Match(dst=(ipaddress.ip_network("10.0.0.0/8"),))),
+    ])
+    first = rs.select(4, V4_B, V4_A, 0, 80)
+    for sport in range(65536):
+        assert rs.select(4, V4_B, V4_A, sport, 80) is first
+    assert [r.name for r in first.rules] == ["web", "any", "to-10"]
+    assert rs.cache_info()["groups"] == 1
+
+
+def test_ports_in_one_interval_and_unused_bridge_ports_share_a_cache_entry() -> None:
+    rs = RuleSet([
+        rule("range", 0, match=Match(dport=((1000, 2000),))),
+        rule("from-eth1", 1, match=Match(in_port="eth1")),
+    ])
+    for dport in range(1000, 2001):
+        for in_port in (None, "eth2", "eth3", "veth-x"):
+            assert [r.name for r in rs.select(6, V6_A, V6_B, 5, dport, in_port).rules] == [
+                "range"]
+    assert rs.cache_info()["groups"] == 1
+    assert [r.name for r in rs.select(6, V6_A, V6_B, 5, 2000, "eth1").rules] == [
+        "range", "from-eth1"]
+    assert rs.select(6, V6_A, V6_B, 5, 2001, "eth1").rules == rs.rules[1:]
+    assert rs.cache_info()["groups"] == 3
+
+
+def _held_bytes(action: Callable[[], object]) -> int:
+    """Bytes allocated by ``action`` and still held afterwards."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_port_less_rules_cost_one_cache_entry_for_all_pairs() -> None:
+    rs = RuleSet([rule(f"r{i}", i, (b"x%d" % i, b"y%d" % i)) for i in range(1000)])
+
+    def traffic() -> None:
+        for sport in range(65536):
+            assert len(rs.select(4, V4_A, V4_B, sport, 80 + sport % 7).rules) == 1000
+
+    held = _held_bytes(traffic)
+    assert rs.cache_info()["groups"] == 1
+    assert held < 1 << 20, held
+
+
+class FewKeys(RuleSet):
+    GROUP_CACHE = 100
+    SELECTION_CACHE = 50
+
+
+def test_the_cache_holds_at_most_its_number_of_entries_whatever_the_traffic() -> None:
+    rules = [rule(f"d{i}", 2 * i, match=Match(dport=((7 * i, 7 * i),))) for i in range(500)]
+    rules += [rule(f"s{i}", 2 * i + 1, match=Match(sport=((100 * i, 100 * i + 150),)))
+              for i in range(500)]
+    rs = FewKeys(rules)
+    rng = random.Random(7)
+    for _ in range(3000):
+        sport, dport = rng.randrange(65536), rng.randrange(4000)
+        got = rs.select(4, V4_A, V4_B, sport, dport).rules
+        assert got == brute_force(rules, 4, V4_A, V4_B, sport, dport, None, None)
+        info = rs.cache_info()
+        assert info["groups"] <= FewKeys.GROUP_CACHE
+        assert info["selections"] <= FewKeys.SELECTION_CACHE
+
+
+class SmallCache(RuleSet):
+    CACHE_BYTES = 1 << 20
+
+
+def test_the_cache_stays_within_its_byte_bound_whatever_the_traffic() -> None:
+    # 300 rules for every packet and 1,000 on one destination port each: ~2,000 port classes,
+    # each with its own Selection of ~300 rules and patterns (~25 KB): ~50 MB if all were kept
+    everywhere = [rule(f"all{i}", i, (b"x%d" % i, b"y%d" % i)) for i in range(300)]
+    one_port = [rule(f"port{p}", 300 + p, match=Match(dport=((3 * p, 3 * p),)))
+                for p in range(1000)]
+    rs = SmallCache(everywhere + one_port)
+    peak = 0
+
+    def traffic() -> None:
+        nonlocal peak
+        for dport in range(3000):
+            sel = rs.select(4, V4_A, V4_B, 1234, dport)
+            assert len(sel.rules) == 300 + (dport % 3 == 0)
+            peak = max(peak, rs.cache_info()["bytes"])
+
+    held = _held_bytes(traffic)
+    assert peak <= SmallCache.CACHE_BYTES
+    assert held < 2 * SmallCache.CACHE_BYTES, held  # the estimate is not far off the real bytes
+    info = rs.cache_info()
+    assert 0 < info["selections"] < 1000 and info["groups"] <= RuleSet.GROUP_CACHE
+
+
+class FewSelections(RuleSet):
+    SELECTION_CACHE = 8
+
+
+def test_an_engine_keeps_no_selection_alive_past_the_ruleset_cache() -> None:
+    # 100 rules on a destination port each: 100 distinct Selections, the cache keeps at most 8;
+    # the engine must not keep the others (what each one needs is on the Selection itself)
+    rs = FewSelections([rule(f"p{p}", p, (b"ab", b"xy"), match=Match(dport=((1000 + p,) * 2,)))
+                        for p in range(100)])
+    engine = Engine(rs, FlowTable())
+    for p in range(100):
+        raw = bytes(IP(src="198.18.0.2", dst="198.18.0.1")
+                    / TCP(sport=5555, dport=1000 + p, flags="PA") / Raw(b"-ab-"))
+        res = engine.process(raw)
+        assert res.rules == (f"p{p}",) and res.packet is not None and b"-xy-" in res.packet
+    gc.collect()
+    alive = sum(isinstance(o, Selection) for o in gc.get_objects())
+    assert alive <= FewSelections.SELECTION_CACHE, alive
+
+
+def test_a_selection_knows_whether_its_replaces_change_lengths() -> None:
+    same = Selection((rule("a", 0, (b"ab", b"xy")), rule("b", 1, (b"c", b"d"))))
+    grows = Selection((rule("a", 0, (b"ab", b"xy")), rule("b", 1, (b"c", b"ddd"), (b"e", b""))))
+    shrinks = Selection((rule("a", 0, (b"abc", b"x")),))
+    assert (same.same_length, same.max_growth) == (True, 0)
+    assert (grows.same_length, grows.max_growth) == (False, 2)
+    assert (shrinks.same_length, shrinks.max_growth) == (False, 0)
+    assert (Selection(()).same_length, Selection(()).max_growth) == (True, 0)

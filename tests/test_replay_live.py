@@ -16,7 +16,7 @@ must be fed in the daemon's order, not in an order that merely looks plausible. 
 do not give that order: a veth hands a packet to the receive path of the CPU that sent it, and a
 client's pure ACK sent from its delayed-ACK timer on one CPU and the data segment its writer sends
 right after on another are then received concurrently, on two CPUs, and may reach the queue in
-the other order than the client's capture shows (this test, fed in capture order, failed so).
+the other order than the client's capture shows (fed in capture order, this test once failed so).
 A tap inside the appliance alone does not cure it: with two CPUs receiving on the same port at
 once, the tap of one packet and its NFQUEUE enqueue are not atomic, and the other CPU's packet can
 pass between them; nor can captures of two ports be merged by timestamp. An NFLOG rule before the
@@ -116,7 +116,8 @@ def test_replay_reproduces_the_live_daemon_packet_for_packet(lab: Lab, workdir: 
         ("appliance", "nfr0"), ("appliance", "nfr1"), ("client", "eth0"), ("server", "eth0"))
     for role, dev in receivers:
         lab.steer_receive(role, dev, cpu)
-    config = write_lab_config(workdir, {"10.toml": RULES})
+    # one worker: one reader of the queue, one verdict at a time
+    config = write_lab_config(workdir, {"10.toml": RULES}, workers=1)
     cli_pcap = os.path.join(workdir, "client.pcapng")
     srv_pcap = os.path.join(workdir, "server.pcapng")
     app_pcap = os.path.join(workdir, "appliance.pcapng")

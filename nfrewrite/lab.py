@@ -24,6 +24,9 @@ deletes them. ``cleanup_stale()`` removes leftovers of runs whose owning process
 The lab is test tooling, so it drives ``ip``/``ethtool`` as subprocesses (argument lists only);
 product code (``netsetup``) uses pyroute2.
 
+``steer_receive()`` has one CPU receive everything a device gets (RPS), for a test that must know
+the order in which packets crossed the receive path (see ``tests/test_replay_live.py``).
+
 ``tcp_exchange()`` runs ``python -m nfrewrite.lab_peer`` on both sides and returns the exact bytes
 each end received, with hard timeouts everywhere so that a broken data path fails a test instead of
 hanging it.

@@ -24,6 +24,9 @@ deletes them. ``cleanup_stale()`` removes leftovers of runs whose owning process
 The lab is test tooling, so it drives ``ip``/``ethtool`` as subprocesses (argument lists only);
 product code (``netsetup``) uses pyroute2.
 
+``steer_receive()`` has one CPU receive everything a device gets (RPS), for a test that must know
+the order in which packets crossed the receive path (see ``tests/test_replay_live.py``).
+
 ``tcp_exchange()`` runs ``python -m nfrewrite.lab_peer`` on both sides and returns the exact bytes
 each end received, with hard timeouts everywhere so that a broken data path fails a test instead of
 hanging it.
@@ -347,6 +350,38 @@ class Lab:
                 return proc
         proc.kill()
         raise LabError(f"[{role}] tcpdump did not start: {line!r}")
+
+    def steer_receive(self, role: Role, ifname: str, cpu: int) -> None:
+        """Have CPU ``cpu`` alone process what ``ifname`` receives (RPS on every receive queue).
+
+        A veth hands a packet to the receive path of the CPU that sent it, so packets sent from
+        two CPUs are received on two CPUs at once and taps, netfilter hooks and sockets after
+        them may see them in different orders. Steered, every received packet waits in that one
+        CPU's backlog, which it empties in order, one packet through the whole receive path
+        (taps, bridge, netfilter, NFQUEUE, socket) before the next. Written through the
+        namespace's own sysfs, so only this lab's device changes.
+        """
+        if cpu < 0:
+            raise ValueError(f"cpu must be >= 0, not {cpu}")
+        mask = 1 << cpu
+        words = []  # the kernel's cpumask format: 32-bit hex words, most significant first
+        while True:
+            words.append(f"{mask & 0xFFFFFFFF:08x}")
+            mask >>= 32
+            if not mask:
+                break
+        text = ",".join(reversed(words)) + "\n"
+        base = f"/sys/class/net/{ifname}/queues"
+        queues = self.run(role, ["ls", base]).stdout.split()
+        rx = [q for q in queues if q.startswith("rx-")]
+        if not rx:
+            raise LabError(f"[{role}] {ifname} has no receive queues in {base}")
+        for q in rx:
+            path = f"{base}/{q}/rps_cpus"
+            self.run(role, ["tee", path], input=text)
+            now = self.run(role, ["cat", path]).stdout.strip()
+            if int(now.replace(",", ""), 16) != 1 << cpu:
+                raise LabError(f"[{role}] {path} reads {now!r} after writing {text.strip()!r}")
 
     def tcp_counters(self, role: Role) -> dict[str, int]:
         """A namespace's ``Tcp.*`` and ``TcpExt.*`` counters (``/proc/net/{snmp,netstat}``;

@@ -1,10 +1,42 @@
 """`nfrewrite replay` does to a capture exactly what the live daemon did to the same traffic.
 
-In the lab, tshark captures both ends while the daemon rewrites a connection in both directions
-(same-length and length-changing edits, so sequence adjustment is exercised). The packets as they
-were sent (client->server from the client's capture, server->client from the server's) are merged
-in time order and replayed offline; the result must equal, packet for packet and byte for byte at
-the IP layer, what arrived at the other ends. tshark then validates the checksums of the output.
+In the lab the daemon rewrites a connection in both directions (same-length and length-changing
+edits, so sequence and ACK adjustment are exercised) while tshark captures at both ends and, with
+one socket on all interfaces, inside the appliance. The packets as the daemon's queue received
+them are replayed offline, in the order the queue received them; the result must equal, packet
+for packet and byte for byte at the IP layer, what the daemon let out of the appliance (both
+directions, interleaved as they left) and, per direction, what arrived at the other end.
+tshark then validates the checksums of the output.
+
+Why the order is the queue's own, and why that order can be known exactly
+--------------------------------------------------------------------------
+The engine's state at a packet depends on every packet it handled before, including those of the
+other direction (an ACK is mapped through the offsets of the segments seen so far), so the replay
+must be fed in the daemon's order, not in an order that merely looks plausible. The end captures
+do not give that order: a veth hands a packet to the receive path of the CPU that sent it, and a
+client's pure ACK sent from its delayed-ACK timer on one CPU and the data segment its writer sends
+right after on another are then received concurrently, on two CPUs, and may reach the queue in
+the other order than the client's capture shows (fed in capture order, this test once failed so).
+A tap inside the appliance alone does not cure it: with two CPUs receiving on the same port at
+once, the tap of one packet and its NFQUEUE enqueue are not atomic, and the other CPU's packet can
+pass between them; nor can captures of two ports be merged by timestamp. An NFLOG rule before the
+queue has the same gap (two actions of one hook, not one), and a netlink monitor device, which would
+show the queue's own messages, is not built into every kernel (this one's lacks it).
+
+So the test makes the appliance's receive path serial: RPS steers everything ``nfr0`` and
+``nfr1`` receive to one CPU (``Lab.steer_receive``). That CPU empties its backlog in order and
+takes each packet through the whole receive path (the packet-socket tap, the bridge, br_netfilter's
+FORWARD hook, the NFQUEUE enqueue) before it takes the next one, so the order in which one packet
+socket bound to all interfaces sees the arriving packets *is* the queue's order, both directions
+interleaved; the queue's single worker reads them in that order. Which CPU sent a packet no
+longer matters. (The capture file is read in file order: the timestamps are taken when a packet
+entered a backlog, possibly on another CPU, so sorting by them would bring the race back.)
+
+The other half is what leaves. The worker gives one verdict at a time, and each verdict takes its
+packet synchronously through the rest of the hooks to the egress port (veths have no qdisc),
+where the same socket sees it leave: that is the daemon's output order. Each end's ``eth0`` is
+steered to one CPU as well, so the packets the verdicts hand to it, one after another, are
+received in that order and the end's capture shows them as the daemon sent them.
 """
 
 from __future__ import annotations
@@ -17,9 +49,10 @@ import time
 
 import pytest
 from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import CookedLinux, CookedLinuxV2
 from scapy.utils import rdpcap, wrpcap
 
-from nfrewrite.lab import Daemon, Lab, tcp_exchange, write_lab_config
+from nfrewrite.lab import Daemon, Lab, Role, tcp_exchange, write_lab_config
 
 pytestmark = pytest.mark.privileged
 
@@ -37,10 +70,11 @@ replace = [ { find = "shrink-me-please", with = "ok" } ]
 
 NO_OFFLOAD = {"tx": False, "tso": False, "gso": False}
 
+PACKET_OUTGOING = 4  # the cooked header's packet type of a packet the capturing host sent
 
 
-def _tshark(lab: Lab, role: str, pcap: str) -> subprocess.Popen[bytes]:
-    proc = lab.popen(role, ["tshark", "-q", "-i", "eth0", "-f", "tcp port 8080", "-w", pcap],  # type: ignore[arg-type]
+def _tshark(lab: Lab, role: Role, iface: str, pcap: str) -> subprocess.Popen[bytes]:
+    proc = lab.popen(role, ["tshark", "-q", "-i", iface, "-f", "tcp port 8080", "-w", pcap],
                      stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not (os.path.exists(pcap) and os.path.getsize(pcap)):
@@ -50,21 +84,49 @@ def _tshark(lab: Lab, role: str, pcap: str) -> subprocess.Popen[bytes]:
 
 
 def _ip_packets(pcap: str) -> list[tuple[float, bytes]]:
+    """The TCP/IP packets of a capture, in file order (the order the socket saw them)."""
     return [(float(p.time), bytes(p[IP])) for p in rdpcap(pcap) if IP in p and TCP in p]
+
+
+def _appliance_packets(pcap: str) -> tuple[list[tuple[float, bytes]], list[bytes]]:
+    """(arriving, leaving) packets of the all-interfaces capture in the appliance, file order."""
+    arriving: list[tuple[float, bytes]] = []
+    leaving: list[bytes] = []
+    for p in rdpcap(pcap):
+        if IP not in p or TCP not in p:
+            continue
+        cooked = p[CookedLinux] if CookedLinux in p else p[CookedLinuxV2]
+        if cooked.pkttype == PACKET_OUTGOING:
+            leaving.append(bytes(p[IP]))
+        else:
+            arriving.append((float(p.time), bytes(p[IP])))
+    return arriving, leaving
+
+
+def c2s(raw: bytes) -> bool:
+    return bool(IP(raw)[TCP].dport == 8080)
 
 
 @pytest.mark.parametrize(
     "lab", [{"client_offloads": NO_OFFLOAD, "server_offloads": NO_OFFLOAD}], indirect=True
 )
 def test_replay_reproduces_the_live_daemon_packet_for_packet(lab: Lab, workdir: str) -> None:
-    config = write_lab_config(workdir, {"10.toml": RULES})
+    cpu = min(os.sched_getaffinity(0))
+    receivers: tuple[tuple[Role, str], ...] = (
+        ("appliance", "nfr0"), ("appliance", "nfr1"), ("client", "eth0"), ("server", "eth0"))
+    for role, dev in receivers:
+        lab.steer_receive(role, dev, cpu)
+    # one worker: one reader of the queue, one verdict at a time
+    config = write_lab_config(workdir, {"10.toml": RULES}, workers=1)
     cli_pcap = os.path.join(workdir, "client.pcapng")
     srv_pcap = os.path.join(workdir, "server.pcapng")
+    app_pcap = os.path.join(workdir, "appliance.pcapng")
     up = b"".join(b"hello %d grow;" % i for i in range(3000))
     down = b"".join(b"<shrink-me-please %d>" % i for i in range(3000))
     with Daemon(lab, config):
         lab.wait_reachable()
-        caps = [_tshark(lab, "client", cli_pcap), _tshark(lab, "server", srv_pcap)]
+        caps = [_tshark(lab, "client", "eth0", cli_pcap), _tshark(lab, "server", "eth0", srv_pcap),
+                _tshark(lab, "appliance", "any", app_pcap)]
         got = tcp_exchange(lab, up, down, chunk=1000)
         time.sleep(1.0)
         for cap in caps:
@@ -72,20 +134,26 @@ def test_replay_reproduces_the_live_daemon_packet_for_packet(lab: Lab, workdir: 
             cap.wait(10)
     assert b"grown-longer" in got.server_received and b"<ok " in got.client_received
 
-    client_side = _ip_packets(cli_pcap)
-    server_side = _ip_packets(srv_pcap)
-    c2s = lambda raw: IP(raw)[TCP].dport == 8080  # noqa: E731
-    sent = sorted([p for p in client_side if c2s(p[1])] + [p for p in server_side
-                                                           if not c2s(p[1])])
-    arrived_c2s = [raw for _, raw in server_side if c2s(raw)]
-    arrived_s2c = [raw for _, raw in client_side if not c2s(raw)]
+    client_side = [raw for _, raw in _ip_packets(cli_pcap)]
+    server_side = [raw for _, raw in _ip_packets(srv_pcap)]
+    queued, left = _appliance_packets(app_pcap)
+    arrived_c2s = [raw for raw in server_side if c2s(raw)]
+    arrived_s2c = [raw for raw in client_side if not c2s(raw)]
     assert len(arrived_c2s) > 20 and len(arrived_s2c) > 20
+    # the appliance capture is complete: it holds every packet each end sent, no other
+    assert sorted(raw for _, raw in queued if c2s(raw)) == sorted(
+        raw for raw in client_side if c2s(raw))
+    assert sorted(raw for _, raw in queued if not c2s(raw)) == sorted(
+        raw for raw in server_side if not c2s(raw))
 
     replay_in = os.path.join(workdir, "in.pcap")
     replay_out = os.path.join(workdir, "out.pcap")
-    pkts = [IP(raw) for _, raw in sent]
-    for p, (t, _) in zip(pkts, sent, strict=True):
-        p.time = t
+    pkts = [IP(raw) for _, raw in queued]
+    last = 0.0
+    for p, (t, _) in zip(pkts, queued, strict=True):
+        # the daemon's clock runs forward in queue order; a backlog timestamp may not
+        last = max(last, t)
+        p.time = last
     wrpcap(replay_in, pkts)  # raw IP link type
     res = subprocess.run(
         [sys.executable, "-m", "nfrewrite", "replay", "-c", config, replay_in, replay_out],
@@ -93,6 +161,7 @@ def test_replay_reproduces_the_live_daemon_packet_for_packet(lab: Lab, workdir: 
     )
     assert res.returncode == 0, res.stderr
     out = [bytes(p[IP]) for p in rdpcap(replay_out)]
+    assert out == left
     assert [raw for raw in out if c2s(raw)] == arrived_c2s
     assert [raw for raw in out if not c2s(raw)] == arrived_s2c
 

@@ -214,6 +214,15 @@ def _forget_locks_in_child() -> None:
 
 os.register_at_fork(after_in_child=_forget_locks_in_child)
 
+def _pid_in(fd: int) -> str:
+    """`` (pid N)`` as the lock's holder wrote it in the file, else ""."""
+    try:
+        text = os.pread(fd, 16, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -256,17 +265,21 @@ class SysctlKeeper:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    holder = _pid_in(fd)
                     os.close(fd)
                     if time.monotonic() >= deadline:
                         raise SysctlKeeperBusy(
-                            f"another nfrewrite runs in this network namespace (it holds "
-                            f"{self.lock_path}); stop it first") from None
+                            f"another nfrewrite{holder} runs in this network namespace (it "
+                            f"holds {self.lock_path}); stop it first") from None
                     time.sleep(0.1)
                     continue
                 except OSError as e:
                     os.close(fd)
                     raise NetSetupError(f"cannot lock {self.lock_path}: {e.strerror}") from e
                 if self._same_file(fd, dir_fd):
+                    with contextlib.suppress(OSError):  # for the message of a second daemon
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                     break
                 os.close(fd)  # its holder removed it on stop: lock the new one
         except BaseException:

@@ -215,7 +215,8 @@ def test_a_second_daemon_in_the_namespace_leaves_the_running_ones_sysctls_alone(
     second = lab.run("appliance", [sys.executable, "-m", "nfrewrite", "run", "-c", config],
                      env=env, check=False)
     assert second.returncode == 4, second.stderr
-    assert "another nfrewrite runs in this network namespace" in second.stderr
+    assert first.proc is not None  # ip netns exec execs: its pid is the daemon's
+    assert f"another nfrewrite (pid {first.proc.pid}) runs in this network" in second.stderr
     assert set(_sysctls(lab).values()) == {"1"}, second.stderr
     assert sorted(n for n in os.listdir(run_dir) if n.endswith(".json")) == records
     first.signal(signal.SIGTERM)

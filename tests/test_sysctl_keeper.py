@@ -22,7 +22,7 @@ def test_a_second_keeper_of_the_namespace_is_refused_until_the_first_unlocks(
 ) -> None:
     first, second = SysctlKeeper(str(tmp_path)), SysctlKeeper(str(tmp_path))
     first.lock()
-    with pytest.raises(SysctlKeeperBusy, match="another nfrewrite runs"):
+    with pytest.raises(SysctlKeeperBusy, match=rf"another nfrewrite \(pid {os.getpid()}\) runs"):
         second.lock()
     with pytest.raises(SysctlKeeperBusy):
         second._save({})  # noqa: SLF001 - nor may it write the record

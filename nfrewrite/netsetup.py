@@ -46,8 +46,9 @@ daemon that cannot get it within a few seconds refuses to start and touches noth
 cannot write back the originals under the running one or delete its record. Forked children
 (workers, the reload loader) close their inherited copy of the lock at once
 (``os.register_at_fork``), so after a ``kill -9`` of the supervisor the lock is free as soon as
-the supervisor is gone. The holder deletes the lock file on a clean stop; a taker checks that
-the file it locked is still the one at that name. The runtime directory may have been left by
+the supervisor is gone. The lock file holds its holder's pid, for the refusal's message; the
+holder deletes it on a clean stop, and a taker checks that the file it locked is still the one
+at that name. The runtime directory may have been left by
 another user (root running the daemon by hand in the service's ``/run/nfrewrite``): it must be
 owned by this process's user and writable by nobody else, or the keeper refuses; the record and
 the lock file are opened relative to the directory, without following a symlink and without
@@ -213,6 +214,7 @@ def _forget_locks_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_locks_in_child)
+
 
 def _pid_in(fd: int) -> str:
     """`` (pid N)`` as the lock's holder wrote it in the file, else ""."""

@@ -48,12 +48,12 @@ cannot write back the originals under the running one or delete its record. Fork
 (``os.register_at_fork``), so after a ``kill -9`` of the supervisor the lock is free as soon as
 the supervisor is gone. The lock file holds its holder's pid, for the refusal's message; the
 holder deletes it on a clean stop, and a taker checks that the file it locked is still the one
-at that name. The runtime directory may have been left by
-another user (root running the daemon by hand in the service's ``/run/nfrewrite``): it must be
-owned by this process's user and writable by nobody else, or the keeper refuses; the record and
-the lock file are opened relative to the directory, without following a symlink and without
-blocking on a FIFO, and used only if they are regular files owned by this user; the temporary
-file of a new record is created exclusively.
+at that name. The runtime directory may have been left by another user (root running the
+daemon by hand in the service's ``/run/nfrewrite``): it must be owned by this process's user and
+writable by nobody else, or the keeper refuses; the record and the lock file are opened relative
+to the directory, without following a symlink and without blocking on a FIFO, and used only if
+they are regular files owned by this user; the temporary file of a new record is created
+exclusively.
 
 What it must not do: run ``ip``/``ethtool``/``sysctl`` subprocesses (pyroute2 and /proc only), touch
 interfaces other than the named bridge and ports, or take the bridge down on stop: the bridge stays

@@ -8,17 +8,20 @@ firewall or the network set-up.
 
 Start (each step only after the previous one succeeded)::
 
-    config + rules valid -> metrics dir + HTTP -> bridges/ports/offloads -> workers bound
-    (fail-open set) -> firewall rules installed -> READY=1
+    config + rules valid -> this network namespace's lock -> metrics dir + HTTP
+    -> bridges/ports/offloads -> workers bound (fail-open set) -> firewall rules installed
+    -> READY=1
 
 so that no packet is queued before a worker is there to take it (and if one were, the rules'
 ``--queue-bypass`` would let it pass). Stop is the reverse: STOPPING=1, firewall rules removed
 (new packets stay in the kernel), workers told to stop (they verdict what is waiting and unbind),
-HTTP closed, sysctls put back, metrics dir removed. Bridges stay up so traffic keeps flowing
-without us. The sysctls (br_netfilter's switches, conntrack's liberal TCP mode) are changed
-through a ``netsetup.SysctlKeeper``, which records their originals in the runtime directory
-first, so the clean stop after a ``kill -9`` and a restart still restores the values from before
-the first run.
+HTTP closed, sysctls put back, lock released, metrics dir removed. Bridges stay up so traffic
+keeps flowing without us. The sysctls (br_netfilter's switches, conntrack's liberal TCP mode) are
+changed through a ``netsetup.SysctlKeeper``, which records their originals in the runtime
+directory first, so the clean stop after a ``kill -9`` and a restart still restores the values
+from before the first run. The keeper's lock makes it one daemon per network namespace: a second
+one waits ``LOCK_WAIT`` seconds for it (a killed predecessor's last moments), then exits 4
+without touching anything; only the holder of the lock ever puts sysctls back.
 
 Descriptors: the HTTP server bounds its own (see ``metrics``), and the supervisor keeps a few in
 reserve (``fdreserve``), freed around a reload, a worker restart and the stop, so that a full
@@ -80,6 +83,7 @@ HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as s
 BIND_TIMEOUT = 10.0
 STOP_TIMEOUT = 1.5
 RELOAD_TIMEOUT = 3.0
+LOCK_WAIT = 3.0  # seconds a starting daemon waits for the namespace's lock
 PR_SET_PDEATHSIG = 1
 
 
@@ -251,6 +255,12 @@ class Supervisor:
 
         cfg = self.config
         queues = list(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
+        self.sysctls = netsetup.SysctlKeeper()
+        try:  # first: a second daemon here must leave the running one's state alone
+            self.sysctls.lock(wait=LOCK_WAIT)
+        except netsetup.NetSetupError as e:
+            log(f"error: {e}")
+            return 4
         mp_dir = metrics.setup_multiprocess_dir(os.environ.get("RUNTIME_DIRECTORY"))
         self._fds = FdReserve()  # before the HTTP server sizes itself by what is left
         server = None
@@ -258,7 +268,6 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        self.sysctls = netsetup.SysctlKeeper()
         try:
             self.sup = metrics.SupervisorMetrics(queues, ports=cfg.bridge_ports)
             server = metrics.serve(cfg.metrics.listen, self.sup.registry)
@@ -305,6 +314,7 @@ class Supervisor:
                     log(f"sysctls restored: {' '.join(restored)}")
             except netsetup.NetSetupError as e:
                 log(f"error: {e}")
+            self.sysctls.unlock()
             if server is not None:
                 server.close()
             metrics.cleanup_multiprocess_dir(mp_dir)

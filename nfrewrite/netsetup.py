@@ -40,6 +40,21 @@ never reused while the machine runs) and the boot id tell a record of a namespac
 or of an earlier boot, from a current one: such a record is ignored. Only these three sysctls
 are ever written back, and only with a value read from them.
 
+One daemon per network namespace (and runtime directory): a keeper first takes an exclusive
+``flock`` on ``sysctl-netns-<inode>.lock`` beside the record and holds it for the run; a second
+daemon that cannot get it within a few seconds refuses to start and touches nothing, so it
+cannot write back the originals under the running one or delete its record. Forked children
+(workers, the reload loader) close their inherited copy of the lock at once
+(``os.register_at_fork``), so after a ``kill -9`` of the supervisor the lock is free as soon as
+the supervisor is gone. The lock file holds its holder's pid, for the refusal's message; the
+holder deletes it on a clean stop, and a taker checks that the file it locked is still the one
+at that name. The runtime directory may have been left by another user (root running the
+daemon by hand in the service's ``/run/nfrewrite``): it must be owned by this process's user and
+writable by nobody else, or the keeper refuses; the record and the lock file are opened relative
+to the directory, without following a symlink and without blocking on a FIFO, and used only if
+they are regular files owned by this user; the temporary file of a new record is created
+exclusively.
+
 What it must not do: run ``ip``/``ethtool``/``sysctl`` subprocesses (pyroute2 and /proc only), touch
 interfaces other than the named bridge and ports, or take the bridge down on stop: the bridge stays
 up so traffic keeps flowing when the daemon exits.
@@ -49,9 +64,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import socket
+import stat
+import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,14 +199,165 @@ def _netns_identity() -> tuple[int, int | None, str]:
     return inode, cookie, boot
 
 
+class SysctlKeeperBusy(NetSetupError):
+    """Another process holds this network namespace's lock (another nfrewrite runs here)."""
+
+
+#: keepers holding a lock in this process; a forked child closes their descriptors
+_HOLDERS: weakref.WeakSet[SysctlKeeper] = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    for keeper in list(_HOLDERS):
+        keeper._drop()  # noqa: SLF001 - the module's own fork hook
+    _HOLDERS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _pid_in(fd: int) -> str:
+    """`` (pid N)`` as the lock's holder wrote it in the file, else ""."""
+    try:
+        text = os.pread(fd, 16, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 class SysctlKeeper:
     """Sets this network namespace's sysctls and puts them back on :meth:`restore`, also when a
-    run in between was killed (see the module doc). One per daemon run."""
+    run in between was killed (see the module doc). One per daemon run; it holds the
+    namespace's lock from :meth:`lock` (or its first :meth:`set`/:meth:`restore`) to
+    :meth:`unlock` or the end of the process."""
 
     def __init__(self, directory: str | None = None) -> None:
         self.directory = directory or state_dir()
         inode, self._cookie, self._boot = _netns_identity()
-        self.path = os.path.join(self.directory, f"sysctl-netns-{inode}.json")
+        self._name = f"sysctl-netns-{inode}.json"
+        self._lock_name = f"sysctl-netns-{inode}.lock"
+        self.path = os.path.join(self.directory, self._name)
+        self.lock_path = os.path.join(self.directory, self._lock_name)
+        self._dir_fd: int | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        """Whether this keeper holds the namespace's lock."""
+        return self._lock_fd is not None
+
+    def lock(self, wait: float = 0.0) -> None:
+        """Take the namespace's lock, trying for up to ``wait`` seconds; raises
+        SysctlKeeperBusy if another process keeps it, NetSetupError if the directory or the
+        lock file is not safe to use."""
+        if self._lock_fd is not None:
+            return
+        dir_fd = self._open_directory()
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    fd = self._open_ours(self._lock_name, self.lock_path,
+                                         os.O_RDWR | os.O_CREAT, dir_fd)
+                except FileNotFoundError as e:  # the directory went away
+                    raise NetSetupError(f"cannot create {self.lock_path}: {e.strerror}") from e
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _pid_in(fd)
+                    os.close(fd)
+                    if time.monotonic() >= deadline:
+                        raise SysctlKeeperBusy(
+                            f"another nfrewrite{holder} runs in this network namespace (it "
+                            f"holds {self.lock_path}); stop it first") from None
+                    time.sleep(0.1)
+                    continue
+                except OSError as e:
+                    os.close(fd)
+                    raise NetSetupError(f"cannot lock {self.lock_path}: {e.strerror}") from e
+                if self._same_file(fd, dir_fd):
+                    with contextlib.suppress(OSError):  # for the message of a second daemon
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                    break
+                os.close(fd)  # its holder removed it on stop: lock the new one
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._dir_fd, self._lock_fd = dir_fd, fd
+        _HOLDERS.add(self)
+
+    def unlock(self) -> None:
+        """Delete the lock file and release the lock (nothing if not held)."""
+        if self._lock_fd is None or self._dir_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self._lock_name, dir_fd=self._dir_fd)
+        self._drop()
+        _HOLDERS.discard(self)
+
+    def _drop(self) -> None:
+        for fd in (self._lock_fd, self._dir_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock_fd = self._dir_fd = None
+
+    def _held_dir(self) -> int:
+        """The directory's descriptor, the lock taken (now, without waiting) if not held."""
+        self.lock()
+        assert self._dir_fd is not None
+        return self._dir_fd
+
+    def _same_file(self, fd: int, dir_fd: int) -> bool:
+        try:
+            named = os.stat(self._lock_name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    def _open_directory(self) -> int:
+        """A descriptor of the runtime directory (created 0700 if missing), after checking that
+        it is ours and writable by nobody else."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NetSetupError(f"cannot use {self.directory} for the sysctl record: "
+                                f"{e.strerror}") from e
+        st = os.fstat(fd)
+        uid = os.geteuid()
+        if st.st_uid != uid or st.st_mode & 0o022:
+            os.close(fd)
+            raise NetSetupError(
+                f"{self.directory} is owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; the sysctl record needs a directory owned by "
+                f"uid {uid} that no one else can write: set RUNTIME_DIRECTORY to one (mode 0700) "
+                f"or stop the service that owns this one")
+        return fd
+
+    @staticmethod
+    def _open_ours(name: str, path: str, flags: int, dir_fd: int) -> int:
+        """Open ``name`` in the directory, refusing a symlink, a FIFO or anything that is not a
+        regular file of this user that only this user can write."""
+        try:
+            fd = os.open(name, flags | _OPEN_FLAGS, 0o600, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            raise NetSetupError(f"cannot open {path}: {why}; remove it after checking what put "
+                                "it there") from e
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            os.close(fd)
+            raise NetSetupError(f"{path} is not a regular file of uid {os.geteuid()} writable "
+                                "only by it; remove it after checking what put it there")
+        return fd
 
     def set(self, path: Path, on: bool) -> bool | None:
         """Set the boolean sysctl ``path``; return its original value (the one recorded by an
@@ -215,7 +385,8 @@ class SysctlKeeper:
 
     def restore(self) -> list[str]:
         """Write every recorded original back, then delete the record; ``["name=value", ...]``
-        of what was written. Raises NetSetupError (record kept) if a sysctl cannot be written."""
+        of what was written. Raises NetSetupError (record kept) if a sysctl cannot be written,
+        SysctlKeeperBusy (nothing done) if another process holds the lock."""
         record = self._load()
         done: list[str] = []
         for path in KEPT_SYSCTLS:
@@ -232,17 +403,19 @@ class SysctlKeeper:
                 raise NetSetupError(f"cannot restore {path} to {original}: {e.strerror}; the "
                                     f"original stays recorded in {self.path}") from e
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(self._name, dir_fd=self._held_dir())
         return done
 
     def _load(self) -> dict[str, str]:
         """The recorded originals; {} without a record or with one of another namespace that had
         the same inode, or of an earlier boot."""
         try:
-            with open(self.path, "rb") as f:
-                data = json.loads(f.read(65536))
+            fd = self._open_ours(self._name, self.path, os.O_RDONLY, self._held_dir())
         except FileNotFoundError:
             return {}
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = json.loads(f.read(65536))
         except (OSError, ValueError) as e:
             raise NetSetupError(f"cannot read the sysctl record {self.path}: {e}; remove it after "
                                 "checking the sysctls it names") from e
@@ -257,18 +430,26 @@ class SysctlKeeper:
 
     def _save(self, originals: dict[str, str]) -> None:
         data = {"boot_id": self._boot, "netns_cookie": self._cookie, "originals": originals}
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        dir_fd = self._held_dir()
+        tmp = f"{self._name}.{os.getpid()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        created = False
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            except FileExistsError:  # left by a killed run with our pid; we hold the lock
+                os.unlink(tmp, dir_fd=dir_fd)
+                fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            created = True
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, self._name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
             raise NetSetupError(f"cannot record the original sysctl values in {self.path}: "
                                 f"{e.strerror}; nothing was changed") from e
 

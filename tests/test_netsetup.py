@@ -193,6 +193,38 @@ def test_sysctls_come_back_after_kill_9_a_restart_and_a_clean_stop(lab: Lab, wor
     lab.wait_reachable()
 
 
+def test_a_second_daemon_in_the_namespace_leaves_the_running_ones_sysctls_alone(
+    lab: Lab, workdir: str
+) -> None:
+    """A second ``nfrewrite run`` beside the running one (same runtime directory, same metrics
+    port) must fail without putting the sysctls back under the first or deleting its record."""
+    import os
+    import signal
+
+    from nfrewrite.lab import Daemon, write_lab_config
+
+    for name, value in SYSCTLS.items():
+        lab.run("appliance", ["sh", "-c", f"echo {value} > /proc/sys/{name}"])
+    config = write_lab_config(workdir, {"10.toml": GROWING})
+    run_dir = os.path.join(workdir, "run")
+    os.mkdir(run_dir, 0o700)
+    env = {**lab.python_env(), "RUNTIME_DIRECTORY": run_dir}
+    first = Daemon(lab, config, env=env).start()
+    records = sorted(n for n in os.listdir(run_dir) if n.endswith(".json"))
+    assert len(records) == 1 and set(_sysctls(lab).values()) == {"1"}
+    second = lab.run("appliance", [sys.executable, "-m", "nfrewrite", "run", "-c", config],
+                     env=env, check=False)
+    assert second.returncode == 4, second.stderr
+    assert first.proc is not None  # ip netns exec execs: its pid is the daemon's
+    assert f"another nfrewrite (pid {first.proc.pid}) runs in this network" in second.stderr
+    assert set(_sysctls(lab).values()) == {"1"}, second.stderr
+    assert sorted(n for n in os.listdir(run_dir) if n.endswith(".json")) == records
+    first.signal(signal.SIGTERM)
+    assert first.wait(5) == 0
+    assert _sysctls(lab) == SYSCTLS, first.log()
+    assert [n for n in os.listdir(run_dir) if n.startswith("sysctl-")] == []
+
+
 def test_two_namespaces_never_share_a_record(lab: Lab, workdir: str) -> None:
     """Same directory, two namespaces: two record files; a restore in one leaves the other's
     value and record alone."""

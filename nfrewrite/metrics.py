@@ -35,7 +35,12 @@ Two modes, chosen by the library once per process, when ``prometheus_client`` is
   When a worker dies the supervisor calls :meth:`SupervisorMetrics.worker_died` (the library's
   ``mark_process_dead``), which drops that pid's ``live*`` gauge files; on stop,
   :func:`cleanup_multiprocess_dir` removes the directory.  Files of dead workers' counters stay
-  (one set per restart) because their counts are part of the totals.
+  (one set per restart) because their counts are part of the totals.  A run killed before that
+  (``kill -9``, the watchdog, the OOM killer) leaves its directory behind, and the runtime
+  directory is kept across restarts (for the sysctl record), so the name carries the creating
+  pid (``nfrewrite-metrics-<pid>-XXXXXXXX``) and :func:`setup_multiprocess_dir`, given a parent,
+  first removes the directories there whose pid is no longer a live process
+  (:func:`remove_stale_multiprocess_dirs`).
 
 Who writes what.  A worker owns the series labelled with its queue number (``queue`` = the
 NFQUEUE number as a string) and the per-rule counters (summed over workers, no queue label); the
@@ -78,6 +83,7 @@ connection, nor the port, open.
 API
 ===
 ``setup_multiprocess_dir(parent=None) -> str``; ``cleanup_multiprocess_dir(path)``;
+``remove_stale_multiprocess_dirs(parent) -> list[str]``;
 ``default_metrics() -> Metrics`` (the process's one set; ``Metrics()`` for a private set in
 single-process mode, e.g. a test); ``WorkerMetrics(queue_num, rules=(), metrics=None)`` with
 ``.set_rules(names)``, ``.observe(result, seconds)``, ``.error(exc_or_name)``,
@@ -115,6 +121,7 @@ import glob
 import io
 import os
 import platform
+import re
 import resource
 import socket
 import sys
@@ -141,6 +148,8 @@ if TYPE_CHECKING:
     from nfrewrite.engine import Result
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_PREFIX = "nfrewrite-metrics-"  # then the creating pid, "-", mkdtemp's suffix
+_STALE_NAME = re.compile(re.escape(MULTIPROC_PREFIX) + r"([1-9][0-9]*)-[a-z0-9_]+")
 NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 DEFAULT_LISTEN = "127.0.0.1:9640"
 
@@ -296,9 +305,51 @@ def setup_multiprocess_dir(parent: str | None = None) -> str:
             "prometheus_client was imported before setup_multiprocess_dir(): its values would "
             "stay per-process; call setup_multiprocess_dir() first thing in the supervisor"
         )
-    path = tempfile.mkdtemp(prefix="nfrewrite-metrics-", dir=parent)  # mode 0700
+    if parent is not None:
+        remove_stale_multiprocess_dirs(parent)
+    # the creating pid in the name tells a later run whether the directory is still in use
+    path = tempfile.mkdtemp(prefix=f"{MULTIPROC_PREFIX}{os.getpid()}-", dir=parent)  # mode 0700
     os.environ[ENV] = path
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_multiprocess_dirs(parent: str) -> list[str]:
+    """Remove the directories ``nfrewrite-metrics-<pid>-*`` in ``parent`` whose ``<pid>`` is not
+    a live process (a run killed before its :func:`cleanup_multiprocess_dir`); return their paths.
+
+    A directory of a live process (perhaps a daemon in another network namespace sharing
+    ``parent``, or an unrelated process that got the pid again) is kept, as are names without a
+    pid and directories holding anything but ``*.db`` files.  Errors are ignored: this is tidying.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        found = _STALE_NAME.fullmatch(name)
+        if found is None:
+            continue
+        pid = int(found[1])
+        if pid != os.getpid() and _pid_alive(pid):  # our own pid: an earlier run's, reused
+            continue
+        path = os.path.join(parent, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        with contextlib.suppress(OSError):
+            cleanup_multiprocess_dir(path)
+            removed.append(path)
+    return removed
 
 
 def cleanup_multiprocess_dir(path: str) -> None:

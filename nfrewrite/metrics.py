@@ -90,7 +90,8 @@ single-process mode, e.g. a test); ``WorkerMetrics(queue_num, rules=(), metrics=
 ``.set_flows(active, evicted_total)``; ``SupervisorMetrics(queue_nums, ports=(), metrics=None,
 proc_path=NFQUEUE_PROC)`` with ``.rules_loaded(n)``, ``.reload(ok, when)``,
 ``.offloads(port, features)``, ``.worker_restarted(queue_num)``, ``.worker_died(pid)``,
-``.registry`` (what to scrape); ``serve(listen, registry, *, limits=None) -> Server``
+``.registry`` (what to scrape); ``serve(listen, registry, *, limits=None,
+idle_timeout=IDLE_TIMEOUT) -> Server``
 (``.address``, ``.url``, ``.limits``, ``.counts()``, ``.close()``); ``connection_limits(reserve)``;
 ``parse_listen(listen)``; ``read_queue_stats(path)``;
 ``KernelQueueCollector(queue_nums, path)``; ``error_kind(exc)``; the specs (``METRICS``,
@@ -832,13 +833,15 @@ class _Prefixed(io.RawIOBase):
 
 
 class _Handler(WSGIRequestHandler):
-    """One request whose head the loop has read, with the socket timeout :data:`IDLE_TIMEOUT`."""
+    """One request whose head the loop has read, with the socket timeout :data:`IDLE_TIMEOUT`
+    (the server's ``idle_timeout``)."""
 
     timeout = IDLE_TIMEOUT  # applied by StreamRequestHandler.setup() to every read and write
     server: _HTTPServer
 
     def setup(self) -> None:
         super().setup()
+        self.connection.settimeout(self.server.idle_timeout)  # the socket the files wrap
         head = self.server.head_of(self.request)
         raw = self.connection.makefile("rb", buffering=0)
         self.rfile = io.BufferedReader(_Prefixed(head, cast("BinaryIO", raw)))
@@ -873,11 +876,13 @@ class _HTTPServer(WSGIServer):
         *,
         max_waiting: int = MAX_WAITING,
         max_handlers: int = MAX_HANDLERS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.address_family = family
         super().__init__(sockaddr, _Handler)
         self.max_waiting = max_waiting
         self.max_handlers = max_handlers
+        self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._waiting: dict[socket.socket, _Conn] = {}  # request head incomplete; oldest first
         self._ready: list[_Conn] = []  # request head read, no handler free yet
@@ -976,12 +981,12 @@ class _HTTPServer(WSGIServer):
             self._sel.register(sock, selectors.EVENT_READ)
 
     def _expire(self, now: float) -> None:
-        """Close connections silent for IDLE_TIMEOUT or without a whole request head within
+        """Close connections silent for ``idle_timeout`` or without a whole request head within
         REQUEST_TIMEOUT of the accept; cut answers not written within RESPONSE_TIMEOUT."""
         for conn in [
             c
             for c in self._waiting.values()
-            if now - c.last > IDLE_TIMEOUT or now - c.accepted > REQUEST_TIMEOUT
+            if now - c.last > self.idle_timeout or now - c.accepted > REQUEST_TIMEOUT
         ]:
             self._drop_waiting(conn)
         for conn in [c for c in self._ready if now - c.accepted > RESPONSE_TIMEOUT]:
@@ -1116,14 +1121,21 @@ def connection_limits(reserve: int = FD_RESERVE) -> tuple[int, int]:
 
 
 def serve(
-    listen: str, registry: Collector, *, limits: tuple[int, int] | None = None
+    listen: str,
+    registry: Collector,
+    *,
+    limits: tuple[int, int] | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> Server:
     """Serve ``registry`` on ``listen`` ("host:port", "[::1]:port") in a daemon thread.
 
     ``limits``: (connections waiting with an incomplete or unserved request, requests served at
     once); by default
     :func:`connection_limits` (what fits beside :data:`FD_RESERVE`), computed now.
+    ``idle_timeout``: :data:`IDLE_TIMEOUT` unless a test needs another.
     """
+    if idle_timeout <= 0:
+        raise ValueError(f"idle_timeout {idle_timeout!r}: want a positive number")
     waiting, handlers = limits if limits is not None else connection_limits()
     if waiting < 1 or handlers < 1:
         raise ValueError(f"limits {limits!r}: want two positive numbers")
@@ -1134,6 +1146,7 @@ def serve(
     if not infos:  # pragma: no cover - getaddrinfo raises instead
         raise OSError(f"listen {listen!r}: no address")
     family, _, _, _, sockaddr = infos[0]
-    httpd = _HTTPServer(sockaddr, family, max_waiting=waiting, max_handlers=handlers)
+    httpd = _HTTPServer(sockaddr, family, max_waiting=waiting, max_handlers=handlers,
+                        idle_timeout=idle_timeout)
     httpd.set_app(make_app(registry))
     return Server(httpd)

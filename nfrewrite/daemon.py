@@ -44,14 +44,18 @@ atomically and hand the new rule set to every worker (which swaps ``engine.rules
 packets; per-flow sequence state is kept). Then READY=1. Changes to bridges, queue numbers or the
 metrics address need a restart and are reported as such.
 
-Reading and validating the files is the slow part (about 0.1 s per MiB of rule files, up to
-minutes at the size limits), so it runs off the main loop, in a forked *loader* process that sends
-back ``(config, ruleset, diagnostics)`` over a pipe. Meanwhile the loop goes on as usual: it reads
+Reading and validating the files is the slow part (it grows with their size;
+``bench/bench_load.py`` measures it per MiB for several shapes of rule file), so it runs off the
+main loop, in a forked *loader* process that sends back ``(config, ruleset, diagnostics, kernel
+plan)`` over a pipe (the plan it computed to validate the rules is the one swapped in, unless the
+queue numbers changed). Meanwhile the loop goes on as usual: it reads
 heartbeats, restarts dead workers and keeps ``WATCHDOG=1`` coming, so ``WatchdogSec`` need not
 cover the reload. Only one reload runs at a time: a SIGHUP that arrives during a reload is
 remembered, and one more reload (however many SIGHUPs came) starts when the current one has
 finished, so files edited meanwhile are read. A loader that dies or sends nothing usable is a failed
-reload: the running rules stay. SIGTERM during a reload kills the loader (it holds nothing: no
+reload: the running rules stay. So is a loader that has sent nothing after :data:`LOADER_TIMEOUT`
+(hung, say, on a file system that stopped answering): it is killed, and a SIGHUP that came
+meanwhile starts the next reload. SIGTERM during a reload kills the loader (it holds nothing: no
 kernel state is touched before its result is back) and stops as usual. Applying a result (kernel
 prefilter swap, rule set to the workers, their confirmations) stays on the main loop, which
 pings the watchdog between those steps too.
@@ -64,14 +68,13 @@ import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nfrewrite import metrics, netsetup
 from nfrewrite.config import Config, load_all
@@ -79,11 +82,18 @@ from nfrewrite.diagnostics import Diagnostic, has_errors
 from nfrewrite.fdreserve import FdReserve
 from nfrewrite.rules import RuleSet
 
+if TYPE_CHECKING:
+    from nfrewrite.firewall import Plan
+
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
 BIND_TIMEOUT = 10.0
 STOP_TIMEOUT = 1.5
 RELOAD_TIMEOUT = 3.0
 LOCK_WAIT = 3.0  # seconds a starting daemon waits for the namespace's lock
+#: Seconds a reload's loader may take before it counts as hung: killed, a failed reload.  The
+#: environment variable ``NFREWRITE_LOADER_TIMEOUT`` overrides it (the tests use a short one).
+LOADER_TIMEOUT = 300.0
+LOADER_EXIT_WAIT = 1.0  # seconds a loader that sent its result is given to exit before a kill
 PR_SET_PDEATHSIG = 1
 
 
@@ -99,14 +109,32 @@ def load(config_path: str) -> tuple[Config | None, RuleSet | None, list[Diagnost
     """Config and rules, validated as ``nfrewrite check`` does (file permissions included, and
     the kernel rules through the same ``prefilter.kernel_rules``: a rule set check refuses for
     needing too many of them is refused here, before anything is set up or swapped)."""
+    config, ruleset, diags, _ = load_with_plan(config_path)
+    return config, ruleset, diags
+
+
+def load_with_plan(
+    config_path: str,
+) -> tuple[Config | None, RuleSet | None, list[Diagnostic], Plan | None]:
+    """:func:`load`, and the kernel plan it computed for the rules (None when they are refused)."""
     from nfrewrite.prefilter import kernel_rules
 
     config, ruleset, diags = load_all(config_path)
     if config is not None and ruleset is not None:
         kernel, refused = kernel_rules(ruleset, config.queue.num, config.queue.workers)
         if kernel is None:
-            return config, None, diags + refused
-    return config, ruleset, diags
+            return config, None, diags + refused, None
+        return config, ruleset, diags, kernel
+    return config, ruleset, diags, None
+
+
+def loader_timeout() -> float:
+    """:data:`LOADER_TIMEOUT`, or ``NFREWRITE_LOADER_TIMEOUT`` if that is a positive number."""
+    with contextlib.suppress(ValueError):
+        given = float(os.environ.get("NFREWRITE_LOADER_TIMEOUT", ""))
+        if given > 0:
+            return given
+    return LOADER_TIMEOUT
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -198,7 +226,7 @@ def loader_main(config_path: str, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        result = load(config_path)
+        result = load_with_plan(config_path)
     except Exception as e:  # noqa: BLE001 - told to the supervisor, which keeps the old rules
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -211,6 +239,7 @@ class Reload:
 
     process: Any
     conn: Connection
+    deadline: float  # monotonic time after which the loader counts as hung
 
 
 # -- supervisor side --------------------------------------------------------------------------
@@ -472,14 +501,18 @@ class Supervisor:
                                 "running rules")
             return
         child.close()
-        self._reloading = Reload(proc, parent)
+        self._reloading = Reload(proc, parent, time.monotonic() + loader_timeout())
         log(f"reload: reading config and rules (loader {proc.pid})")
 
     def _finish_reload(self) -> None:
         """Apply the loader's result once it is there (a dead loader is a failed reload)."""
         r = self._reloading
-        if r is None or not r.conn.poll():
-            return  # still loading (a loader that died leaves its pipe readable: EOF)
+        if r is None:
+            return
+        if not r.conn.poll():  # still loading (a loader that died leaves its pipe readable: EOF)
+            if time.monotonic() > r.deadline:
+                self._loader_hung(r)
+            return
         with self._fds.released():  # applying runs iptables-restore and sends to workers
             self._take_reload_result(r)
 
@@ -488,10 +521,10 @@ class Supervisor:
         self._ping_watchdog(force=True)
         try:
             msg = r.conn.recv()
-        except (EOFError, OSError, pickle.UnpicklingError):
+        except Exception:  # noqa: BLE001 - EOF, a broken pickle, no memory: a failed reload
             msg = None
         r.conn.close()
-        r.process.join(BIND_TIMEOUT)
+        r.process.join(LOADER_EXIT_WAIT)  # it has sent all it had: no reason to wait long
         if r.process.is_alive():
             r.process.kill()
             r.process.join()
@@ -500,10 +533,24 @@ class Supervisor:
             why = msg[1] if msg is not None else f"loader exited with code {r.process.exitcode}"
             self._reload_failed(f"reload failed: {why}; keeping the running rules")
         else:
-            self._apply(msg[1], msg[2], msg[3])
+            self._apply(msg[1], msg[2], msg[3], msg[4] if len(msg) > 4 else None)
+        self._reload_next()
+
+    def _reload_next(self) -> None:
+        """A reload ended: start the one a SIGHUP during it asked for, if any."""
         if self._reload_again:
             self._reload_again = False
             self._hup = True
+
+    def _loader_hung(self, r: Reload) -> None:
+        """The loader outlived its deadline: kill it; a failed reload."""
+        self._reloading = None
+        r.process.kill()
+        r.process.join()
+        r.conn.close()
+        self._reload_failed(f"reload failed: the loader sent nothing in {loader_timeout():.0f} s;"
+                            " killed it; keeping the running rules")
+        self._reload_next()
 
     def _cancel_reload(self) -> None:
         """Stopping: kill the loader of a reload in progress, if any."""
@@ -522,9 +569,15 @@ class Supervisor:
         self.notifier.ready(f"reload failed; {self._status()}")
 
     def _apply(
-        self, config: Config | None, ruleset: RuleSet | None, diags: list[Diagnostic]
+        self,
+        config: Config | None,
+        ruleset: RuleSet | None,
+        diags: list[Diagnostic],
+        kernel: Plan | None = None,
     ) -> None:
-        """A loader's result: diagnostics to stderr, then the new rules in force, or none."""
+        """A loader's result: diagnostics to stderr, then the new rules in force, or none.
+        ``kernel`` is the plan the loader computed for them; it is recomputed if it targets other
+        queues than the running ones (a ``[queue]`` change waits for a restart)."""
         from multiprocessing.reduction import ForkingPickler
 
         from nfrewrite.prefilter import compile_prefilter
@@ -540,7 +593,12 @@ class Supervisor:
         self._ping_watchdog(force=True)
         try:
             self._ensure_liberal_conntrack(ruleset)
-            self.firewall.swap(*compile_prefilter(ruleset))
+            fw = self.firewall
+            if kernel is not None and (kernel.queue_num, kernel.workers) == (fw.queue_num,
+                                                                             fw.workers):
+                fw.swap(kernel)
+            else:
+                fw.swap(*compile_prefilter(ruleset))
         except Exception as e:  # noqa: BLE001 - old rules stay in force
             self._reload_failed(f"reload failed: kernel rules not swapped: {e}")
             return

@@ -11,8 +11,10 @@ the HTTP server's bounds did not foresee), those steps should still run.
 step the daemon closes them (:meth:`FdReserve.released`), which frees ``n`` slots under the soft
 ``RLIMIT_NOFILE``; after it the reserve opens them again, as many as it can (a slot someone else
 took meanwhile is simply not refilled; the next :meth:`refill` tries again).  On stop it closes
-them for good (:meth:`release`) before the teardown.  The descriptors are opened with
-``O_CLOEXEC``, so no child inherits them.
+them for good (:meth:`release`) before the teardown.  No child keeps them: the descriptors are
+opened with ``O_CLOEXEC`` (a program run with ``exec``, such as ``iptables-restore``, never sees
+them), and a process forked without ``exec`` (a worker, a reload's loader) closes its copies at
+once (``os.register_at_fork``), so 32 workers do not hold 32 reserves.
 
 It cannot help with a descriptor taken by another thread while the reserve is released; the
 HTTP server's own bounds (``metrics.serve``) keep that small.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 
 #: Descriptors the supervisor keeps in reserve (a reload or a worker restart needs about ten).
@@ -36,6 +39,7 @@ class FdReserve:
             raise ValueError(f"reserve of {n} descriptors: want 0 or more")
         self.n = n
         self._fds: list[int] = []
+        _reserves.add(self)
         self.refill()
 
     def __len__(self) -> int:
@@ -64,3 +68,16 @@ class FdReserve:
             yield
         finally:
             self.refill()
+
+
+_reserves: weakref.WeakSet[FdReserve] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """In a forked child: close the copies of every reserve's descriptors; the child keeps none."""
+    for reserve in list(_reserves):
+        reserve.n = 0  # a refill in the child opens nothing
+        reserve.release()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

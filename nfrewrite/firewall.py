@@ -38,9 +38,10 @@ rules. 64 src x 64 dst x 300 ports x 50 patterns is 200 rules, not 4 million. Ad
 also merged first (adjacent and nested CIDRs collapse). What is left is capped: above
 ``MAX_KERNEL_RULES`` rules in one family, :func:`plan` raises :class:`TooManyRules` naming the rule
 (``QueueMatch.origin``) with the largest share. ``plan`` is the one compilation: ``install``,
-``swap`` and ``render`` (``nfrewrite check --show-kernel-rules``) all use it, and
-``nfrewrite.prefilter.kernel_rules`` turns its refusal into a positioned diagnostic for ``check``
-and for the daemon's start and reload alike.
+``swap`` and ``render`` (``nfrewrite check --show-kernel-rules``) all load or show what it made
+(from QueueMatches, or a :class:`Plan` made before), and ``nfrewrite.prefilter.kernel_rules``
+turns its refusal into a positioned diagnostic for ``check`` and for the daemon's start and reload
+alike (a reload swaps in the very plan its loader checked).
 
 Why ``mangle`` and why ``FORWARD``: bridged traffic (with br_netfilter) and routed traffic both
 cross the FORWARD hook. An NFQUEUE verdict of ACCEPT ends the traversal of the *current table* at
@@ -615,15 +616,31 @@ class Firewall:
 
     # -- public ---------------------------------------------------------------------------
     def install(
-        self, matches_v4: Iterable[QueueMatch], matches_v6: Iterable[QueueMatch]
+        self, matches_v4: Iterable[QueueMatch] | Plan, matches_v6: Iterable[QueueMatch] = ()
     ) -> None:
-        """Create/refill our chains and make sure each jump exists exactly once.
+        """Create/refill our chains and make sure each jump exists exactly once: of a
+        :class:`Plan` made for this firewall's queues, or of the two families' QueueMatches.
         Raises :class:`TooManyRules` (nothing loaded) when :func:`plan` does."""
-        self._load(plan(matches_v4, matches_v6, self.queue_num, self.workers))
+        self._load(self._plan(matches_v4, matches_v6))
 
-    def swap(self, matches_v4: Iterable[QueueMatch], matches_v6: Iterable[QueueMatch]) -> None:
-        """Atomically replace our rules (per family); on failure the old rules stay."""
-        self._load(plan(matches_v4, matches_v6, self.queue_num, self.workers))
+    def swap(
+        self, matches_v4: Iterable[QueueMatch] | Plan, matches_v6: Iterable[QueueMatch] = ()
+    ) -> None:
+        """Atomically replace our rules (per family), as ``install`` takes them; on failure the
+        old rules stay."""
+        self._load(self._plan(matches_v4, matches_v6))
+
+    def _plan(
+        self, matches_v4: Iterable[QueueMatch] | Plan, matches_v6: Iterable[QueueMatch]
+    ) -> Plan:
+        if isinstance(matches_v4, Plan):
+            if (matches_v4.queue_num, matches_v4.workers) != (self.queue_num, self.workers):
+                raise ValueError(
+                    f"plan for queue {matches_v4.queue_num} x{matches_v4.workers}, firewall for "
+                    f"queue {self.queue_num} x{self.workers}"
+                )
+            return matches_v4
+        return plan(matches_v4, matches_v6, self.queue_num, self.workers)
 
     def remove(self) -> None:
         """Delete our jumps and chains (both families); a no-op for what is already gone."""

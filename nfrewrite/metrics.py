@@ -35,7 +35,12 @@ Two modes, chosen by the library once per process, when ``prometheus_client`` is
   When a worker dies the supervisor calls :meth:`SupervisorMetrics.worker_died` (the library's
   ``mark_process_dead``), which drops that pid's ``live*`` gauge files; on stop,
   :func:`cleanup_multiprocess_dir` removes the directory.  Files of dead workers' counters stay
-  (one set per restart) because their counts are part of the totals.
+  (one set per restart) because their counts are part of the totals.  A run killed before that
+  (``kill -9``, the watchdog, the OOM killer) leaves its directory behind, and the runtime
+  directory is kept across restarts (for the sysctl record), so the name carries the creating
+  pid (``nfrewrite-metrics-<pid>-XXXXXXXX``) and :func:`setup_multiprocess_dir`, given a parent,
+  first removes the directories there whose pid is no longer a live process
+  (:func:`remove_stale_multiprocess_dirs`).
 
 Who writes what.  A worker owns the series labelled with its queue number (``queue`` = the
 NFQUEUE number as a string) and the per-rule counters (summed over workers, no queue label); the
@@ -78,13 +83,15 @@ connection, nor the port, open.
 API
 ===
 ``setup_multiprocess_dir(parent=None) -> str``; ``cleanup_multiprocess_dir(path)``;
+``remove_stale_multiprocess_dirs(parent) -> list[str]``;
 ``default_metrics() -> Metrics`` (the process's one set; ``Metrics()`` for a private set in
 single-process mode, e.g. a test); ``WorkerMetrics(queue_num, rules=(), metrics=None)`` with
 ``.set_rules(names)``, ``.observe(result, seconds)``, ``.error(exc_or_name)``,
 ``.set_flows(active, evicted_total)``; ``SupervisorMetrics(queue_nums, ports=(), metrics=None,
 proc_path=NFQUEUE_PROC)`` with ``.rules_loaded(n)``, ``.reload(ok, when)``,
 ``.offloads(port, features)``, ``.worker_restarted(queue_num)``, ``.worker_died(pid)``,
-``.registry`` (what to scrape); ``serve(listen, registry, *, limits=None) -> Server``
+``.registry`` (what to scrape); ``serve(listen, registry, *, limits=None,
+idle_timeout=IDLE_TIMEOUT) -> Server``
 (``.address``, ``.url``, ``.limits``, ``.counts()``, ``.close()``); ``connection_limits(reserve)``;
 ``parse_listen(listen)``; ``read_queue_stats(path)``;
 ``KernelQueueCollector(queue_nums, path)``; ``error_kind(exc)``; the specs (``METRICS``,
@@ -115,6 +122,7 @@ import glob
 import io
 import os
 import platform
+import re
 import resource
 import socket
 import sys
@@ -141,6 +149,8 @@ if TYPE_CHECKING:
     from nfrewrite.engine import Result
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_PREFIX = "nfrewrite-metrics-"  # then the creating pid, "-", mkdtemp's suffix
+_STALE_NAME = re.compile(re.escape(MULTIPROC_PREFIX) + r"([1-9][0-9]*)-[a-z0-9_]+")
 NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 DEFAULT_LISTEN = "127.0.0.1:9640"
 
@@ -296,9 +306,51 @@ def setup_multiprocess_dir(parent: str | None = None) -> str:
             "prometheus_client was imported before setup_multiprocess_dir(): its values would "
             "stay per-process; call setup_multiprocess_dir() first thing in the supervisor"
         )
-    path = tempfile.mkdtemp(prefix="nfrewrite-metrics-", dir=parent)  # mode 0700
+    if parent is not None:
+        remove_stale_multiprocess_dirs(parent)
+    # the creating pid in the name tells a later run whether the directory is still in use
+    path = tempfile.mkdtemp(prefix=f"{MULTIPROC_PREFIX}{os.getpid()}-", dir=parent)  # mode 0700
     os.environ[ENV] = path
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_multiprocess_dirs(parent: str) -> list[str]:
+    """Remove the directories ``nfrewrite-metrics-<pid>-*`` in ``parent`` whose ``<pid>`` is not
+    a live process (a run killed before its :func:`cleanup_multiprocess_dir`); return their paths.
+
+    A directory of a live process (perhaps a daemon in another network namespace sharing
+    ``parent``, or an unrelated process that got the pid again) is kept, as are names without a
+    pid and directories holding anything but ``*.db`` files.  Errors are ignored: this is tidying.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        found = _STALE_NAME.fullmatch(name)
+        if found is None:
+            continue
+        pid = int(found[1])
+        if pid != os.getpid() and _pid_alive(pid):  # our own pid: an earlier run's, reused
+            continue
+        path = os.path.join(parent, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        with contextlib.suppress(OSError):
+            cleanup_multiprocess_dir(path)
+            removed.append(path)
+    return removed
 
 
 def cleanup_multiprocess_dir(path: str) -> None:
@@ -781,13 +833,15 @@ class _Prefixed(io.RawIOBase):
 
 
 class _Handler(WSGIRequestHandler):
-    """One request whose head the loop has read, with the socket timeout :data:`IDLE_TIMEOUT`."""
+    """One request whose head the loop has read, with the socket timeout :data:`IDLE_TIMEOUT`
+    (the server's ``idle_timeout``)."""
 
     timeout = IDLE_TIMEOUT  # applied by StreamRequestHandler.setup() to every read and write
     server: _HTTPServer
 
     def setup(self) -> None:
         super().setup()
+        self.connection.settimeout(self.server.idle_timeout)  # the socket the files wrap
         head = self.server.head_of(self.request)
         raw = self.connection.makefile("rb", buffering=0)
         self.rfile = io.BufferedReader(_Prefixed(head, cast("BinaryIO", raw)))
@@ -822,11 +876,13 @@ class _HTTPServer(WSGIServer):
         *,
         max_waiting: int = MAX_WAITING,
         max_handlers: int = MAX_HANDLERS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.address_family = family
         super().__init__(sockaddr, _Handler)
         self.max_waiting = max_waiting
         self.max_handlers = max_handlers
+        self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._waiting: dict[socket.socket, _Conn] = {}  # request head incomplete; oldest first
         self._ready: list[_Conn] = []  # request head read, no handler free yet
@@ -925,12 +981,12 @@ class _HTTPServer(WSGIServer):
             self._sel.register(sock, selectors.EVENT_READ)
 
     def _expire(self, now: float) -> None:
-        """Close connections silent for IDLE_TIMEOUT or without a whole request head within
+        """Close connections silent for ``idle_timeout`` or without a whole request head within
         REQUEST_TIMEOUT of the accept; cut answers not written within RESPONSE_TIMEOUT."""
         for conn in [
             c
             for c in self._waiting.values()
-            if now - c.last > IDLE_TIMEOUT or now - c.accepted > REQUEST_TIMEOUT
+            if now - c.last > self.idle_timeout or now - c.accepted > REQUEST_TIMEOUT
         ]:
             self._drop_waiting(conn)
         for conn in [c for c in self._ready if now - c.accepted > RESPONSE_TIMEOUT]:
@@ -1065,14 +1121,21 @@ def connection_limits(reserve: int = FD_RESERVE) -> tuple[int, int]:
 
 
 def serve(
-    listen: str, registry: Collector, *, limits: tuple[int, int] | None = None
+    listen: str,
+    registry: Collector,
+    *,
+    limits: tuple[int, int] | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> Server:
     """Serve ``registry`` on ``listen`` ("host:port", "[::1]:port") in a daemon thread.
 
     ``limits``: (connections waiting with an incomplete or unserved request, requests served at
     once); by default
     :func:`connection_limits` (what fits beside :data:`FD_RESERVE`), computed now.
+    ``idle_timeout``: :data:`IDLE_TIMEOUT` unless a test needs another.
     """
+    if idle_timeout <= 0:
+        raise ValueError(f"idle_timeout {idle_timeout!r}: want a positive number")
     waiting, handlers = limits if limits is not None else connection_limits()
     if waiting < 1 or handlers < 1:
         raise ValueError(f"limits {limits!r}: want two positive numbers")
@@ -1083,6 +1146,7 @@ def serve(
     if not infos:  # pragma: no cover - getaddrinfo raises instead
         raise OSError(f"listen {listen!r}: no address")
     family, _, _, _, sockaddr = infos[0]
-    httpd = _HTTPServer(sockaddr, family, max_waiting=waiting, max_handlers=handlers)
+    httpd = _HTTPServer(sockaddr, family, max_waiting=waiting, max_handlers=handlers,
+                        idle_timeout=idle_timeout)
     httpd.set_app(make_app(registry))
     return Server(httpd)

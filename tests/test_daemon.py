@@ -320,7 +320,7 @@ def test_unit_file_security_score_and_verify() -> None:
 
 # -- reload of a large rule set: off the main loop, coalesced, cancellable ----------------------
 
-WATCHDOG_SEC = 4.0
+WATCHDOG_SEC = 10.0  # as in systemd/nfrewrite.service: pings due every 5 s
 BULK_FILES = 50
 
 
@@ -458,5 +458,39 @@ def test_a_reload_whose_loader_dies_keeps_the_running_rules(lab: Lab, workdir: s
         assert conn.send(b"apple pear") == b"APPLE pear\n"  # the old rules still in force
         tail = daemon.reload(timeout=120)  # the next reload is not hindered
         assert "reload done" in tail and "21 files" in tail
+        assert conn.send(b"apple pear") == b"apple PEAR\n"
+        conn.close()
+
+
+def test_a_hung_loader_is_killed_at_its_deadline_and_a_sighup_meanwhile_reloads(
+    lab: Lab, workdir: str
+) -> None:
+    config = write_lab_config(workdir, {"10.toml": WORD_RULE})
+    rules_dir = os.path.join(workdir, "rules")
+    with Daemon(lab, config, env={"NFREWRITE_LOADER_TIMEOUT": "4"}) as daemon:
+        lab.wait_reachable()
+        conn = LineConn(lab)
+        _write_bulk_rules(rules_dir, files=20)
+        mark = len(daemon.log())
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log("reload: reading", after=mark)
+        found = re.search(r"\(loader (\d+)\)", daemon.log()[mark:])
+        assert found, daemon.log()[mark:]
+        loader = int(found[1])
+        os.kill(loader, signal.SIGSTOP)  # as a read from a file system that stopped answering
+        for name in os.listdir(rules_dir):  # the next reload reads small files again
+            if name.startswith("50-bulk-"):
+                os.remove(os.path.join(rules_dir, name))
+        with open(os.path.join(rules_dir, "10.toml"), "w") as f:
+            f.write(WORD_RULE.replace('"apple", with = "APPLE"', '"pear", with = "PEAR"'))
+        daemon.signal(signal.SIGHUP)  # during the hung reload: remembered
+        daemon.wait_log("reload done", after=mark, timeout=60)
+        tail = daemon.log()[mark:]
+        assert _reload_events(tail) == [
+            "reload: reading", "reload failed", "reload: reading", "reload done"
+        ], tail
+        assert "the loader sent nothing in 4 s; killed it; keeping the running rules" in tail
+        with pytest.raises(ProcessLookupError):
+            os.kill(loader, 0)  # killed and reaped
         assert conn.send(b"apple pear") == b"apple PEAR\n"
         conn.close()

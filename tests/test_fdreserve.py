@@ -1,5 +1,5 @@
 """FdReserve: with the descriptor table full, a step run with the reserve released still opens
-what it needs, and the reserve is whole again after it."""
+what it needs, and the reserve is whole again after it; a forked child keeps none of it."""
 
 from __future__ import annotations
 
@@ -56,3 +56,34 @@ def test_release_closes_everything_and_descriptors_are_not_inherited() -> None:
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_a_forked_child_keeps_none_of_the_reserve() -> None:
+    """Workers and loaders are forked without exec: O_CLOEXEC alone would leave each of them a
+    copy of the whole reserve."""
+    reserve = FdReserve(6)
+    fds = list(reserve._fds)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if every reserve descriptor is closed here
+            code = 0
+            try:
+                for fd in fds:
+                    try:
+                        os.fstat(fd)
+                        code = 1
+                    except OSError as e:
+                        if e.errno != errno.EBADF:
+                            code = 2
+                reserve.refill()  # and the child's reserve opens nothing again
+                if len(reserve) != 0:
+                    code = 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert len(reserve) == 6  # the parent's reserve is untouched
+        for fd in fds:
+            os.fstat(fd)
+    finally:
+        reserve.release()

@@ -278,3 +278,17 @@ def test_grouped_rules_install_swap_to_flat_and_remove_cleanly(lab: Lab, variant
     assert fw(lab, variant, "remove") == ""
     assert saved(lab, variant, 4) == before
     assert f"{CHAIN}" not in saved(lab, variant, 6)
+
+
+def test_install_and_swap_take_a_plan_made_for_their_queues_only() -> None:
+    """A reload swaps in the plan its loader checked; one made for other queues is refused, not
+    loaded with the wrong queue numbers."""
+    from nfrewrite.firewall import Firewall, Plan, plan
+
+    matches = [QueueMatch(sports=[(80, 80)])]
+    fw = Firewall(3, 2, variant="nft")
+    made = plan(matches, [], 3, 2)
+    assert isinstance(made, Plan) and fw._plan(made, []) is made
+    assert fw._plan(matches, []) == made  # the same compilation either way
+    with pytest.raises(ValueError, match="plan for queue 0 x1, firewall for queue 3 x2"):
+        fw.swap(plan(matches, [], 0, 1))

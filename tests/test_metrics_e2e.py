@@ -235,15 +235,20 @@ def add_client_addresses(lab: Lab, v4: Sequence[str], v6: Sequence[str]) -> None
 def running(lab: Lab, config: str) -> Iterator[Daemon]:
     """The daemon with its metrics directory under the test's directory (``RUNTIME_DIRECTORY``,
     as systemd gives it), stopped with SIGTERM at the end: it must exit 0 and remove that
-    directory.  On a failure it is killed, and its files go with the test's directory."""
+    directory.  On a failure it is killed, and its files go with the test's directory.  (While it
+    runs, the runtime directory also holds the sysctl record and lock of ``netsetup``.)"""
     rundir = os.path.join(os.path.dirname(config), "run")
     os.makedirs(rundir, mode=0o700, exist_ok=True)
+
+    def metrics_dirs() -> list[str]:
+        return [n for n in os.listdir(rundir) if n.startswith("nfrewrite-metrics-")]
+
     with Daemon(lab, config, env={"RUNTIME_DIRECTORY": rundir}) as daemon:
-        # its own private metrics directory (beside it, while it runs: the sysctl record)
-        assert len([n for n in os.listdir(rundir) if n.startswith("nfrewrite-metrics-")]) == 1
+        (made,) = metrics_dirs()
+        assert os.stat(os.path.join(rundir, made)).st_mode & 0o777 == 0o700  # private
         yield daemon
         assert daemon.stop() == 0
-        assert os.listdir(rundir) == []
+        assert os.listdir(rundir) == []  # a clean stop also removes the sysctl record and lock
 
 
 

@@ -4,7 +4,7 @@ client ns -- [appliance ns: br0 + nfrewrite run] -- server ns.  The daemon runs 
 RLIMIT_NOFILE systemd gives a service by default (1,024).  Idle connections to the metrics port
 must not take the descriptors a scrape, a reload (SIGHUP) or a worker restart needs; and when the
 descriptor table is full anyway, the daemon must still restart a worker and, on stop, remove its
-NFQUEUE rules.
+NFQUEUE rules. The workers, forked while the reserve is held, keep no copy of it.
 """
 
 from __future__ import annotations
@@ -250,3 +250,33 @@ def test_with_a_full_descriptor_table_a_worker_restarts_and_stop_removes_the_rul
     assert nfqueue_rules(lab) == "", daemon.log()
     assert restarted, daemon.log()
     assert rc == 0, daemon.log()
+
+
+def null_fds(pid: int) -> list[int]:
+    """``pid``'s descriptors above stdio open on ``/dev/null`` (what the reserve holds)."""
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if int(name) > 2 and os.readlink(f"/proc/{pid}/fd/{name}") == os.devnull:
+                found.append(int(name))
+    return found
+
+
+def test_workers_keep_no_copy_of_the_supervisors_descriptor_reserve(
+    lab: Lab, workdir: str
+) -> None:
+    """Workers are forked while the reserve is held, without exec: each would hold its own copy
+    of it, and a worker needs none."""
+    from nfrewrite.fdreserve import DEFAULT_RESERVE
+
+    config = write_lab_config(workdir, {"10.toml": RULE}, workers=2,
+                              metrics_port=METRICS_PORT)
+    with Daemon(lab, config) as daemon:
+        assert daemon.proc is not None
+        assert len(null_fds(daemon.proc.pid)) >= DEFAULT_RESERVE  # the reserve is held
+        workers = [int(line.split()[2]) for line in daemon.log().splitlines()
+                   if " bound queue " in line]
+        assert len(workers) == 2, daemon.log()
+        for pid in workers:  # one is multiprocessing's own: a child's stdin is /dev/null
+            held = null_fds(pid)
+            assert len(held) <= 1, f"worker {pid} holds the reserve's descriptors: {held}"

@@ -10,6 +10,7 @@ import http.client
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -94,33 +95,46 @@ def test_a_silent_connection_is_closed_after_the_idle_timeout(
         assert wait_until(lambda: srv.counts() == (0, 0), 5)
 
 
+# Where a test shows that a scrape is served before silent connections time out, the server's
+# idle and request timeouts are this long, so a busy machine cannot blur "at once" and "after the
+# timeout"; the test also checks that the silent ones are still there after the scrape.
+LONG_IDLE = 60.0
+
+
 def test_when_full_the_oldest_silent_connection_makes_room_for_a_scrape(
-    registry: M.SupervisorMetrics,
+    registry: M.SupervisorMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1)) as srv:
+    monkeypatch.setattr(M, "REQUEST_TIMEOUT", LONG_IDLE)
+    with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1), idle_timeout=LONG_IDLE) as srv:
         clients = list(silent(srv, 10))
         try:
             assert wait_until(lambda: srv.counts() == (4, 0), 5)
             assert all(closed_by_peer(s, 5) for s in clients[:6])  # the oldest went first
             t0 = time.monotonic()
             assert get(srv) == 200
-            assert time.monotonic() - t0 < M.IDLE_TIMEOUT  # not after the silent ones expired
+            assert time.monotonic() - t0 < LONG_IDLE  # not after the silent ones expired
+            # the scrape pushed out one more; the newest three still wait: it did not wait for them
+            assert not any(closed_by_peer(s, 0.1) for s in clients[7:])
+            assert srv.counts() == (3, 0)
         finally:
             for s in clients:
                 s.close()
 
 
 def test_incomplete_requests_take_no_handler_and_a_scrape_is_served_at_once(
-    registry: M.SupervisorMetrics,
+    registry: M.SupervisorMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with M.serve("127.0.0.1:0", registry.registry, limits=(8, 1)) as srv:
+    monkeypatch.setattr(M, "REQUEST_TIMEOUT", LONG_IDLE)
+    with M.serve("127.0.0.1:0", registry.registry, limits=(8, 1), idle_timeout=LONG_IDLE) as srv:
         stalled = list(silent(srv, 5, first=b"GET /metrics HTTP/1.1\r\nHost: x\r\n"))
         try:
             assert wait_until(lambda: srv.counts() == (5, 0), 5)  # no blank line: no handler
             t0 = time.monotonic()
             assert get(srv) == 200
-            assert time.monotonic() - t0 < M.IDLE_TIMEOUT
-            assert all(closed_by_peer(s, M.IDLE_TIMEOUT + 5) for s in stalled)
+            assert time.monotonic() - t0 < LONG_IDLE  # not after the stalled ones expired
+            assert srv.counts() == (5, 0)  # served beside them: they still wait
+            srv._httpd.idle_timeout = 0.5  # and, silent that long, they are closed
+            assert all(closed_by_peer(s, 10) for s in stalled)
         finally:
             for s in stalled:
                 s.close()
@@ -181,19 +195,45 @@ def test_a_forked_child_does_not_keep_the_servers_connections_open(
                 os.waitpid(pid, 0)
 
 
+class _Held:
+    """A collector whose scrape waits until the test lets it go: a request being served."""
+
+    def __init__(self) -> None:
+        self.serving = threading.Event()
+        self.go = threading.Event()
+
+    def describe(self) -> list[object]:
+        return []
+
+    def collect(self) -> list[object]:
+        self.serving.set()
+        self.go.wait(30)
+        return []
+
+
 def test_a_child_forked_while_a_request_is_served_closes_its_copy_too(
     registry: M.SupervisorMetrics,
 ) -> None:
+    held = _Held()
+    registry.registry.register(held)  # type: ignore[arg-type]
     with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1)) as srv:
         httpd = srv._httpd
         (s,) = silent(srv, 1, first=b"GET /metrics HTTP/1.1\r\n\r\n")
-        with s:
-            # a handler is writing the answer (or has): its socket has file objects on it
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
-                ok = httpd.socket.fileno() == -1 and all(c.fileno() == -1 for c in httpd._active)
-                os._exit(0 if ok else 1)
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
+        (w,) = silent(srv, 1)  # and one waiting for its request
+        with s, w:
+            try:
+                # a handler is writing the answer: its socket has file objects on it
+                assert held.serving.wait(10)
+                assert wait_until(lambda: srv.counts() == (1, 1), 5), srv.counts()
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child
+                    socks = [httpd.socket, *httpd._active, *httpd._waiting,
+                             *(c.sock for c in httpd._ready)]
+                    ok = len(socks) == 3 and all(c.fileno() == -1 for c in socks)
+                    os._exit(0 if ok else 1)
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0
+            finally:
+                held.go.set()
             s.settimeout(5)
             assert s.recv(15) == b"HTTP/1.0 200 OK"

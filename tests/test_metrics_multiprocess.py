@@ -286,3 +286,51 @@ def test_cleanup_leaves_a_directory_holding_anything_but_value_files(tmp_path: P
     assert (d / "precious.txt").exists()
     assert not (d / "counter_1.db").exists()
     M.cleanup_multiprocess_dir(str(tmp_path / "never-existed"))  # nothing to do, no error
+
+
+def test_a_run_killed_before_its_cleanup_leaves_a_directory_the_next_run_removes(
+    tmp_path: Path,
+) -> None:
+    """The runtime directory outlives a run (``RuntimeDirectoryPreserve``), so the directory of a
+    run killed with ``kill -9`` would stay in memory (tmpfs) until reboot: the next run removes
+    it, and keeps those of live processes, of unknown names and with foreign files."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # exited: no process has this pid now (short of a quick reuse)
+    stale = tmp_path / f"nfrewrite-metrics-{dead_pid}-abc_1234"
+    stale.mkdir()
+    (stale / f"counter_{dead_pid}.db").write_bytes(b"x")
+    live = tmp_path / f"nfrewrite-metrics-{os.getpid()}-def_5678"  # this test process: alive
+    live.mkdir()
+    (live / f"counter_{os.getpid()}.db").write_bytes(b"x")
+    unknown = tmp_path / "nfrewrite-metrics-abcd1234"  # no pid in the name: not ours to judge
+    unknown.mkdir()
+    foreign = tmp_path / f"nfrewrite-metrics-{dead_pid}-ghi_9012"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+
+    def run_killed() -> str:
+        """A run that makes its directory, writes a value and dies without its cleanup."""
+        proc = run_python(
+            "import os, signal\n"
+            "from nfrewrite import metrics as M\n"
+            f"p = M.setup_multiprocess_dir({str(tmp_path)!r})\n"
+            "M.SupervisorMetrics([0]).rules_loaded(1)\n"
+            "print(os.getpid(), p, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n"
+        )
+        assert proc.returncode == -9, proc.stderr
+        pid, path = proc.stdout.split()
+        assert os.path.basename(path).startswith(f"nfrewrite-metrics-{pid}-"), path
+        assert os.listdir(path), "the killed run wrote its values"
+        return path
+
+    first = run_killed()
+    assert not stale.exists()
+    assert live.is_dir() and unknown.is_dir() and (foreign / "precious.txt").exists()
+    second = run_killed()
+    assert not os.path.exists(first)  # what the killed first run left, the second removed
+    assert os.path.isdir(second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, unknown.name, foreign.name, os.path.basename(second)]
+    )

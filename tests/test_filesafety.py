@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nfrewrite.config import load_all
-from nfrewrite.filesafety import check_permissions
+from nfrewrite.filesafety import SafeOpener, check_permissions
 
 STRANGER = 12345  # a uid that is neither root nor the daemon's user
 RULE = '[[rule]]\nname = "ok"\nset = { ttl = 64 }\n'
@@ -372,3 +372,43 @@ def test_a_rules_directory_given_as_a_link_is_followed(tree: Path) -> None:
     assert ruleset is None
     assert diags[0].format().startswith(f"{tree}/rules-link: error: rules directory is writable "
                                         "by others (mode 0757)")
+
+
+def _dotdot_tree(tmp_path: Path) -> Path:
+    """base/link -> target/sub; base/f.toml says "lexical", target/f.toml says "real"."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "target" / "sub").mkdir(parents=True)
+    (tmp_path / "base" / "f.toml").write_text("lexical")
+    (tmp_path / "target" / "f.toml").write_text("real")
+    (tmp_path / "base" / "link").symlink_to(tmp_path / "target" / "sub")
+    return tmp_path
+
+
+def _read(fd: int | None) -> str:
+    assert fd is not None
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode()
+
+
+def test_dotdot_after_a_link_leads_where_the_kernel_goes(tmp_path: Path) -> None:
+    root = _dotdot_tree(tmp_path)
+    path = f"{root}/base/link/../f.toml"
+    with open(path) as f:
+        assert f.read() == "real"  # the kernel: link first, then the target's parent
+    fd, diags = SafeOpener().open(path, "rule file", "error")
+    assert diags == [] and _read(fd) == "real"
+
+
+def test_a_relative_path_goes_on_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _dotdot_tree(tmp_path)
+    monkeypatch.chdir(root / "base")
+    fd, diags = SafeOpener().open("link/../f.toml", "rule file", "error")
+    assert diags == [] and _read(fd) == "real"
+    monkeypatch.chdir(root / "base" / "link")  # getcwd() says target/sub: the kernel resolved it
+    fd, diags = SafeOpener().open("../f.toml", "rule file", "error")
+    assert diags == [] and _read(fd) == "real"
+    fd, diags = SafeOpener().open("../../base/f.toml", "rule file", "error")
+    assert diags == [] and _read(fd) == "lexical"
+

@@ -118,6 +118,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 from array import array
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -682,17 +683,20 @@ def load_rules(
     allow_length_change: bool = True,
     bridge_ports: Collection[str] | None = None,
     opener: Opener | None = None,
+    dir_fd: int | None = None,
 ) -> tuple[RuleSet | None, list[Diagnostic]]:
     """Read, validate and compile ``rules_dir/*.toml``. Returns (ruleset or None, diagnostics).
 
     ``opener``: how each file is opened (``nfrewrite.filesafety.SafeOpener``; default plain).
+    ``dir_fd``: ``rules_dir`` already opened (by that SafeOpener), to list it through (see
+    :func:`rule_files`).
 
     ``allow_length_change=False`` makes a replace whose ``with`` differs in length from its
     ``find`` an error. ``bridge_ports``, when given, are the only valid ``in_port``/``out_port``
     values (an empty collection means no bridge is configured: such a match is then a warning).
     """
     loader = _Loader(allow_length_change, bridge_ports)
-    files, diagnostics = rule_files(rules_dir)
+    files, diagnostics = rule_files(rules_dir, dir_fd)
     if files is None:
         return None, diagnostics
     for n, path in enumerate(files):
@@ -711,21 +715,36 @@ def load_rules(
     return RuleSet(loader.rules, files), diagnostics
 
 
-def rule_files(rules_dir: str) -> tuple[list[str] | None, list[Diagnostic]]:
+def rule_files(
+    rules_dir: str, dir_fd: int | None = None
+) -> tuple[list[str] | None, list[Diagnostic]]:
     """The rule files ``load_rules`` reads, in order: ``rules_dir/*.toml``, regular files, names
     not starting with ``.``. None (with an error) when the directory cannot be listed or holds
-    more than ``MAX_RULE_FILES`` of them."""
+    more than ``MAX_RULE_FILES`` of them.
+
+    ``dir_fd``, when given, is ``rules_dir`` opened: the names are listed (and their types
+    looked up) through it, not through the path, so the directory listed is the one that was
+    checked on opening it. The paths returned are still ``rules_dir/name``, for the messages
+    and for the opener, which walks them as the kernel does (see ``nfrewrite.filesafety``).
+    """
     try:
-        names = sorted(os.listdir(rules_dir))
+        names = sorted(os.listdir(rules_dir if dir_fd is None else dir_fd))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         problem = f"cannot read rules directory: {reason}"
         return None, [Diagnostic(rules_dir, 0, 0, "error", problem)]
+
+    def regular(name: str) -> bool:  # os.path.isfile, through dir_fd when there is one
+        try:
+            where = os.path.join(rules_dir, name) if dir_fd is None else name
+            return stat.S_ISREG(os.stat(where, dir_fd=dir_fd).st_mode)
+        except (OSError, ValueError):
+            return False
+
     files = [
         os.path.join(rules_dir, n)
         for n in names
-        if n.endswith(".toml") and not n.startswith(".")
-        and os.path.isfile(os.path.join(rules_dir, n))
+        if n.endswith(".toml") and not n.startswith(".") and regular(n)
     ]
     if len(files) > MAX_RULE_FILES:
         problem = (f"{len(files)} rule files (*.toml) in the rules directory; at most "

@@ -42,7 +42,7 @@ The compiled shape, which the engine consumes::
       .select(version, src, dst, sport, dport, in_port=None, out_port=None) -> Selection
       .cache_info() -> {"groups", "selections", "bytes"}   what the selection cache holds
 
-    Rule(name, index, path, line, col, match, replaces, set, verdict, examples)   frozen
+    Rule(name, index, path, line, col, match, replaces, set, verdict, examples, source)   frozen
       match:    Match(protocol, sport, dport, src, dst, in_port, out_port)
                   .matches(version, src, dst, sport, dport, in_port, out_port) -> bool
                   ports are tuples of inclusive (lo, hi) ranges, addresses tuples of networks;
@@ -50,7 +50,9 @@ The compiled shape, which the engine consumes::
       replaces: tuple[Replace(find: bytes, with_: bytes, line, col), ...]
       set:      HeaderSet(ttl, hop_limit, dscp, window, mss, mss_max), each int | None
       verdict:  "accept" | "drop"
-      examples: tuple[Example(input: bytes, output: bytes, line, col), ...]
+      examples: tuple[Example(input: bytes, output: bytes, line, col, source), ...]
+      source:   the text of the line at ``line`` as it was read (diagnostics made after loading
+                show it from here: the file is never read again by name)
 
     Selection                       shared by every packet with the same set of matching rules
       .rules: tuple[Rule, ...]      the rules that match, in rule order
@@ -285,6 +287,7 @@ class Example:
     output: bytes
     line: int
     col: int
+    source: str = ""  # the text of line ``line`` as read (for diagnostics after loading)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +302,7 @@ class Rule:
     set: HeaderSet
     verdict: str  # "accept" | "drop"
     examples: tuple[Example, ...]
+    source: str = ""  # the text of line ``line`` as read (for diagnostics after loading)
 
 
 class Selection:
@@ -837,7 +841,7 @@ class _Loader:
             doc.warning(kp, 'rule does nothing: give it replace, set, or verdict = "drop"')
         line, col = doc.at(kp)
         return Rule(name, len(self.rules), doc.path, line, col, match, replaces, header_set,
-                    verdict, examples)
+                    verdict, examples, _line(doc, line))
 
     def name(self, doc: TomlFile, kp: KeyPath, table: dict[str, object]) -> str | None:
         if "name" not in table:
@@ -1114,8 +1118,13 @@ class _Loader:
             if given is None or expected is None:
                 continue
             line, col = doc.at(ekp)
-            out.append(Example(given, expected, line, col))
+            out.append(Example(given, expected, line, col, _line(doc, line)))
         return tuple(out)
+
+
+def _line(doc: TomlFile, line: int) -> str:
+    """Line ``line`` (1-based) of the text read, "" when there is none."""
+    return doc.lines[line - 1] if 0 < line <= len(doc.lines) else ""
 
 
 def _count_errors(doc: TomlFile) -> int:

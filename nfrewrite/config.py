@@ -38,8 +38,13 @@ bridge ports so ``in_port``/``out_port`` can be checked against them; diagnostic
 in one list (the config file's, its ownership/permission problems first, then the rules
 directory's, then each rule file's in the order they are read). Every file is opened and checked
 by :class:`nfrewrite.filesafety.SafeOpener` and read from the descriptor it checked (no second
-open by name that a swap could redirect). Any file larger than 1 MiB is refused before it is read
+open by name that a swap could redirect); the rule files are listed through the descriptor of the
+rules directory it checked. Any file larger than 1 MiB is refused before it is read
 (``diagnostics.MAX_FILE_SIZE``).
+
+``rules_dir`` is put after the config file's directory with ``.`` and doubled ``/`` dropped but
+``..`` kept: the kernel (and SafeOpener) take a ``..`` after a link to a directory to the parent
+of the link's target, and folding the text would name another directory than ``ls`` shows.
 """
 
 from __future__ import annotations
@@ -206,20 +211,24 @@ def load_all(
     config_ok = not has_errors(diagnostics)
     rules_ok = True
     rules_severity: Severity = "error" if _strict(doc.data) else "warning"
+    dir_fd: int | None = None  # the rules directory as checked: the rule files are listed in it
     if safe is not None and rules_dir is not None:
-        fd, found = safe.open(rules_dir, "rules directory", rules_severity, directory=True)
-        if fd is not None:
-            os.close(fd)
+        dir_fd, found = safe.open(rules_dir, "rules directory", rules_severity, directory=True)
         diagnostics.extend(found)
         rules_ok = not has_errors(found)
     ruleset: RuleSet | None = None
-    if rules_dir is not None:
-        ports = config.bridge_ports if config is not None else None
-        ruleset, rule_diags = load_rules(
-            rules_dir, allow_length_change=allow_length_change, bridge_ports=ports,
-            opener=safe.opener("rule file", rules_severity) if safe else None,
-        )
-        diagnostics.extend(rule_diags)
+    try:
+        if rules_dir is not None:
+            ports = config.bridge_ports if config is not None else None
+            ruleset, rule_diags = load_rules(
+                rules_dir, allow_length_change=allow_length_change, bridge_ports=ports,
+                opener=safe.opener("rule file", rules_severity) if safe else None,
+                dir_fd=dir_fd,
+            )
+            diagnostics.extend(rule_diags)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
     if not rules_ok:
         ruleset = None
     if not config_ok:
@@ -236,7 +245,10 @@ def _strict(data: dict[str, object] | None) -> bool:
 
 
 def _resolve(config_path: str, rules_dir: str) -> str:
-    return os.path.normpath(os.path.join(os.path.dirname(config_path), rules_dir))
+    """``rules_dir`` after the config file's directory; no ``..`` folded (see the module doc)."""
+    joined = os.path.join(os.path.dirname(config_path), rules_dir)
+    kept = "/".join(p for p in joined.split("/") if p not in ("", "."))
+    return ("/" + kept if joined.startswith("/") else kept) or "."
 
 
 # ---------------------------------------------------------------------------------------------

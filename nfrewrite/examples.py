@@ -10,6 +10,9 @@ must equal ``output``. A mismatch is an error at the example's own ``path:line:c
     rules/10-web.toml:17:1: error: example does not hold (rule 'hide-server'): expected
     'Server: web\\r\\n' got 'Server: nginx\\r\\n'
 
+shown with the example's line as it was loaded (``Example.source``: the rule file is not read
+again, so what is shown is what was checked).
+
 It must not touch the network or a clock; it only builds bytes and calls the engine.
 
 Theory of operation
@@ -90,14 +93,10 @@ def check_examples(ruleset: RuleSet) -> list[Diagnostic]:
     If the examples together would cost more than ``EXAMPLE_STEPS_MAX`` search steps, none is
     run: one error, at the example where the estimate crossed the limit.
     """
-    sources: dict[str, list[str]] = {}
 
     def error(rule: Rule, example: Example, problem: str) -> Diagnostic:
-        lines = sources.get(rule.path)
-        if lines is None:
-            lines = sources[rule.path] = _read_lines(rule.path)
-        source = lines[example.line - 1] if 0 < example.line <= len(lines) else ""
-        return Diagnostic(rule.path, example.line, example.col, "error", problem, source)
+        # the line as loaded: the file is not opened again by name
+        return Diagnostic(rule.path, example.line, example.col, "error", problem, example.source)
 
     todo = [(rule, example) for rule in ruleset.rules for example in rule.examples]
     total = 0
@@ -263,11 +262,3 @@ def _window(data: bytes, start: int) -> str:
     head = f"[@{start}] ..." if start else ""
     tail = "..." if start + REPR_WIDTH < len(data) else ""
     return f"{head}{text}{tail} ({len(data)} bytes)"
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [line.rstrip("\r\n") for line in f]
-    except OSError:
-        return []

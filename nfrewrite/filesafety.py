@@ -23,14 +23,19 @@ Theory of operation
 -------------------
 Checking a path and then opening it again by name is a race: whoever controls a directory on the
 way can swap the file between the two. So the check *is* the open: :class:`SafeOpener` walks the
-absolute path from ``/`` one component at a time with ``openat(parent_fd, name, O_NOFOLLOW)``,
+path from ``/`` one component at a time with ``openat(parent_fd, name, O_NOFOLLOW)`` (a relative
+path is put after the working directory, ``os.getcwd()``, which the kernel has resolved already),
 judges each opened descriptor with ``fstat`` (owner, mode, type), and hands the caller the
 descriptor of the last component; the loaders read the file from that descriptor and from nothing
 else (:meth:`nfrewrite.diagnostics.TomlFile.read`'s ``opener``). A symbolic link in a directory
 component is read with ``readlinkat`` in its (already checked) parent and its target walked the
-same way, at most 40 of them. Every directory passed through must be owned by root or the
-daemon's user and not writable by group/others unless sticky; every entry reached (directory,
-link, file) must be owned by root or the daemon's user, so nobody else can rename it.
+same way, at most 40 of them. A ``..`` is opened the same way, ``openat(fd, "..")`` on the
+directory reached so far, so it leads where the kernel's own lookup would: after a link to a
+directory, to the parent of the link's *target* (the text of the path is never folded, which
+would read another file than ``open()`` of the same path). Every directory passed through must
+be owned by root or the daemon's user and not writable by group/others unless sticky; every entry
+reached (directory, link, file) must be owned by root or the daemon's user, so nobody else can
+rename it.
 
 Each problem path is reported once per :class:`SafeOpener` (the config's directories are also the
 rules'), with the severity of the first file that met it. ``euid`` defaults to the process's
@@ -139,7 +144,9 @@ class SafeOpener:
         """Walk from the root descriptor ``held[0]``, keeping ``held[0]`` the one descriptor open
         (the caller closes it); return the last component's (that same one) or the error."""
         fd = held[0]
-        parts = [p for p in os.path.abspath(path).split("/") if p]
+        # not abspath: it folds "link/.." away, where the kernel goes to the link target's parent
+        start = path if path.startswith("/") else os.getcwd() + "/" + path
+        parts = [p for p in start.split("/") if p]
         shown = "/"
         links = 0
         self._judge_dir(fd, shown, severity, out)
@@ -148,6 +155,8 @@ class SafeOpener:
             if name == ".":
                 continue
             last = not parts
+            # ``shown`` holds no link (a link's target replaces it), so its dirname is where
+            # openat(fd, "..") leads
             child = os.path.join(shown, name) if name != ".." else os.path.dirname(shown)
             try:
                 flags = _FILE_FLAGS if last and not directory else _DIR_FLAGS
@@ -162,7 +171,7 @@ class SafeOpener:
                 raise
             if stat.S_ISLNK(st.st_mode):
                 os.close(nfd)  # (also a rules directory given as a link: followed like one above)
-                self._judge_owner(st, child, "directory", severity, out)
+                self._judge_owner(st, child, child, "directory", severity, out)
                 links += 1
                 if links > MAX_LINKS:
                     return OSError(errno.ELOOP, os.strerror(errno.ELOOP), child)
@@ -180,11 +189,11 @@ class SafeOpener:
             if last and not directory:
                 if not stat.S_ISREG(st.st_mode):
                     return OSError(errno.EINVAL, f"not a regular file ({_kind(st)})")
-                self._judge_target(st, path, what, severity, out)
+                self._judge_target(st, path, shown, what, severity, out)
             elif not stat.S_ISDIR(st.st_mode):
                 return OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), None if last else child)
             elif last:
-                self._judge_target(st, path, what, severity, out)
+                self._judge_target(st, path, shown, what, severity, out)
             else:
                 self._judge_dir(fd, shown, severity, out)
         return fd
@@ -192,41 +201,44 @@ class SafeOpener:
     def _judge_dir(self, fd: int, shown: str, severity: Severity, out: list[Diagnostic]) -> None:
         """A directory passed through: its owner, and group/other write unless sticky."""
         st = os.fstat(fd)
-        self._judge_owner(st, shown, "directory", severity, out)
+        self._judge_owner(st, shown, shown, "directory", severity, out)
         mode = stat.S_IMODE(st.st_mode)
         if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
-            self._report(out, shown, "mode", severity,
+            self._report(out, shown, shown, "mode", severity,
                          f"directory is writable by {_who(mode)} (mode {mode:04o}): anyone who "
                          f"can write it can swap the files below it; fix: chmod go-w "
                          f"{_quote(shown)}")
 
     def _judge_target(
-        self, st: os.stat_result, path: str, what: str, severity: Severity,
+        self, st: os.stat_result, path: str, shown: str, what: str, severity: Severity,
         out: list[Diagnostic],
     ) -> None:
-        """The file (or rules directory) itself: group/other write, sticky or not, and owner."""
+        """The file (or rules directory) itself: group/other write, sticky or not, and owner.
+        ``path`` as the caller gave it (for the message), ``shown`` where the walk found it."""
         mode = stat.S_IMODE(st.st_mode)
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            self._report(out, path, "mode", severity,
+            self._report(out, path, shown, "mode", severity,
                          f"{what} is writable by {_who(mode)} (mode {mode:04o}): anyone who can "
                          f"write it controls what is rewritten; fix: chmod go-w {_quote(path)}")
-        self._judge_owner(st, path, what, severity, out)
+        self._judge_owner(st, path, shown, what, severity, out)
 
     def _judge_owner(
-        self, st: os.stat_result, path: str, what: str, severity: Severity,
+        self, st: os.stat_result, path: str, shown: str, what: str, severity: Severity,
         out: list[Diagnostic],
     ) -> None:
         if st.st_uid in (0, self.uid):
             return
         runs_as = "root" if self.uid == 0 else f"root or {_user(self.uid)}"
-        self._report(out, path, "owner", severity,
+        self._report(out, path, shown, "owner", severity,
                      f"{what} is owned by {_user(st.st_uid)}, not {runs_as} (the daemon's user); "
                      f"fix: chown root {_quote(path)}")
 
     def _report(
-        self, out: list[Diagnostic], path: str, kind: str, severity: Severity, message: str
+        self, out: list[Diagnostic], path: str, shown: str, kind: str, severity: Severity,
+        message: str,
     ) -> None:
-        key = f"{os.path.abspath(path)}\0{kind}"
+        """Once per place the walk reached (``shown``, no link or ``..`` in it) and kind."""
+        key = f"{shown}\0{kind}"
         if key not in self._reported:
             self._reported.add(key)
             out.append(Diagnostic(path, 0, 0, severity, message))

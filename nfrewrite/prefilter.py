@@ -32,7 +32,8 @@ Every QueueMatch carries its rule's ``(path, line, col)``. :func:`kernel_rules` 
 prefilter into kernel rules with :func:`nfrewrite.firewall.plan` (chain trees keep a rule's cost
 the *sum* of its src, dst, port-chunk and pattern counts, not their product) and turns a refusal
 (more than ``MAX_KERNEL_RULES`` in one family) into a ``path:line:col`` diagnostic at the rule
-needing most of them. ``nfrewrite check`` and the daemon's start and reload call it alike, so
+needing most of them, showing that rule's line as it was loaded (``Rule.source``: the file is not
+read again). ``nfrewrite check`` and the daemon's start and reload call it alike, so
 check fails exactly where start or reload would.
 """
 
@@ -112,15 +113,6 @@ def kernel_rules(
         return plan(*compile_prefilter(ruleset), queue_num, workers), []
     except TooManyRules as e:
         path, line, col = e.origin or ("<rules>", 0, 0)
-        return None, [Diagnostic(path, line, col, "error", str(e), _source_line(path, line))]
-
-
-def _source_line(path: str, line: int) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, text in enumerate(f, 1):
-                if n == line:
-                    return text.rstrip("\r\n")
-    except OSError:
-        pass
-    return ""
+        # the line as it was loaded (and checked): the file is not opened again by name
+        source = next((r.source for r in ruleset.rules if (r.path, r.line, r.col) == e.origin), "")
+        return None, [Diagnostic(path, line, col, "error", str(e), source)]

@@ -42,7 +42,7 @@ The compiled shape, which the engine consumes::
       .select(version, src, dst, sport, dport, in_port=None, out_port=None) -> Selection
       .cache_info() -> {"groups", "selections", "bytes"}   what the selection cache holds
 
-    Rule(name, index, path, line, col, match, replaces, set, verdict, examples)   frozen
+    Rule(name, index, path, line, col, match, replaces, set, verdict, examples, source)   frozen
       match:    Match(protocol, sport, dport, src, dst, in_port, out_port)
                   .matches(version, src, dst, sport, dport, in_port, out_port) -> bool
                   ports are tuples of inclusive (lo, hi) ranges, addresses tuples of networks;
@@ -50,7 +50,9 @@ The compiled shape, which the engine consumes::
       replaces: tuple[Replace(find: bytes, with_: bytes, line, col), ...]
       set:      HeaderSet(ttl, hop_limit, dscp, window, mss, mss_max), each int | None
       verdict:  "accept" | "drop"
-      examples: tuple[Example(input: bytes, output: bytes, line, col), ...]
+      examples: tuple[Example(input: bytes, output: bytes, line, col, source), ...]
+      source:   the text of the line at ``line`` as it was read (diagnostics made after loading
+                show it from here: the file is never read again by name)
 
     Selection                       shared by every packet with the same set of matching rules
       .rules: tuple[Rule, ...]      the rules that match, in rule order
@@ -118,6 +120,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 from array import array
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -284,6 +287,7 @@ class Example:
     output: bytes
     line: int
     col: int
+    source: str = ""  # the text of line ``line`` as read (for diagnostics after loading)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +302,7 @@ class Rule:
     set: HeaderSet
     verdict: str  # "accept" | "drop"
     examples: tuple[Example, ...]
+    source: str = ""  # the text of line ``line`` as read (for diagnostics after loading)
 
 
 class Selection:
@@ -682,17 +687,20 @@ def load_rules(
     allow_length_change: bool = True,
     bridge_ports: Collection[str] | None = None,
     opener: Opener | None = None,
+    dir_fd: int | None = None,
 ) -> tuple[RuleSet | None, list[Diagnostic]]:
     """Read, validate and compile ``rules_dir/*.toml``. Returns (ruleset or None, diagnostics).
 
     ``opener``: how each file is opened (``nfrewrite.filesafety.SafeOpener``; default plain).
+    ``dir_fd``: ``rules_dir`` already opened (by that SafeOpener), to list it through (see
+    :func:`rule_files`).
 
     ``allow_length_change=False`` makes a replace whose ``with`` differs in length from its
     ``find`` an error. ``bridge_ports``, when given, are the only valid ``in_port``/``out_port``
     values (an empty collection means no bridge is configured: such a match is then a warning).
     """
     loader = _Loader(allow_length_change, bridge_ports)
-    files, diagnostics = rule_files(rules_dir)
+    files, diagnostics = rule_files(rules_dir, dir_fd)
     if files is None:
         return None, diagnostics
     for n, path in enumerate(files):
@@ -711,21 +719,36 @@ def load_rules(
     return RuleSet(loader.rules, files), diagnostics
 
 
-def rule_files(rules_dir: str) -> tuple[list[str] | None, list[Diagnostic]]:
+def rule_files(
+    rules_dir: str, dir_fd: int | None = None
+) -> tuple[list[str] | None, list[Diagnostic]]:
     """The rule files ``load_rules`` reads, in order: ``rules_dir/*.toml``, regular files, names
     not starting with ``.``. None (with an error) when the directory cannot be listed or holds
-    more than ``MAX_RULE_FILES`` of them."""
+    more than ``MAX_RULE_FILES`` of them.
+
+    ``dir_fd``, when given, is ``rules_dir`` opened: the names are listed (and their types
+    looked up) through it, not through the path, so the directory listed is the one that was
+    checked on opening it. The paths returned are still ``rules_dir/name``, for the messages
+    and for the opener, which walks them as the kernel does (see ``nfrewrite.filesafety``).
+    """
     try:
-        names = sorted(os.listdir(rules_dir))
+        names = sorted(os.listdir(rules_dir if dir_fd is None else dir_fd))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         problem = f"cannot read rules directory: {reason}"
         return None, [Diagnostic(rules_dir, 0, 0, "error", problem)]
+
+    def regular(name: str) -> bool:  # os.path.isfile, through dir_fd when there is one
+        try:
+            where = os.path.join(rules_dir, name) if dir_fd is None else name
+            return stat.S_ISREG(os.stat(where, dir_fd=dir_fd).st_mode)
+        except (OSError, ValueError):
+            return False
+
     files = [
         os.path.join(rules_dir, n)
         for n in names
-        if n.endswith(".toml") and not n.startswith(".")
-        and os.path.isfile(os.path.join(rules_dir, n))
+        if n.endswith(".toml") and not n.startswith(".") and regular(n)
     ]
     if len(files) > MAX_RULE_FILES:
         problem = (f"{len(files)} rule files (*.toml) in the rules directory; at most "
@@ -818,7 +841,7 @@ class _Loader:
             doc.warning(kp, 'rule does nothing: give it replace, set, or verdict = "drop"')
         line, col = doc.at(kp)
         return Rule(name, len(self.rules), doc.path, line, col, match, replaces, header_set,
-                    verdict, examples)
+                    verdict, examples, _line(doc, line))
 
     def name(self, doc: TomlFile, kp: KeyPath, table: dict[str, object]) -> str | None:
         if "name" not in table:
@@ -1095,8 +1118,13 @@ class _Loader:
             if given is None or expected is None:
                 continue
             line, col = doc.at(ekp)
-            out.append(Example(given, expected, line, col))
+            out.append(Example(given, expected, line, col, _line(doc, line)))
         return tuple(out)
+
+
+def _line(doc: TomlFile, line: int) -> str:
+    """Line ``line`` (1-based) of the text read, "" when there is none."""
+    return doc.lines[line - 1] if 0 < line <= len(doc.lines) else ""
 
 
 def _count_errors(doc: TomlFile) -> int:

@@ -60,7 +60,8 @@ idle_timeout = 12.5
 """))
     assert diags == []
     assert config is not None
-    assert config.rules_dir == str(tmp_path.parent / "shared-rules")
+    # ".." is left to the kernel, which takes it after any link (see test_filesafety)
+    assert config.rules_dir == str(tmp_path / ".." / "shared-rules")
     assert config.bridges == (
         Bridge("br0", ("eth1", "eth2"), Offloads(gro=False, tso=True)),
         Bridge("br1", ("eth3",)),

@@ -7,7 +7,7 @@ import ipaddress
 import subprocess
 from pathlib import Path
 
-from nfrewrite.examples import example_packet, run_example, short_repr
+from nfrewrite.examples import check_examples, example_packet, run_example, short_repr
 from nfrewrite.packet import TcpPacket, parse
 from nfrewrite.rules import Match, load_rules
 
@@ -131,3 +131,22 @@ def test_short_repr_shows_a_window_around_the_first_difference() -> None:
     assert e.startswith("[@88] ...'xxxxxxxxxxxxEXPECTED") and e.endswith("... (208 bytes)")
     assert g.startswith("[@88] ...'xxxxxxxxxxxxGOT")
     assert short_repr(b"\xff\x00", b"\xff") == ("b'\\xff\\x00'", "b'\\xff'")
+
+
+def test_a_failing_example_shows_its_line_as_loaded_not_as_the_file_says_now(
+    tmp_path: Path,
+) -> None:
+    """The example's line comes from the text that was loaded: the file replaced since (here by
+    a link to another file) is not read again, by name or through the link."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "a.toml").write_text(
+        '[[rule]]\nname = "r"\nreplace = [ { find = "a", with = "b" } ]\n'
+        'examples = [ { input = "a", output = "c" } ]\n')
+    ruleset, diags = load_rules(str(tmp_path / "rules"))
+    assert ruleset is not None and diags == []
+    (tmp_path / "other.toml").write_text("1\n2\n3\nFOUR, read through a link\n")
+    (tmp_path / "rules" / "a.toml").unlink()
+    (tmp_path / "rules" / "a.toml").symlink_to(tmp_path / "other.toml")
+    failed = check_examples(ruleset)
+    assert [(d.line, d.col, d.source) for d in failed] == [
+        (4, 14, 'examples = [ { input = "a", output = "c" } ]')]

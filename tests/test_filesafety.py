@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from nfrewrite.config import load_all
-from nfrewrite.filesafety import check_permissions
+from nfrewrite.diagnostics import Diagnostic, Severity
+from nfrewrite.filesafety import SafeOpener, check_permissions
 
 STRANGER = 12345  # a uid that is neither root nor the daemon's user
 RULE = '[[rule]]\nname = "ok"\nset = { ttl = 64 }\n'
@@ -372,3 +373,86 @@ def test_a_rules_directory_given_as_a_link_is_followed(tree: Path) -> None:
     assert ruleset is None
     assert diags[0].format().startswith(f"{tree}/rules-link: error: rules directory is writable "
                                         "by others (mode 0757)")
+
+
+def _dotdot_tree(tmp_path: Path) -> Path:
+    """base/link -> target/sub; base/f.toml says "lexical", target/f.toml says "real"."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "target" / "sub").mkdir(parents=True)
+    (tmp_path / "base" / "f.toml").write_text("lexical")
+    (tmp_path / "target" / "f.toml").write_text("real")
+    (tmp_path / "base" / "link").symlink_to(tmp_path / "target" / "sub")
+    return tmp_path
+
+
+def _read(fd: int | None) -> str:
+    assert fd is not None
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode()
+
+
+def test_dotdot_after_a_link_leads_where_the_kernel_goes(tmp_path: Path) -> None:
+    root = _dotdot_tree(tmp_path)
+    path = f"{root}/base/link/../f.toml"
+    with open(path) as f:
+        assert f.read() == "real"  # the kernel: link first, then the target's parent
+    fd, diags = SafeOpener().open(path, "rule file", "error")
+    assert diags == [] and _read(fd) == "real"
+
+
+def test_a_relative_path_goes_on_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _dotdot_tree(tmp_path)
+    monkeypatch.chdir(root / "base")
+    fd, diags = SafeOpener().open("link/../f.toml", "rule file", "error")
+    assert diags == [] and _read(fd) == "real"
+    monkeypatch.chdir(root / "base" / "link")  # getcwd() says target/sub: the kernel resolved it
+    fd, diags = SafeOpener().open("../f.toml", "rule file", "error")
+    assert diags == [] and _read(fd) == "real"
+    fd, diags = SafeOpener().open("../../base/f.toml", "rule file", "error")
+    assert diags == [] and _read(fd) == "lexical"
+
+
+def test_rules_dir_dotdot_through_a_linked_config_directory_is_the_kernels(
+    tmp_path: Path,
+) -> None:
+    """``rules_dir = "../rules"`` next to a config reached through a link to its directory: the
+    rules read are those of the link target's parent (what ``cd link; ls ../rules`` shows), the
+    same directory the listing and each file's open go through."""
+    (tmp_path / "real" / "conf").mkdir(parents=True)
+    (tmp_path / "real" / "rules").mkdir()
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "real" / "conf" / "n.toml").write_text('rules_dir = "../rules"\n')
+    (tmp_path / "real" / "rules" / "a.toml").write_text(RULE.replace('"ok"', '"real"'))
+    (tmp_path / "rules" / "a.toml").write_text(RULE.replace('"ok"', '"lexical"'))
+    (tmp_path / "rules" / "b.toml").write_text(RULE.replace('"ok"', '"only-lexical"'))
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "conf")
+    config, ruleset, diags = load_all(str(tmp_path / "link" / "n.toml"))
+    assert diags == [] and config is not None and ruleset is not None
+    assert [r.name for r in ruleset.rules] == ["real"]
+    assert os.path.samefile(config.rules_dir, tmp_path / "real" / "rules")
+
+
+def test_the_rule_files_are_listed_in_the_directory_that_was_checked(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules directory is replaced right after its check: the listing still comes from the
+    checked one (through its descriptor), so no name seen only in the new one is loaded."""
+    real_open = SafeOpener.open
+
+    def open_then_swap(
+        self: SafeOpener, path: str, what: str, severity: Severity, *, directory: bool = False
+    ) -> tuple[int | None, list[Diagnostic]]:
+        result = real_open(self, path, what, severity, directory=directory)
+        if directory:
+            (tree / "rules").rename(tree / "rules-old")
+            (tree / "rules").mkdir()
+            (tree / "rules" / "evil.toml").write_text(RULE.replace('"ok"', '"evil"'))
+        return result
+
+    monkeypatch.setattr(SafeOpener, "open", open_then_swap)
+    _, ruleset, diags = load_all(str(tree / "nfrewrite.toml"))
+    assert ruleset is None
+    assert [d.format() for d in diags] == [
+        f"{tree}/rules/a.toml: error: cannot read: No such file or directory"]

@@ -359,3 +359,24 @@ def test_reload_refuses_it_too_and_keeps_the_running_rules(lab: Lab, workdir: st
         assert f"{workdir}/rules/10.toml:3:1: error: the kernel prefilter would need 26002" in tail
         assert "reload failed: keeping the running rules" in tail
         assert _kernel_counts(lab) == before
+
+
+def test_the_refusal_shows_the_rules_line_as_loaded_not_as_the_file_says_now(
+    tmp_path: Path,
+) -> None:
+    """The refused rule's line comes from the text that was loaded: the file replaced since (here
+    by a link to another file) is not read again, by name or through the link."""
+    from nfrewrite.prefilter import kernel_rules
+    from nfrewrite.rules import load_rules
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "huge.toml").write_text(huge_rule())
+    ruleset, diags = load_rules(str(tmp_path / "rules"))
+    assert ruleset is not None and diags == []
+    (tmp_path / "other.toml").write_text("one\ntwo\nTHREE, read through a link\n")
+    (tmp_path / "rules" / "huge.toml").unlink()
+    (tmp_path / "rules" / "huge.toml").symlink_to(tmp_path / "other.toml")
+    plan_, refusal = kernel_rules(ruleset)
+    assert plan_ is None
+    assert [(d.path, d.line, d.source) for d in refusal] == [
+        (f"{tmp_path}/rules/huge.toml", 3, "[[rule]]")]

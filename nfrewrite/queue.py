@@ -47,7 +47,8 @@ length counts its own header); the kernel would take a longer one's verdict with
 and send the original packet, so such a packet is dropped instead (``VerdictTooLong``).
 
 The loop polls the socket and a wake-up pipe with a timeout, so ``on_idle`` runs at least every
-``idle_interval`` seconds without traffic (the daemon sends ``WATCHDOG=1`` from it) and ``stop()``
+``idle_interval`` seconds without traffic (the daemon's worker sends its heartbeat from it; the
+supervisor sends ``WATCHDOG=1`` only while every heartbeat is fresh) and ``stop()``
 (safe from a signal handler: it sets a flag and writes one byte) ends ``run()`` within
 milliseconds. Datagrams are pulled with ``MSG_DONTWAIT`` through ``NetfilterQueue.run_socket`` in
 batches of ``batch`` so that a flood cannot starve the idle hook.

@@ -21,10 +21,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("1", "1i", "2", "3", "3g", "4", "4d", "4n", "4q", "5", "6", "7a", "7b", "7c", "7d", "8")
 
 
+def _default_sigint() -> None:
+    # Ctrl-C at a terminal: SIGINT is never ignored there. A test run started in the background
+    # by a shell without job control inherits SIGINT ignored, and so would the bench.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _bench(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.run", *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint,
     )
 
 

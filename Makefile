@@ -39,7 +39,7 @@ test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: deps
-	$(BIN)/python -m nfrewrite.demo
+	$(BIN)/python -m lab.demo
 
 lint: deps
 	$(BIN)/ruff check nfrewrite tests bench

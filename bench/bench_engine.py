@@ -19,9 +19,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
 from bench.lab_bench import PATTERN, PERIOD, SAME, SHORT
-from nfrewrite.engine import Engine
-from nfrewrite.rules import RuleSet, load_rules
-from nfrewrite.seqadj import FlowTable
+from nfrewrite.core.engine import Engine
+from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.seqadj import FlowTable
 
 PACKETS = 200
 SIZE = 64_000

@@ -25,8 +25,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from nfrewrite.config import load_all
-from nfrewrite.examples import check_examples
+from nfrewrite.config.examples import check_examples
+from nfrewrite.config.settings import load_all
 
 MIB = 2**20
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from nfrewrite import checksum as cs
-from nfrewrite.packet import TcpPacket, parse
+from nfrewrite.core import checksum as cs
+from nfrewrite.core.packet import TcpPacket, parse
 
 FIND, WITH = b"Server: nginx", b"Server: webby"
 

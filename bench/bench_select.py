@@ -28,7 +28,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from nfrewrite.rules import HeaderSet, Match, Replace, Rule, RuleSet
+from nfrewrite.core.rules import HeaderSet, Match, Replace, Rule, RuleSet
 
 SRC = ipaddress.IPv4Address("192.0.2.80").packed
 DST = ipaddress.IPv4Address("198.51.100.7").packed

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One :class:`~nfrewrite.lab.Lab` (client -- appliance with ``br0`` -- server) lives for the whole
+One :class:`~lab.netns.Lab` (client -- appliance with ``br0`` -- server) lives for the whole
 run. The server namespace keeps two :mod:`bench.traffic` servers running: a sink on
 ``BULK_PORT`` and a ping-pong echo on ``PING_PORT``. A *mode* is a context manager that puts the
 appliance into one state and takes it out again:
@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from nfrewrite.lab import Daemon, Lab, LabError, read_line, write_lab_config
+from lab.netns import Daemon, Lab, LabError, read_line, write_lab_config
 
 BULK_PORT = 5201
 PING_PORT = 5202

@@ -1,4 +1,4 @@
-"""Where a daemon worker's time goes: ``nfrewrite.daemon.worker_main`` under cProfile.
+"""Where a daemon worker's time goes: ``nfrewrite.service.daemon.worker_main`` under cProfile.
 
     python -m bench.profile_worker --queue 0 --config nfrewrite.toml --out prof.txt
 
@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args(argv)
 
-    from nfrewrite import metrics
+    from nfrewrite.service import metrics
 
     mp_dir = metrics.setup_multiprocess_dir(None)
-    from nfrewrite.daemon import load, worker_main
+    from nfrewrite.service.daemon import load, worker_main
 
     config, ruleset, diags = load(a.config)
     if config is None or ruleset is None:

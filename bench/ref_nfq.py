@@ -7,8 +7,8 @@ allows through one Python process; the daemon's queued figures are divided by it
 ``READY`` once bound and, on SIGTERM/SIGINT, one JSON line with the number of packets seen.
 
 With ``--gso`` it also sets the queue's GSO flag and a 65,535-byte copy range (as the daemon does
-by default, through :mod:`nfrewrite.nfnl` on NetfilterQueue's own socket) and reads with a buffer
-that holds a whole super-packet: the same least-possible loop, for queues that take GSO
+by default, through :mod:`nfrewrite.kernel.nfnl` on NetfilterQueue's own socket) and reads with a
+buffer that holds a whole super-packet: the same least-possible loop, for queues that take GSO
 super-packets whole. NetfilterQueue's own ``run()`` cannot be used then (its 4 KB buffer would cut
 such a message), so ``run_socket`` reads from the socket.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from netfilterqueue import NetfilterQueue
 
-from nfrewrite import nfnl
+from nfrewrite.kernel import nfnl
 
 MAXLEN = 4096  # the daemon's default [queue] maxlen
 SOCK_BUF = 8 << 20  # the daemon's default [queue] sock_buf

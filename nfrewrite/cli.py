@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nfrewrite.config import load_all
-from nfrewrite.diagnostics import Diagnostic
-from nfrewrite.examples import check_examples
+from nfrewrite.config.diagnostics import Diagnostic
+from nfrewrite.config.examples import check_examples
+from nfrewrite.config.settings import load_all
 
 __all__ = [
     "EXIT_DAMAGED_INPUT",
@@ -107,14 +107,14 @@ CONFIG_ARG = arg(
         help="also print the iptables/ip6tables rules (kernel prefilter) the daemon would load"),
 )
 def cmd_check(args: argparse.Namespace) -> int:
-    from nfrewrite.firewall import render
-    from nfrewrite.prefilter import kernel_rules
+    from nfrewrite.kernel.firewall import render
+    from nfrewrite.kernel.prefilter import kernel_rules
 
     config, ruleset, diagnostics = load_all(
         args.config, allow_length_change=not args.no_length_change
     )
     kernel = None
-    if ruleset is not None:  # every rule's examples through the engine (nfrewrite.examples)
+    if ruleset is not None:  # every rule's examples through the engine (nfrewrite.config.examples)
         diagnostics = diagnostics + check_examples(ruleset)
         # the kernel rules as start and reload compile them (the same function, the same verdict)
         queue = (config.queue.num, config.queue.workers) if config is not None else (0, 1)
@@ -142,7 +142,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     CONFIG_ARG,
 )
 def cmd_run(args: argparse.Namespace) -> int:
-    from nfrewrite.daemon import run
+    from nfrewrite.service.daemon import run
 
     return run(args.config)
 

@@ -3,7 +3,7 @@
 What it is for
 ==============
 Seeing what a rule set would do to real traffic before it touches the wire: read a pcap or pcapng
-capture, run every packet through the same :class:`~nfrewrite.engine.Engine` the daemon uses,
+capture, run every packet through the same :class:`~nfrewrite.core.engine.Engine` the daemon uses,
 write the result as a pcap, and print how often each rule fired. It must not load the capture
 into memory (captures are often larger than RAM), parse packets with scapy on the hot path (slow,
 and an independent parser could disagree with the engine's), or repair what it does not rewrite.
@@ -154,11 +154,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
-from nfrewrite.config import FlowsConfig
-from nfrewrite.engine import DEFAULT_MTU, DROP, Engine
-from nfrewrite.packet import MAX_VERDICT_PACKET, TRUNCATED_IP, TcpPacket, parse
-from nfrewrite.rules import RuleSet
-from nfrewrite.seqadj import FlowTable, flow_key
+from nfrewrite.config.settings import FlowsConfig
+from nfrewrite.core.engine import DEFAULT_MTU, DROP, Engine
+from nfrewrite.core.packet import MAX_VERDICT_PACKET, TRUNCATED_IP, TcpPacket, parse
+from nfrewrite.core.rules import RuleSet
+from nfrewrite.core.seqadj import FlowTable, flow_key
 
 __all__ = [
     "LINK_TYPES",

@@ -41,12 +41,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture
 def lab(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """A fresh client -- appliance -- server namespace lab (``nfrewrite.lab.Lab``), torn down after.
+    """A fresh client -- appliance -- server namespace lab (``lab.netns.Lab``), torn down after.
 
     Options through indirect parametrization: ``@pytest.mark.parametrize("lab", [{"make_bridge":
     True}], indirect=True)``.
     """
-    from nfrewrite.lab import Lab
+    from lab.netns import Lab
 
     with Lab(**getattr(request, "param", {})) as the_lab:
         yield the_lab

@@ -10,8 +10,8 @@ No hypothesis here: one seeded :class:`random.Random` drives everything, so a ru
 function of ``(seed, count)`` and a failure at packet ``i`` reproduces with ``--count i+1``. Speed
 matters (the default is 10**6 packets), so packets are built by a small struct-based builder in
 this file whose checksums come from :func:`ones_sum`, an ``array``-based RFC 1071 sum that shares
-no code with :mod:`nfrewrite.checksum`. scapy stays the independent oracle, but it is slow, so it
-checks one packet in ``--oracle-every`` (default 200).
+no code with :mod:`nfrewrite.core.checksum`. scapy stays the independent oracle, but it is slow, so
+it checks one packet in ``--oracle-every`` (default 200).
 
 The packets, interleaved at random:
 
@@ -64,10 +64,10 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nfrewrite.engine import ACCEPT, DROP, Engine
-from nfrewrite.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
-from nfrewrite.rules import RuleSet, load_rules
-from nfrewrite.seqadj import FlowTable
+from nfrewrite.core.engine import ACCEPT, DROP, Engine
+from nfrewrite.core.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
+from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.seqadj import FlowTable
 
 DEFAULT_COUNT = 1_000_000
 ORACLE_EVERY = 200
@@ -644,7 +644,7 @@ def check(
     data: bytes, res: object, csum_partial: bool, stats: Stats, mtu: int = 1500
 ) -> str | None:
     """The invariants for one packet; a description of the first one broken, or None."""
-    from nfrewrite.engine import Result
+    from nfrewrite.core.engine import Result
 
     if not isinstance(res, Result):
         return f"process returned {res!r}, not a Result"

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from nfrewrite.lab import Lab, read_line
+from lab.netns import Lab, read_line
 
 SERVER = r"""
 import socket, sys

@@ -4,7 +4,7 @@
 
 Theory of operation
 -------------------
-A namespace lab (``nfrewrite.lab``) with ``nfrewrite run`` on its bridge, then a loop of TCP
+A namespace lab (``lab.netns``) with ``nfrewrite run`` on its bridge, then a loop of TCP
 connections through it, one at a time (``tcp_exchange``: each returns exactly what both ends
 received):
 
@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from nfrewrite.lab import Daemon, Lab, LabError, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, LabError, tcp_exchange, write_lab_config
 
 EXCHANGE_TIMEOUT = 180.0
 SAME_PORT = 8080

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from nfrewrite.lab import list_namespaces
+from lab.netns import list_namespaces
 
 pytestmark = pytest.mark.privileged
 

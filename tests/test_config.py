@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.config import (
+from nfrewrite.config.diagnostics import Diagnostic
+from nfrewrite.config.settings import (
     Bridge,
     Config,
     FlowsConfig,
@@ -17,7 +18,6 @@ from nfrewrite.config import (
     load_all,
     load_config,
 )
-from nfrewrite.diagnostics import Diagnostic
 
 
 def write(tmp_path: Path, text: str, name: str = "nfrewrite.toml") -> str:
@@ -167,6 +167,7 @@ def test_diagnostic_for_a_whole_file_is_one_line() -> None:
 
 
 def test_every_offload_key_the_config_accepts_is_one_netsetup_can_set() -> None:
-    from nfrewrite import config, netsetup
+    from nfrewrite.config import settings as config
+    from nfrewrite.kernel import netsetup
 
     assert set(config.OFFLOAD_KEYS) == set(netsetup.OFFLOAD_KEYS)

@@ -37,7 +37,7 @@ import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
 from tests.peers import RECORD, LineConn, RecordStream, record
 
 pytestmark = pytest.mark.privileged

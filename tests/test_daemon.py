@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
 from tests.peers import LineConn
 
 pytestmark = pytest.mark.privileged
@@ -327,7 +327,7 @@ BULK_FILES = 50
 def _write_bulk_rules(rules_dir: str, files: int = BULK_FILES) -> int:
     """``files`` valid rule files of 1 MiB each (the per-file limit), made of rules with 60 kB
     find/with strings no traffic carries and a comment; returns the bytes written."""
-    from nfrewrite.diagnostics import MAX_FILE_SIZE
+    from nfrewrite.config.diagnostics import MAX_FILE_SIZE
 
     total = 0
     for k in range(files):

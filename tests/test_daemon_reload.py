@@ -14,9 +14,9 @@ from typing import Any, NoReturn
 
 import pytest
 
-from nfrewrite import daemon as D
-from nfrewrite.fdreserve import FdReserve
-from nfrewrite.lab import write_lab_config
+from lab.netns import write_lab_config
+from nfrewrite.service import daemon as D
+from nfrewrite.service.fdreserve import FdReserve
 
 RULE = """
 [[rule]]

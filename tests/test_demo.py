@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from nfrewrite.lab import list_namespaces
+from lab.netns import list_namespaces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,10 +13,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from nfrewrite.engine import ACCEPT, DROP, Engine
-from nfrewrite.packet import NOT_TCP, TcpPacket, parse
-from nfrewrite.rules import RuleSet, load_rules
-from nfrewrite.seqadj import FlowTable
+from nfrewrite.core.engine import ACCEPT, DROP, Engine
+from nfrewrite.core.packet import NOT_TCP, TcpPacket, parse
+from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.seqadj import FlowTable
 from tests.packets import field_error, scapy_tcp_checksum
 
 
@@ -184,7 +184,7 @@ def test_syn_of_a_connection_whose_replies_grow_announces_a_lower_mss(tmp_path: 
 def test_the_prefilter_queues_the_syns_that_announce_the_mss_for_growing_rules(
     tmp_path: Path,
 ) -> None:
-    from nfrewrite.prefilter import compile_prefilter
+    from nfrewrite.kernel.prefilter import compile_prefilter
 
     rs = ruleset(
         tmp_path,

@@ -7,9 +7,9 @@ import ipaddress
 import subprocess
 from pathlib import Path
 
-from nfrewrite.examples import check_examples, example_packet, run_example, short_repr
-from nfrewrite.packet import TcpPacket, parse
-from nfrewrite.rules import Match, load_rules
+from nfrewrite.config.examples import check_examples, example_packet, run_example, short_repr
+from nfrewrite.core.packet import TcpPacket, parse
+from nfrewrite.core.rules import Match, load_rules
 
 REPO = Path(__file__).resolve().parent.parent
 NFREWRITE = REPO / ".venv" / "bin" / "nfrewrite"

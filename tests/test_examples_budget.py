@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nfrewrite.examples import EXAMPLE_STEPS_MAX, check_examples, search_steps
-from nfrewrite.rules import RuleSet, load_rules
+from nfrewrite.config.examples import EXAMPLE_STEPS_MAX, check_examples, search_steps
+from nfrewrite.core.rules import RuleSet, load_rules
 
 
 def _load(directory: Path, files: dict[str, str]) -> RuleSet:

@@ -9,7 +9,7 @@ import resource
 
 import pytest
 
-from nfrewrite.fdreserve import FdReserve
+from nfrewrite.service.fdreserve import FdReserve
 
 
 def test_a_full_table_leaves_room_for_a_step_with_the_reserve_released() -> None:

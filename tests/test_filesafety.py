@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.config import load_all
-from nfrewrite.diagnostics import Diagnostic, Severity
-from nfrewrite.filesafety import SafeOpener, check_permissions
+from nfrewrite.config.diagnostics import Diagnostic, Severity
+from nfrewrite.config.filesafety import SafeOpener, check_permissions
+from nfrewrite.config.settings import load_all
 
 STRANGER = 12345  # a uid that is neither root nor the daemon's user
 RULE = '[[rule]]\nname = "ok"\nset = { ttl = 64 }\n'

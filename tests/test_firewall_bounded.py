@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.firewall import (
+from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
+from nfrewrite.kernel.firewall import (
     CHAIN,
     MAX_KERNEL_RULES,
     Layout,
@@ -29,7 +30,6 @@ from nfrewrite.firewall import (
     layout,
     plan,
 )
-from nfrewrite.lab import Daemon, Lab, tcp_exchange, write_lab_config
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["nft", "legacy"]
@@ -263,7 +263,7 @@ def _queued(lab: Lab, variant: str, family: int) -> int:
 
 def _install(lab: Lab, variant: str, op: str, src4: list[str], src6: list[str]) -> None:
     code = textwrap.dedent(f"""
-        from nfrewrite.firewall import Firewall, QueueMatch
+        from nfrewrite.kernel.firewall import Firewall, QueueMatch
         # two multiport chunks, both holding 8080
         ports = [(8070, 8090)] + [(p, p) for p in range(8000, 8020)] + [(8080, 8080)]
         def group(src, dst):
@@ -366,8 +366,8 @@ def test_the_refusal_shows_the_rules_line_as_loaded_not_as_the_file_says_now(
 ) -> None:
     """The refused rule's line comes from the text that was loaded: the file replaced since (here
     by a link to another file) is not read again, by name or through the link."""
-    from nfrewrite.prefilter import kernel_rules
-    from nfrewrite.rules import load_rules
+    from nfrewrite.core.rules import load_rules
+    from nfrewrite.kernel.prefilter import kernel_rules
 
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "huge.toml").write_text(huge_rule())

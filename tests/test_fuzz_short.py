@@ -11,9 +11,9 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from nfrewrite.engine import ACCEPT, Engine
-from nfrewrite.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
-from nfrewrite.seqadj import FlowTable
+from nfrewrite.core.engine import ACCEPT, Engine
+from nfrewrite.core.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
+from nfrewrite.core.seqadj import FlowTable
 from tests import fuzz
 
 SEED = 20261126

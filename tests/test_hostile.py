@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, LabError, read_line, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, LabError, read_line, tcp_exchange, write_lab_config
 
 pytestmark = pytest.mark.privileged
 
@@ -211,7 +211,7 @@ class Rig:
             k = (name, frozenset(labels.items()))
             return int(after.get(k, 0) - before.get(k, 0))
 
-        from nfrewrite.packet import REASONS
+        from nfrewrite.core.packet import REASONS
 
         unparsed = {r: moved("nfrewrite_packets_unparsed_total", queue="0", reason=r)
                     for r in REASONS}
@@ -361,9 +361,9 @@ def _reassemble_v4(frames: list[bytes]) -> tuple[bytes, list[tuple[int, bool, in
 
 def _engine(workdir: str) -> Callable[[bytes], bytes | None]:
     """The same rules in the offline engine (what ``nfrewrite replay`` runs): a reference."""
-    from nfrewrite.config import load_all
-    from nfrewrite.engine import Engine
-    from nfrewrite.seqadj import FlowTable
+    from nfrewrite.config.settings import load_all
+    from nfrewrite.core.engine import Engine
+    from nfrewrite.core.seqadj import FlowTable
 
     _, ruleset, _ = load_all(os.path.join(workdir, "nfrewrite.toml"))
     assert ruleset is not None

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.config import load_config
-from nfrewrite.diagnostics import ifname_problem
-from nfrewrite.firewall import QueueMatch, restore_text
-from nfrewrite.lab import Daemon, Lab, tcp_exchange
+from lab.netns import Daemon, Lab, tcp_exchange
+from nfrewrite.config.diagnostics import ifname_problem
+from nfrewrite.config.settings import load_config
+from nfrewrite.kernel.firewall import QueueMatch, restore_text
 
 # every kind of character the kernel, iptables or the config's quoting treat specially
 CANDIDATES = [

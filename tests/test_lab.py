@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from nfrewrite.lab import Lab, LabError, cleanup_stale, list_namespaces, tcp_exchange
+from lab.netns import Lab, LabError, cleanup_stale, list_namespaces, tcp_exchange
 
 pytestmark = pytest.mark.privileged
 

@@ -1,4 +1,4 @@
-"""nfrewrite.metrics in single-process mode: counting, the kernel queue collector, HTTP.
+"""nfrewrite.service.metrics in single-process mode: counting, the kernel queue collector, HTTP.
 
 Scrapes are parsed with ``prometheus_client.parser`` (never regexes); each test makes its own
 :class:`Metrics` set, so tests do not see each other's counts.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite import metrics as M
-from nfrewrite.engine import ACCEPT, DROP, PASS, Result
-from nfrewrite.packet import REASONS
+from nfrewrite.core.engine import ACCEPT, DROP, PASS, Result
+from nfrewrite.core.packet import REASONS
+from nfrewrite.service import metrics as M
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -195,7 +195,7 @@ def test_set_flows_copies_the_gauge_and_advances_the_table_counters_by_the_diffe
 
 def test_the_table_counters_are_what_a_flow_table_counts() -> None:
     """The names set_flows reads are FlowTable.stats()'s own (a renamed key would read 0)."""
-    from nfrewrite.seqadj import FlowTable
+    from nfrewrite.core.seqadj import FlowTable
 
     assert {name for _, name in M.WorkerMetrics(0, metrics=M.Metrics())._table_counters} <= set(
         FlowTable().stats())
@@ -523,7 +523,7 @@ def test_the_collector_reads_a_real_bound_queue_in_its_namespace() -> None:
 
     code = (
         "from netfilterqueue import NetfilterQueue\n"
-        "from nfrewrite import metrics as M\n"
+        "from nfrewrite.service import metrics as M\n"
         "q = NetfilterQueue(); q.bind(4242, lambda p: p.accept())\n"
         "s = M.read_queue_stats()\n"
         "print(s[4242].portid > 0, s[4242].waiting, s[4242].dropped, s[4242].user_dropped)\n"

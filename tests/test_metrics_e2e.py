@@ -41,10 +41,10 @@ from typing import Any
 import pytest
 
 import nfrewrite
-from nfrewrite import metrics as M
-from nfrewrite.lab import Daemon, Lab, LabError, write_lab_config
-from nfrewrite.netsetup import OFFLOAD_KEYS
-from nfrewrite.packet import REASONS
+from lab.netns import Daemon, Lab, LabError, write_lab_config
+from nfrewrite.core.packet import REASONS
+from nfrewrite.kernel.netsetup import OFFLOAD_KEYS
+from nfrewrite.service import metrics as M
 from tests.conftest import IN_CI
 
 pytestmark = pytest.mark.privileged

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, LabError, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, LabError, tcp_exchange, write_lab_config
 
 pytestmark = pytest.mark.privileged
 
@@ -267,7 +267,7 @@ def test_workers_keep_no_copy_of_the_supervisors_descriptor_reserve(
 ) -> None:
     """Workers are forked while the reserve is held, without exec: each would hold its own copy
     of it, and a worker needs none."""
-    from nfrewrite.fdreserve import DEFAULT_RESERVE
+    from nfrewrite.service.fdreserve import DEFAULT_RESERVE
 
     config = write_lab_config(workdir, {"10.toml": RULE}, workers=2,
                               metrics_port=METRICS_PORT)

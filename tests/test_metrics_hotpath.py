@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite import metrics as M
-from nfrewrite.engine import ACCEPT, PASS, Result
-from nfrewrite.packet import NOT_TCP
+from nfrewrite.core.engine import ACCEPT, PASS, Result
+from nfrewrite.core.packet import NOT_TCP
+from nfrewrite.service import metrics as M
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = 100_000

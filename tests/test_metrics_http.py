@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nfrewrite import metrics as M
+from nfrewrite.service import metrics as M
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""nfrewrite.metrics in multiprocess mode: totals across real worker processes add up exactly.
+"""nfrewrite.service.metrics in multiprocess mode: totals across real worker processes add up
+exactly.
 
 Each scenario runs in a fresh interpreter (the mode is fixed when ``prometheus_client`` is first
 imported, and this pytest process already imported it in-memory): a "supervisor" that calls
@@ -29,9 +30,9 @@ RULES = ("a", "b")
 
 # -- run in child interpreters -----------------------------------------------------------------
 def _worker(queue: int, plan: dict[str, int], ready: Any, stop: Any) -> None:
-    from nfrewrite import metrics as M
-    from nfrewrite.engine import ACCEPT, DROP, Result
-    from nfrewrite.packet import NOT_TCP
+    from nfrewrite.core.engine import ACCEPT, DROP, Result
+    from nfrewrite.core.packet import NOT_TCP
+    from nfrewrite.service import metrics as M
 
     w = M.WorkerMetrics(queue, rules=RULES)
     for _ in range(plan["modified"]):
@@ -49,7 +50,7 @@ def _worker(queue: int, plan: dict[str, int], ready: Any, stop: Any) -> None:
 
 def scenario(start_method: str, proc_path: str) -> None:
     """The supervisor's side; prints one JSON line."""
-    from nfrewrite import metrics as M
+    from nfrewrite.service import metrics as M
 
     path = M.setup_multiprocess_dir()  # first, before prometheus_client is imported
     import multiprocessing
@@ -222,7 +223,7 @@ def test_private_directory_is_created_then_removed(outcome: dict[str, Any]) -> N
 
 def test_importing_the_module_does_not_import_prometheus_client() -> None:
     proc = run_python(
-        "import sys, nfrewrite.metrics; "
+        "import sys, nfrewrite.service.metrics; "
         "assert 'prometheus_client' not in sys.modules, 'imported'; print('ok')"
     )
     assert proc.returncode == 0, proc.stderr
@@ -231,7 +232,7 @@ def test_importing_the_module_does_not_import_prometheus_client() -> None:
 def test_setup_refuses_when_prometheus_client_was_imported_first() -> None:
     proc = run_python(
         "import prometheus_client\n"
-        "from nfrewrite import metrics as M\n"
+        "from nfrewrite.service import metrics as M\n"
         "try:\n"
         "    M.setup_multiprocess_dir()\n"
         "except RuntimeError as e:\n"
@@ -244,7 +245,7 @@ def test_setup_refuses_when_prometheus_client_was_imported_first() -> None:
 def test_setup_refuses_a_second_directory_and_metrics_refuse_a_mismatch(tmp_path: Path) -> None:
     proc = run_python(
         "import os\n"
-        "from nfrewrite import metrics as M\n"
+        "from nfrewrite.service import metrics as M\n"
         "p = M.setup_multiprocess_dir()\n"
         "try:\n"
         "    M.setup_multiprocess_dir()\n"
@@ -264,7 +265,7 @@ def test_setup_refuses_a_second_directory_and_metrics_refuse_a_mismatch(tmp_path
     env_late = run_python(
         "import os, prometheus_client\n"
         f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n"
-        "from nfrewrite import metrics as M\n"
+        "from nfrewrite.service import metrics as M\n"
         "try:\n"
         "    M.Metrics()\n"
         "except RuntimeError as e:\n"
@@ -275,7 +276,7 @@ def test_setup_refuses_a_second_directory_and_metrics_refuse_a_mismatch(tmp_path
 
 
 def test_cleanup_leaves_a_directory_holding_anything_but_value_files(tmp_path: Path) -> None:
-    from nfrewrite import metrics as M
+    from nfrewrite.service import metrics as M
 
     d = tmp_path / "m"
     d.mkdir()
@@ -313,7 +314,7 @@ def test_a_run_killed_before_its_cleanup_leaves_a_directory_the_next_run_removes
         """A run that makes its directory, writes a value and dies without its cleanup."""
         proc = run_python(
             "import os, signal\n"
-            "from nfrewrite import metrics as M\n"
+            "from nfrewrite.service import metrics as M\n"
             f"p = M.setup_multiprocess_dir({str(tmp_path)!r})\n"
             "M.SupervisorMetrics([0]).rules_loaded(1)\n"
             "print(os.getpid(), p, flush=True)\n"

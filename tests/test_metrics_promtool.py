@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite import metrics as M
-from nfrewrite.engine import ACCEPT, DROP, Result
-from nfrewrite.packet import REASONS
+from nfrewrite.core.engine import ACCEPT, DROP, Result
+from nfrewrite.core.packet import REASONS
+from nfrewrite.service import metrics as M
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parent.parent

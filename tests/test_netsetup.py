@@ -11,13 +11,13 @@ import textwrap
 
 import pytest
 
-from nfrewrite.lab import Lab, Role, tcp_exchange
+from lab.netns import Lab, Role, tcp_exchange
 
 pytestmark = pytest.mark.privileged
 
 _PRELUDE = """
 import dataclasses, json, sys
-from nfrewrite.netsetup import (NetSetupError, enable_br_netfilter, read_offloads,
+from nfrewrite.kernel.netsetup import (NetSetupError, enable_br_netfilter, read_offloads,
                                 setup_bridge)
 def out(obj):
     print(json.dumps(obj, default=lambda o: dataclasses.asdict(o)))
@@ -171,7 +171,7 @@ def test_sysctls_come_back_after_kill_9_a_restart_and_a_clean_stop(lab: Lab, wor
     import os
     import signal
 
-    from nfrewrite.lab import Daemon, write_lab_config
+    from lab.netns import Daemon, write_lab_config
 
     for name, value in SYSCTLS.items():
         lab.run("appliance", ["sh", "-c", f"echo {value} > /proc/sys/{name}"])
@@ -201,7 +201,7 @@ def test_a_second_daemon_in_the_namespace_leaves_the_running_ones_sysctls_alone(
     import os
     import signal
 
-    from nfrewrite.lab import Daemon, write_lab_config
+    from lab.netns import Daemon, write_lab_config
 
     for name, value in SYSCTLS.items():
         lab.run("appliance", ["sh", "-c", f"echo {value} > /proc/sys/{name}"])
@@ -232,7 +232,7 @@ def test_two_namespaces_never_share_a_record(lab: Lab, workdir: str) -> None:
 
     code = textwrap.dedent(f"""
         import sys
-        from nfrewrite.netsetup import CT_TCP_LIBERAL, SysctlKeeper
+        from nfrewrite.kernel.netsetup import CT_TCP_LIBERAL, SysctlKeeper
         keeper = SysctlKeeper({workdir!r})
         if sys.argv[1] == "set":
             keeper.set(CT_TCP_LIBERAL, True)

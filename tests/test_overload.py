@@ -27,8 +27,8 @@ import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, LabError, tcp_exchange, write_lab_config
-from nfrewrite.metrics import read_queue_stats
+from lab.netns import Daemon, Lab, LabError, tcp_exchange, write_lab_config
+from nfrewrite.service.metrics import read_queue_stats
 from tests.peers import RECORD, RecordStream, record
 
 pytestmark = pytest.mark.privileged

@@ -15,9 +15,9 @@ from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 from scapy.packet import Raw
 
-from nfrewrite import packet as P
-from nfrewrite.packet import REASONS, TcpPacket, Unparsed, parse
-from nfrewrite.rules import HeaderSet, Match, Replace, Rule, Selection
+from nfrewrite.core import packet as P
+from nfrewrite.core.packet import REASONS, TcpPacket, Unparsed, parse
+from nfrewrite.core.rules import HeaderSet, Match, Replace, Rule, Selection
 from tests.packets import (
     Crafted,
     field_error,

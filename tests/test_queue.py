@@ -17,16 +17,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from nfrewrite import nfnl
-from nfrewrite.lab import Lab, LabError, read_line, tcp_exchange
+from lab.netns import Lab, LabError, read_line, tcp_exchange
+from nfrewrite.kernel import nfnl
 
 PORT = 8080
 QNUM = 3
 
 WORKER = r'''
 import json, os, signal, socket, sys, time
-from nfrewrite import nfnl
-from nfrewrite.queue import ACCEPT, TRACK_FLOW, QueueWorker
+from nfrewrite.kernel import nfnl
+from nfrewrite.kernel.queue import ACCEPT, TRACK_FLOW, QueueWorker
 
 mode, qnum, maxlen, fail_open = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 seen = set()
@@ -162,7 +162,7 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> tuple[dict[str, object], str, 
 
 def queue_rules(lab: Lab, workers: int = 1) -> None:
     code = (
-        "from nfrewrite.firewall import Firewall, QueueMatch\n"
+        "from nfrewrite.kernel.firewall import Firewall, QueueMatch\n"
         f"m = [QueueMatch(dports=[({PORT}, {PORT + 1})]), QueueMatch(sports=[({PORT}, {PORT})])]\n"
         f"Firewall({QNUM}, {workers}).install(m, m)\n"
     )
@@ -294,14 +294,14 @@ def _ipv4(payload_len: int = 4, claimed: int | None = None) -> bytes:
 
 
 def _worker(handler: object, log: list[str]) -> object:
-    from nfrewrite.queue import QueueWorker
+    from nfrewrite.kernel.queue import QueueWorker
 
     return QueueWorker(0, handler, log=log.append)  # type: ignore[arg-type]
 
 
 def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
-    from nfrewrite.firewall import FLOW_MARK
-    from nfrewrite.queue import ACCEPT, DROP, TRACK_FLOW
+    from nfrewrite.kernel.firewall import FLOW_MARK
+    from nfrewrite.kernel.queue import ACCEPT, DROP, TRACK_FLOW
 
     log: list[str] = []
     answers: list[object] = []
@@ -466,7 +466,7 @@ def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> Non
     with Lab(make_bridge=True) as lab:
         lab.wait_reachable(families=[4])
         code = (
-            "from nfrewrite.firewall import Firewall, QueueMatch\n"
+            "from nfrewrite.kernel.firewall import Firewall, QueueMatch\n"
             f"Firewall({QNUM}, 1).install([QueueMatch(literal=b'MARKME')], [])\n"
         )
         lab.run("appliance", [sys.executable, "-c", code], env=lab.python_env())
@@ -568,7 +568,7 @@ def test_queue_balance_keeps_each_flow_and_each_address_pair_on_one_worker() -> 
 
 VERDICT_LIMIT = r'''
 import json, select, socket, sys, threading
-from nfrewrite.queue import ACCEPT, QueueWorker
+from nfrewrite.kernel.queue import ACCEPT, QueueWorker
 
 mode, qnum, addr = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 TARGETS = [65531, 65532, 65535]

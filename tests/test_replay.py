@@ -257,7 +257,7 @@ def test_a_corrupt_packet_stays_corrupt(tmp_path: Path) -> None:
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     _, out = read_pcap(tmp_path / "out.pcap")
-    from nfrewrite.packet import TcpPacket, parse
+    from nfrewrite.core.packet import TcpPacket, parse
 
     pkt = parse(out[0][0])
     assert isinstance(pkt, TcpPacket) and b"[redacted!]" in pkt.payload
@@ -270,7 +270,7 @@ def test_a_corrupt_packet_stays_corrupt(tmp_path: Path) -> None:
 def offload_capture(tmp_path: Path) -> None:
     """Packets whose TCP checksum field holds only the pseudo-header sum (TX offload): the middle
     of the crafted connection (all rewritten: payload or numbers) and one of another connection."""
-    from nfrewrite.packet import TcpPacket, parse
+    from nfrewrite.core.packet import TcpPacket, parse
 
     other = IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=9999, dport=443) / b"secret"
     frames = []

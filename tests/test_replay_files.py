@@ -21,9 +21,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import RawPcapNgReader, RawPcapReader
 
-from nfrewrite.config import load_all
+from nfrewrite.config.settings import load_all
+from nfrewrite.core.rules import RuleSet
 from nfrewrite.replay import DamagedInput, ReplayError, replay
-from nfrewrite.rules import RuleSet
 from tests.test_replay import T0, TSHARK, nfrewrite, report, write_config
 
 RULES = """

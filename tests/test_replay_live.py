@@ -52,7 +52,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2
 from scapy.utils import rdpcap, wrpcap
 
-from nfrewrite.lab import Daemon, Lab, Role, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, Role, tcp_exchange, write_lab_config
 
 pytestmark = pytest.mark.privileged
 

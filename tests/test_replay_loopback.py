@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from nfrewrite.lab import Lab
+from lab.netns import Lab
 from tests.test_replay import nfrewrite, report, write_config
 
 pytestmark = pytest.mark.privileged

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from nfrewrite import rules as rules_module
-from nfrewrite.engine import Engine
-from nfrewrite.rules import HeaderSet, Match, Replace, Rule, RuleSet, Selection, load_rules
-from nfrewrite.seqadj import FlowTable
+from nfrewrite.core import rules as rules_module
+from nfrewrite.core.engine import Engine
+from nfrewrite.core.rules import HeaderSet, Match, Replace, Rule, RuleSet, Selection, load_rules
+from nfrewrite.core.seqadj import FlowTable
 
 V4_A = ipaddress.IPv4Address("10.1.2.3").packed
 V4_B = ipaddress.IPv4Address("192.0.2.9").packed

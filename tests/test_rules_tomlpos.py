@@ -17,7 +17,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nfrewrite.tomlpos import KeyPath, Pos, locate, scan_positions
+from nfrewrite.config.tomlpos import KeyPath, Pos, locate, scan_positions
 
 
 def spot(text: str, needle: str, nth: int = 0) -> tuple[int, int]:
@@ -138,10 +138,10 @@ def test_locate_falls_back_to_the_nearest_known_ancestor() -> None:
 
 
 def _python_lines_run(text: str) -> int:
-    """How many lines of ``nfrewrite.tomlpos`` the interpreter runs to scan ``text``."""
+    """How many lines of ``nfrewrite.config.tomlpos`` the interpreter runs to scan ``text``."""
     import sys
 
-    import nfrewrite.tomlpos as tomlpos
+    import nfrewrite.config.tomlpos as tomlpos
 
     count = 0
 

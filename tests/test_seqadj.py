@@ -1,4 +1,4 @@
-"""Unit tests for nfrewrite.seqadj: each test is one sentence of the module's contract."""
+"""Unit tests for nfrewrite.core.seqadj: each test is one sentence of the module's contract."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from nfrewrite.seqadj import (
+from nfrewrite.core.seqadj import (
     ACK,
     FIN,
     RST,

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from nfrewrite.lab import Daemon, Lab, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
 
 pytestmark = pytest.mark.privileged
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from nfrewrite.seqadj import ACK, FIN, SYN, Edit, Flow, FlowTable, SegmentPlan, flow_key
+from nfrewrite.core.seqadj import ACK, FIN, SYN, Edit, Flow, FlowTable, SegmentPlan, flow_key
 
 M32 = 1 << 32
 MSS = 24

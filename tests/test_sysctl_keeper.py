@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.netsetup import NetSetupError, SysctlKeeper, SysctlKeeperBusy
+from nfrewrite.kernel.netsetup import NetSetupError, SysctlKeeper, SysctlKeeperBusy
 
 NOBODY = 65534
 

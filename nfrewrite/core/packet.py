@@ -9,9 +9,9 @@ range, lying length fields, overrunning options, fragments and non-TCP traffic a
 and the caller passes them on untouched and counts the reason.
 
 Edits change the bytearray in place and keep both checksums consistent *incrementally* (RFC 1624,
-see :mod:`nfrewrite.checksum`): the change in the covered data's sum is folded into the existing
-field. That is what keeps the promise "do not launder corruption": a packet whose TCP checksum was
-wrong on arrival leaves wrong by exactly the same amount, and a right one leaves right.
+see :mod:`nfrewrite.core.checksum`): the change in the covered data's sum is folded into the
+existing field. That is what keeps the promise "do not launder corruption": a packet whose TCP
+checksum was wrong on arrival leaves wrong by exactly the same amount, and a right one leaves right.
 
 Two checksum states exist for the TCP field (``csum_partial``):
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from nfrewrite import checksum as cs
+from nfrewrite.core import checksum as cs
 
 # -- fixed set of reasons a packet is not ours (metrics label values) ------------------------------
 TRUNCATED_IP = "truncated_ip"

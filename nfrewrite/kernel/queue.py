@@ -10,11 +10,12 @@ NetfilterQueue (libnetfilter_queue), copy mode "packet", and then:
 * sets ``NFQA_CFG_F_FAIL_OPEN`` on the queue (or clears it with ``fail_open=False``): when the
   queue is full (``maxlen`` packets waiting for a verdict) or our socket buffer is full, the kernel
   then *accepts* the packet instead of dropping it. NetfilterQueue has no call for this, so
-  ``nfrewrite.nfnl`` builds an ``NFQNL_MSG_CONFIG`` message and it is sent on NetfilterQueue's own
-  socket (a dup of its fd): the kernel takes config for a bound queue only from the netlink port
-  that bound it (EPERM otherwise). The ACK is read here before the loop starts; a packet that
-  arrives meanwhile is kept and handed to libnetfilter_queue first thing in ``run()``.
-  ``--queue-bypass`` in the rule (see ``nfrewrite.firewall``) is the other half: it passes packets
+  ``nfrewrite.kernel.nfnl`` builds an ``NFQNL_MSG_CONFIG`` message and it is sent on
+  NetfilterQueue's own socket (a dup of its fd): the kernel takes config for a bound queue only
+  from the netlink port that bound it (EPERM otherwise). The ACK is read here before the loop
+  starts; a packet that arrives meanwhile is kept and handed to libnetfilter_queue first thing in
+  ``run()``.
+  ``--queue-bypass`` in the rule is the other half: it passes packets
   while no process is bound at all (stopped, crashed, ``kill -9``).
 * with ``gso=True`` (the daemon's default, ``[queue] gso``) sets ``NFQA_CFG_F_GSO`` and a copy
   range of 65,535 bytes (NetfilterQueue caps it at 4016; ``NFQA_CFG_PARAMS`` is sent the same
@@ -24,9 +25,9 @@ NetfilterQueue (libnetfilter_queue), copy mode "packet", and then:
   in the TCP checksum field. The kernel says so per packet in ``NFQA_SKB_INFO``
   (``NFQA_SKB_CSUMNOTREADY``), and also which packets are GSO skbs (``NFQA_SKB_GSO``).
   NetfilterQueue does not hand that attribute over, so ``_BudgetSocket`` reads it from each
-  datagram (:func:`nfrewrite.nfnl.packet_skb_info`) before NetfilterQueue parses the same bytes
+  datagram (:func:`~.nfnl.packet_skb_info`) before NetfilterQueue parses the same bytes
   and calls back with the packet; ``PacketMeta.csum_partial`` and ``.gso`` are then exact. (Not
-  told, ``csum_partial`` is ``None`` and :func:`nfrewrite.packet.parse` compares the field with
+  told, ``csum_partial`` is ``None`` and :func:`nfrewrite.core.packet.parse` compares the field with
   the seed.) A changed packet goes back as CHECKSUM_NONE: a wire-size one gets a complete
   checksum from the engine; a GSO one is segmented by the kernel, which sets each segment's
   checksum up itself, so the engine leaves the seed (shown on the kernel in
@@ -42,7 +43,7 @@ stops the loop: that packet is accepted unmodified, the exception type is logged
 stderr) and counted in ``stats.errors_by_kind``. A payload cut short by the copy range
 (NetfilterQueue's own is 4016 bytes, ours 65,535) is never modified, since a verdict with a
 payload replaces the whole packet. A payload handed back may be at most 65,531 bytes
-(:data:`~nfrewrite.packet.MAX_VERDICT_PACKET`: it rides in a netlink attribute whose 16-bit
+(:data:`~nfrewrite.core.packet.MAX_VERDICT_PACKET`: it rides in a netlink attribute whose 16-bit
 length counts its own header); the kernel would take a longer one's verdict without the payload
 and send the original packet, so such a packet is dropped instead (``VerdictTooLong``).
 
@@ -54,7 +55,7 @@ milliseconds. Datagrams are pulled with ``MSG_DONTWAIT`` through ``NetfilterQueu
 batches of ``batch`` so that a flood cannot starve the idle hook.
 
 What it must not do: block forever, let one bad packet stop the queue, leave a packet without a
-verdict, or touch rules (``nfrewrite.firewall`` owns them).
+verdict, or touch rules (``nfrewrite.kernel.firewall`` owns them).
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
 
-from nfrewrite import nfnl
-from nfrewrite.firewall import FLOW_MARK
-from nfrewrite.packet import MAX_VERDICT_PACKET
+from nfrewrite.core.packet import MAX_VERDICT_PACKET
+from nfrewrite.kernel import nfnl
+from nfrewrite.kernel.firewall import FLOW_MARK
 
 DROP = 0
 ACCEPT = 1

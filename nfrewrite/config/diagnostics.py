@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 A :class:`TomlFile` is one file read from disk: its text, the data ``tomllib`` made of it, the
-positions :mod:`nfrewrite.tomlpos` recovered for every key path, and the :class:`Diagnostic` list
-that validation appends to. Validators never raise on bad input; they call :meth:`TomlFile.error`
-or :meth:`TomlFile.warning` with the *key path* of the offending entry, and the file turns the path
-into a line and column (the value's, or the key's with ``key=True``). That keeps every check a
-one-liner and guarantees every message names the exact spot.
+positions :mod:`nfrewrite.config.tomlpos` recovered for every key path, and the :class:`Diagnostic`
+list that validation appends to. Validators never raise on bad input; they call
+:meth:`TomlFile.error` or :meth:`TomlFile.warning` with the *key path* of the offending entry, and
+the file turns the path into a line and column (the value's, or the key's with ``key=True``). That
+keeps every check a one-liner and guarantees every message names the exact spot.
 
 The small typed accessors (:meth:`TomlFile.want_int`, :meth:`TomlFile.want_str`, ...) check a
 value's type and range and report a precise message when it is wrong, returning ``None``; the caller
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from nfrewrite.tomlpos import KeyPath, Pos, locate, scan_positions
+from nfrewrite.config.tomlpos import KeyPath, Pos, locate, scan_positions
 
 __all__ = [
     "MAX_FILE_SIZE",
@@ -134,8 +134,8 @@ class TomlFile:
         ``fstat``; at most ``max_size + 1`` bytes are ever read, for files that do not know their
         size), so a huge file costs nothing: no config or rule file is that large by accident.
 
-        ``opener`` (``nfrewrite.filesafety.SafeOpener``) opens the file and reports what it found
-        on the way; the text is read from the descriptor it returns and from nothing else.
+        ``opener`` (``nfrewrite.config.filesafety.SafeOpener``) opens the file and reports what it
+        found on the way; the text is read from the descriptor it returns and from nothing else.
         """
         doc = cls(path)
         if opener is not None:
@@ -319,16 +319,16 @@ _KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
 def ifname_problem(name: str) -> str | None:
     """Why ``name`` cannot be a bridge or port name of the daemon, or ``None`` if it can.
 
-    The one validator for ``check``, start-up (:mod:`nfrewrite.netsetup`) and the kernel rules
-    (:class:`nfrewrite.firewall.QueueMatch`). It accepts what the kernel accepts for a new link
-    (``dev_valid_name``: 1..15 bytes, not "." or "..", no '/', ':' or space byte) except
+    The one validator for ``check``, start-up (:mod:`nfrewrite.kernel.netsetup`) and the kernel
+    rules (:class:`nfrewrite.kernel.firewall.QueueMatch`). It accepts what the kernel accepts for a
+    new link (``dev_valid_name``: 1..15 bytes, not "." or "..", no '/', ':' or space byte) except
 
     * a trailing '+': iptables reads ``--physdev-in lan+`` as "every name starting with lan";
     * '%': the kernel turns "br%d" into the first free "br0", "br1", ... when it creates a link;
     * characters that are not printable (a log line or a metrics label could not show them).
 
     Everything else works end to end ("lan+0", "wan#1", "é"): iptables-restore gets the name
-    quoted (see ``nfrewrite.firewall``).
+    quoted (see ``nfrewrite.kernel.firewall``).
     """
     if not name:
         return "it is empty"

@@ -5,7 +5,7 @@ Theory of operation
 The config file is small and every key has a default, so a missing file section simply means the
 default. Everything present is validated: unknown keys (with a "did you mean"), types, ranges,
 interface names. Like the rule loader, validation reports every problem with ``path:line:col``
-(see :mod:`nfrewrite.diagnostics`) and never stops at the first; any error means no Config.
+(see :mod:`nfrewrite.config.diagnostics`) and never stops at the first; any error means no Config.
 
 Schema (DESIGN §2; defaults in brackets)::
 
@@ -31,15 +31,15 @@ Schema (DESIGN §2; defaults in brackets)::
     strict_permissions = true      # [true] false: a rule file or the rules directory that is
                                    # writable by group/others or owned by another user is only
                                    # a warning. The config file itself is always checked (this
-                                   # switch is read from it; see nfrewrite.filesafety)
+                                   # switch is read from it; see nfrewrite.config.filesafety)
 
 :func:`load_all` loads the config and then the rules of its ``rules_dir``, passing the configured
 bridge ports so ``in_port``/``out_port`` can be checked against them; diagnostics of both come back
 in one list (the config file's, its ownership/permission problems first, then the rules
 directory's, then each rule file's in the order they are read). Every file is opened and checked
-by :class:`nfrewrite.filesafety.SafeOpener` and read from the descriptor it checked (no second
-open by name that a swap could redirect); the rule files are listed through the descriptor of the
-rules directory it checked. Any file larger than 1 MiB is refused before it is read
+by :class:`nfrewrite.config.filesafety.SafeOpener` and read from the descriptor it checked (no
+second open by name that a swap could redirect); the rule files are listed through the descriptor
+of the rules directory it checked. Any file larger than 1 MiB is refused before it is read
 (``diagnostics.MAX_FILE_SIZE``).
 
 ``rules_dir`` is put after the config file's directory with ``.`` and doubled ``/`` dropped but
@@ -53,10 +53,10 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from nfrewrite.diagnostics import Diagnostic, Severity, TomlFile, has_errors, type_name
-from nfrewrite.filesafety import SafeOpener
-from nfrewrite.rules import RuleSet, load_rules
-from nfrewrite.tomlpos import KeyPath
+from nfrewrite.config.diagnostics import Diagnostic, Severity, TomlFile, has_errors, type_name
+from nfrewrite.config.filesafety import SafeOpener
+from nfrewrite.config.tomlpos import KeyPath
+from nfrewrite.core.rules import RuleSet, load_rules
 
 __all__ = [
     "Bridge",
@@ -73,7 +73,8 @@ __all__ = [
 
 TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security")
 BRIDGE_KEYS = ("name", "ports", "offloads")
-# the features nfrewrite.netsetup reads and sets (one list: a key accepted here must work there)
+# the features nfrewrite.kernel.netsetup reads and sets (one list: a key accepted here must work
+# there)
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)
@@ -181,7 +182,7 @@ def load_all(
     when the config cannot be parsed or its ``rules_dir`` is invalid.
 
     ``permissions`` (default on): open the config file and the rule files through one
-    :class:`nfrewrite.filesafety.SafeOpener` (``euid`` = the daemon's user, default this
+    :class:`nfrewrite.config.filesafety.SafeOpener` (``euid`` = the daemon's user, default this
     process's), which checks who may write them, the rules directory and every directory above,
     on the descriptors the files are then read from. An error there makes the config (config
     file) or the ruleset (rules) ``None``, like any other error: the daemon refuses to start or

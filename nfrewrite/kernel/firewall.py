@@ -39,7 +39,7 @@ also merged first (adjacent and nested CIDRs collapse). What is left is capped: 
 ``MAX_KERNEL_RULES`` rules in one family, :func:`plan` raises :class:`TooManyRules` naming the rule
 (``QueueMatch.origin``) with the largest share. ``plan`` is the one compilation: ``install``,
 ``swap`` and ``render`` (``nfrewrite check --show-kernel-rules``) all load or show what it made
-(from QueueMatches, or a :class:`Plan` made before), and ``nfrewrite.prefilter.kernel_rules``
+(from QueueMatches, or a :class:`Plan` made before), and ``nfrewrite.kernel.prefilter.kernel_rules``
 turns its refusal into a positioned diagnostic for ``check`` and for the daemon's start and reload
 alike (a reload swaps in the very plan its loader checked).
 
@@ -53,10 +53,10 @@ well.
 Why the connmark: when the engine changes a payload length, every later packet of that flow, in
 both directions, must reach the queue for its sequence numbers to be adjusted, whatever the
 prefilter says. The queue worker marks such a packet (``FLOW_MARK`` bit in the verdict's packet
-mark, see ``nfrewrite.queue``); ``NFREWRITE_POST`` copies that one bit into the conntrack mark, and
-the first rule of ``NFREWRITE`` queues every packet of a flow whose conntrack mark carries it. Only
-the ``FLOW_MARK`` bit is ever read or written, so the host's use of the other mark bits is
-untouched.
+mark, see ``nfrewrite.kernel.queue``); ``NFREWRITE_POST`` copies that one bit into the conntrack
+mark, and the first rule of ``NFREWRITE`` queues every packet of a flow whose conntrack mark
+carries it. Only the ``FLOW_MARK`` bit is ever read or written, so the host's use of the other mark
+bits is untouched.
 
 ``--queue-bypass`` lets packets pass while no process is bound to the queue (daemon stopped or
 killed); ``--queue-balance a:b`` spreads flows over several workers with a symmetric hash, so both
@@ -103,7 +103,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from nfrewrite.diagnostics import ifname_problem
+from nfrewrite.config.diagnostics import ifname_problem
 
 Variant = Literal["nft", "legacy"]
 

@@ -8,7 +8,8 @@ same way, which is why the same rules give the same bytes live and offline.
 
 For each packet:
 
-1. :func:`nfrewrite.packet.parse`. Anything that is not a whole, first, well-formed TCP segment is
+1. :func:`nfrewrite.core.packet.parse`. Anything that is not a whole, first, well-formed TCP
+segment is
    *not ours*: accepted untouched, with the reason reported for the metrics.
 2. ``RuleSet.select`` gives the rules whose match covers this packet (indexed, cached by port
    class; bounded in memory).
@@ -18,7 +19,7 @@ For each packet:
    as it arrived. Same-length edits need no state; one same-length pattern is replaced by
    ``bytes.replace`` in C (a GSO super-packet can hold hundreds). The first length-changing
    edit of a connection creates a flow in the
-   :class:`~nfrewrite.seqadj.FlowTable`; from then on every segment of that connection, in both
+   :class:`~nfrewrite.core.seqadj.FlowTable`; from then on every segment of that connection, in both
    directions, goes through the flow's sequence adjuster, which decides which edits apply (by
    original stream position, so retransmissions get the same edits) and maps seq/ack/SACK
    numbers.
@@ -26,7 +27,7 @@ For each packet:
    growth; a segment that still grows past the MTU is cut by the sequence adjuster. A packet
    longer than the MTU (the largest of the namespace's links) is a GSO/GRO super-packet, which
    the kernel segments itself: it may grow up to the 65,531 bytes a verdict can carry back
-   (:data:`~nfrewrite.packet.MAX_VERDICT_PACKET`), and one that would grow past that is cut the
+   (:data:`~nfrewrite.core.packet.MAX_VERDICT_PACKET`), and one that would grow past that is cut the
    same way (its tail comes again, as a retransmission, and gets the same edits). Leaving its
    growing edits out instead would pass every occurrence in it unedited: a 64 KB super-packet
    with a few hundred edits grows past the limit whenever its growing ones outnumber its
@@ -47,9 +48,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nfrewrite.packet import ACK, FIN, MAX_VERDICT_PACKET, SYN, TcpPacket, parse
-from nfrewrite.rules import Rule, RuleSet, Selection
-from nfrewrite.seqadj import Flow, FlowTable, SegmentPlan, flow_key
+from nfrewrite.core.packet import ACK, FIN, MAX_VERDICT_PACKET, SYN, TcpPacket, parse
+from nfrewrite.core.rules import Rule, RuleSet, Selection
+from nfrewrite.core.seqadj import Flow, FlowTable, SegmentPlan, flow_key
 
 ACCEPT = 1
 DROP = 0
@@ -74,7 +75,7 @@ class Result:
     """What to do with one packet.
 
     ``packet`` is the new packet when anything changed, else None (send the original).
-    ``unparsed`` is a reason from :data:`nfrewrite.packet.REASONS` when the packet was not ours.
+    ``unparsed`` is a reason from :data:`~nfrewrite.core.packet.REASONS` for a packet not ours.
     ``rules`` are the names of the rules that changed or dropped it (for per-rule counters).
     ``track`` is True while the packet's connection carries a sequence offset: the kernel side
     must then queue every packet of that connection in both directions (connmark).
@@ -301,7 +302,7 @@ def _fitting(pkt: TcpPacket, found: Found, max_growth: int) -> Found:
 
 
 def _apply_plan(pkt: TcpPacket, plan: SegmentPlan) -> None:
-    """Carry a :class:`~nfrewrite.seqadj.SegmentPlan` out on the packet."""
+    """Carry a :class:`~nfrewrite.core.seqadj.SegmentPlan` out on the packet."""
     if plan.action == "send_empty":
         pkt.replace_payload(b"")
     elif plan.payload is not None:

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 nfrewrite sits in the middle of a transparent bridge. For bridged IPv4/IPv6 packets to traverse the
-iptables FORWARD hook (where ``nfrewrite.firewall`` sends them to NFQUEUE), br_netfilter must be
-asked to call iptables for bridged traffic. That switch is the sysctl
+iptables FORWARD hook (where ``nfrewrite.kernel.firewall`` sends them to NFQUEUE), br_netfilter
+must be asked to call iptables for bridged traffic. That switch is the sysctl
 ``net.bridge.bridge-nf-call-iptables`` (and ``-ip6tables``), which modern kernels keep per network
 namespace; it is written through ``/proc/sys/net/bridge/...`` of the namespace this process lives
 in.
@@ -80,7 +80,7 @@ from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nfrewrite.diagnostics import ifname_problem
+from nfrewrite.config.diagnostics import ifname_problem
 
 #: short key -> ethtool "long" offload name (as ``ethtool -k`` prints it).
 OFFLOAD_NAMES: dict[str, str] = {

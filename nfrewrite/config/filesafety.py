@@ -16,8 +16,8 @@ start (and a reload is refused) when one of them is
   the rest.
 
 It must not change anything on disk or decide policy beyond those rules. It returns
-:class:`~nfrewrite.diagnostics.Diagnostic` values in the loaders' ``path:line:col`` form, line 0
-meaning "the file as a whole".
+:class:`~nfrewrite.config.diagnostics.Diagnostic` values in the loaders' ``path:line:col`` form,
+line 0 meaning "the file as a whole".
 
 Theory of operation
 -------------------
@@ -27,10 +27,10 @@ path from ``/`` one component at a time with ``openat(parent_fd, name, O_NOFOLLO
 path is put after the working directory, ``os.getcwd()``, which the kernel has resolved already),
 judges each opened descriptor with ``fstat`` (owner, mode, type), and hands the caller the
 descriptor of the last component; the loaders read the file from that descriptor and from nothing
-else (:meth:`nfrewrite.diagnostics.TomlFile.read`'s ``opener``). A symbolic link in a directory
-component is read with ``readlinkat`` in its (already checked) parent and its target walked the
-same way, at most 40 of them. A ``..`` is opened the same way, ``openat(fd, "..")`` on the
-directory reached so far, so it leads where the kernel's own lookup would: after a link to a
+else (:meth:`nfrewrite.config.diagnostics.TomlFile.read`'s ``opener``). A symbolic link in a
+directory component is read with ``readlinkat`` in its (already checked) parent and its target
+walked the same way, at most 40 of them. A ``..`` is opened the same way, ``openat(fd, "..")`` on
+the directory reached so far, so it leads where the kernel's own lookup would: after a link to a
 directory, to the parent of the link's *target* (the text of the path is never folded, which
 would read another file than ``open()`` of the same path). Every directory passed through must
 be owned by root or the daemon's user and not writable by group/others unless sticky; every entry
@@ -48,7 +48,7 @@ errors whatever it says: the switch is read from that very file, and a file that
 have written cannot vouch for itself. There is deliberately no way around that from inside the
 config.
 
-:func:`~nfrewrite.config.load_all` opens the config file and every rule file through one
+:func:`~nfrewrite.config.settings.load_all` opens the config file and every rule file through one
 :class:`SafeOpener`, so ``nfrewrite check``, the daemon's start and its reload all apply the same
 rules; the severity is the same for ``check`` run by root or by another user (a check that passes
 where the daemon would refuse is worse than one that is strict). :func:`check_permissions` runs
@@ -64,7 +64,7 @@ import shlex
 import stat
 from collections.abc import Iterable
 
-from nfrewrite.diagnostics import Diagnostic, Opener, Severity
+from nfrewrite.config.diagnostics import Diagnostic, Opener, Severity
 
 __all__ = ["SafeOpener", "check_permissions"]
 

@@ -136,8 +136,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from nfrewrite import __version__
-from nfrewrite.engine import DROP
-from nfrewrite.packet import REASONS
+from nfrewrite.core.engine import DROP
+from nfrewrite.core.packet import REASONS
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -146,7 +146,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 
-    from nfrewrite.engine import Result
+    from nfrewrite.core.engine import Result
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 MULTIPROC_PREFIX = "nfrewrite-metrics-"  # then the creating pid, "-", mkdtemp's suffix

@@ -5,8 +5,8 @@ Theory of operation
 ``load_rules(rules_dir)`` reads ``rules_dir/*.toml`` in lexical order of file name (names starting
 with ``.`` are skipped: editor droppings), validates every ``[[rule]]`` against DESIGN §3 and
 compiles it. Validation never stops at the first mistake: each bad value is reported with its
-``path:line:col`` (see :mod:`nfrewrite.diagnostics`) and the loader goes on, so one run shows them
-all. Any error means no ruleset (``None``); warnings do not.
+``path:line:col`` (see :mod:`nfrewrite.config.diagnostics`) and the loader goes on, so one run
+shows them all. Any error means no ruleset (``None``); warnings do not.
 
 Schema (DESIGN §3; every key but ``name`` is optional)::
 
@@ -126,8 +126,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from nfrewrite.diagnostics import Diagnostic, Opener, TomlFile, has_errors, type_name
-from nfrewrite.tomlpos import KeyPath
+from nfrewrite.config.diagnostics import Diagnostic, Opener, TomlFile, has_errors, type_name
+from nfrewrite.config.tomlpos import KeyPath
 
 __all__ = [
     "Example",
@@ -691,7 +691,7 @@ def load_rules(
 ) -> tuple[RuleSet | None, list[Diagnostic]]:
     """Read, validate and compile ``rules_dir/*.toml``. Returns (ruleset or None, diagnostics).
 
-    ``opener``: how each file is opened (``nfrewrite.filesafety.SafeOpener``; default plain).
+    ``opener``: how each file is opened (``nfrewrite.config.filesafety.SafeOpener``; default plain).
     ``dir_fd``: ``rules_dir`` already opened (by that SafeOpener), to list it through (see
     :func:`rule_files`).
 
@@ -729,7 +729,7 @@ def rule_files(
     ``dir_fd``, when given, is ``rules_dir`` opened: the names are listed (and their types
     looked up) through it, not through the path, so the directory listed is the one that was
     checked on opening it. The paths returned are still ``rules_dir/name``, for the messages
-    and for the opener, which walks them as the kernel does (see ``nfrewrite.filesafety``).
+    and for the opener, which walks them as the kernel does (see ``nfrewrite.config.filesafety``).
     """
     try:
         names = sorted(os.listdir(rules_dir if dir_fd is None else dir_fd))

@@ -1,6 +1,6 @@
 """``make demo``: the appliance end to end in a namespace lab, with the shipped ``rules/``.
 
-client ns -- [appliance ns: br0 + ``nfrewrite run``] -- server ns, built by :mod:`nfrewrite.lab`
+client ns -- [appliance ns: br0 + ``nfrewrite run``] -- server ns, built by :mod:`lab.netns`
 and torn down on exit (also on failure or Ctrl-C). Shows, with real programs and real packets:
 
 1. HTTP: ``python3 -m http.server`` answers ``curl``; its ``Server:`` header is shortened in flight
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from nfrewrite.lab import Daemon, Lab, tcp_exchange
+from lab.netns import Daemon, Lab, tcp_exchange
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,8 @@ IPv4/IPv6 segment, with the appliance namespace in the middle holding the two br
 collide), the two veth pairs (created *inside* the appliance namespace with the peer moved straight
 into its final namespace: nothing ever appears in the host's own namespace), the addresses
 (``nodad`` on IPv6 so nothing waits for duplicate address detection) and, when asked, the bridge.
-By default the bridge is left to the daemon (``nfrewrite.netsetup``), which is what is being tested.
+By default the bridge is left to the daemon (``nfrewrite.kernel.netsetup``), which is what is being
+tested.
 
 What it must not do: touch the host's network namespace (every command runs through
 ``ip netns exec`` or ``ip -n``), use addresses outside 198.18.0.0/15 and 2001:2::/48, use a shell,
@@ -27,7 +28,7 @@ product code (``netsetup``) uses pyroute2.
 ``steer_receive()`` has one CPU receive everything a device gets (RPS), for a test that must know
 the order in which packets crossed the receive path (see ``tests/test_replay_live.py``).
 
-``tcp_exchange()`` runs ``python -m nfrewrite.lab_peer`` on both sides and returns the exact bytes
+``tcp_exchange()`` runs ``python -m lab.peer`` on both sides and returns the exact bytes
 each end received, with hard timeouts everywhere so that a broken data path fails a test instead of
 hanging it.
 """
@@ -411,7 +412,7 @@ class Lab:
             while True:
                 proc = self.run(
                     "client",
-                    [sys.executable, "-m", "nfrewrite.lab_peer", "ping", "--connect", target,
+                    [sys.executable, "-m", "lab.peer", "ping", "--connect", target,
                      "--timeout", "1"],
                     check=False, env=self.python_env(),
                 )
@@ -464,7 +465,7 @@ def tcp_exchange(
     """
     env = lab.python_env()
     srv_argv = [
-        sys.executable, "-m", "nfrewrite.lab_peer", "server",
+        sys.executable, "-m", "lab.peer", "server",
         "--bind", lab.addr("server", family), "--port", str(port),
         "--timeout", str(timeout), "--chunk", str(chunk),
     ]
@@ -481,7 +482,7 @@ def tcp_exchange(
             why = err.decode(errors="replace")
             raise LabError(f"lab_peer server did not start: {line!r} {why}")
         cli_argv = [
-            sys.executable, "-m", "nfrewrite.lab_peer", "client",
+            sys.executable, "-m", "lab.peer", "client",
             "--connect", lab.addr("server", family), "--port", str(port),
             "--timeout", str(timeout), "--chunk", str(chunk),
         ]

@@ -2,9 +2,9 @@
 
 What it is for
 --------------
-``nfrewrite check`` calls :func:`check_examples` on a loaded :class:`~nfrewrite.rules.RuleSet`.
+``nfrewrite check`` calls :func:`check_examples` on a loaded :class:`~nfrewrite.core.rules.RuleSet`.
 Every example of every rule becomes one TCP segment whose payload is the example's ``input``; the
-segment is run through a fresh :class:`~nfrewrite.engine.Engine` and the payload that comes out
+segment is run through a fresh :class:`~nfrewrite.core.engine.Engine` and the payload that comes out
 must equal ``output``. A mismatch is an error at the example's own ``path:line:col``::
 
     rules/10-web.toml:17:1: error: example does not hold (rule 'hide-server'): expected
@@ -59,12 +59,12 @@ import ipaddress
 import struct
 from collections.abc import Sequence
 
-from nfrewrite import checksum as cs
-from nfrewrite.diagnostics import Diagnostic
-from nfrewrite.engine import DROP, Engine
-from nfrewrite.packet import ACK, PSH, TcpPacket, parse
-from nfrewrite.rules import Example, Match, PortRanges, Rule, RuleSet
-from nfrewrite.seqadj import FlowTable
+from nfrewrite.config.diagnostics import Diagnostic
+from nfrewrite.core import checksum as cs
+from nfrewrite.core.engine import DROP, Engine
+from nfrewrite.core.packet import ACK, PSH, TcpPacket, parse
+from nfrewrite.core.rules import Example, Match, PortRanges, Rule, RuleSet
+from nfrewrite.core.seqadj import FlowTable
 
 __all__ = [
     "ExampleOutcome",

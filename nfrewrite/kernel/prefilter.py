@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-Each rule's ``match`` becomes one :class:`~nfrewrite.firewall.QueueMatch` (protocol TCP, ports,
-addresses, bridge ports). A rule whose only action is a *same-length* literal ``replace`` (no
+Each rule's ``match`` becomes one :class:`~nfrewrite.kernel.firewall.QueueMatch` (protocol TCP,
+ports, addresses, bridge ports). A rule whose only action is a *same-length* literal ``replace`` (no
 header ``set``, not ``drop``) also gets its ``find`` bytes as an xt ``string`` match, one kernel
 rule per pattern, so a packet without the pattern stays in the kernel. This is sound because a
 pattern the kernel does not see in the packet cannot be in its TCP payload either (the string
@@ -16,8 +16,8 @@ is set only when the edited packet's verdict is given. Segments already on their
 would slip past a string prefilter unadjusted (seen in the lab: a FIN overtook the edited segment
 and reached the server at the old sequence number). Queueing the rule's whole port match keeps the
 direction in order through the queue; the other direction can only answer edited bytes after the
-verdict, by which time the connmark (the rule :mod:`nfrewrite.firewall` always puts first) catches
-it.
+verdict, by which time the connmark (the rule :mod:`nfrewrite.kernel.firewall` always puts first)
+catches it.
 
 A rule with a replace that grows also queues the SYNs of the opposite direction: the MSS they
 announce bounds the segments this rule will grow, and the engine lowers it to leave room (so grown
@@ -29,19 +29,19 @@ SYN``: SYN and SYN-ACK), the only ones that carry the option.
 Patterns longer than xt_string's 128-byte limit fall back to queueing by match alone.
 
 Every QueueMatch carries its rule's ``(path, line, col)``. :func:`kernel_rules` compiles the
-prefilter into kernel rules with :func:`nfrewrite.firewall.plan` (chain trees keep a rule's cost
-the *sum* of its src, dst, port-chunk and pattern counts, not their product) and turns a refusal
-(more than ``MAX_KERNEL_RULES`` in one family) into a ``path:line:col`` diagnostic at the rule
-needing most of them, showing that rule's line as it was loaded (``Rule.source``: the file is not
-read again). ``nfrewrite check`` and the daemon's start and reload call it alike, so
+prefilter into kernel rules with :func:`nfrewrite.kernel.firewall.plan` (chain trees keep a rule's
+cost the *sum* of its src, dst, port-chunk and pattern counts, not their product) and turns a
+refusal (more than ``MAX_KERNEL_RULES`` in one family) into a ``path:line:col`` diagnostic at the
+rule needing most of them, showing that rule's line as it was loaded (``Rule.source``: the file is
+not read again). ``nfrewrite check`` and the daemon's start and reload call it alike, so
 check fails exactly where start or reload would.
 """
 
 from __future__ import annotations
 
-from nfrewrite.diagnostics import Diagnostic
-from nfrewrite.firewall import MAX_LITERAL, Plan, QueueMatch, TooManyRules, plan
-from nfrewrite.rules import Rule, RuleSet
+from nfrewrite.config.diagnostics import Diagnostic
+from nfrewrite.core.rules import Rule, RuleSet
+from nfrewrite.kernel.firewall import MAX_LITERAL, Plan, QueueMatch, TooManyRules, plan
 
 
 def _matches_of(rule: Rule) -> list[QueueMatch]:

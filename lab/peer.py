@@ -1,11 +1,11 @@
-"""One end of a lab TCP exchange: ``python -m nfrewrite.lab_peer server|client ...``.
+"""One end of a lab TCP exchange: ``python -m lab.peer server|client ...``.
 
 Theory of operation: the bytes to send come on stdin (read completely first). The server binds,
 prints ``READY`` and accepts exactly one connection; the client connects. Each side then sends its
 bytes from a thread (so two large sends cannot deadlock), half-closes (``SHUT_WR``) and reads until
 EOF. The result goes to stdout as one JSON line ``{"received": "<hex>"}``; anything that goes wrong
 (including a timeout: every socket operation has one and the whole run has a deadline) exits 1
-with a one-line reason on stderr. Test tooling for ``nfrewrite.lab``; it never touches anything
+with a one-line reason on stderr. Test tooling for ``lab.netns``; it never touches anything
 but its own socket.
 
 ``ping`` mode sends one ICMP echo over a raw socket: the lab hosts have no ``ping`` binary.
@@ -96,7 +96,7 @@ def ping(target: str, timeout: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="nfrewrite.lab_peer")
+    ap = argparse.ArgumentParser(prog="lab.peer")
     ap.add_argument("role", choices=["server", "client", "ping"])
     ap.add_argument("--bind", default="")
     ap.add_argument("--connect", default="")

@@ -6,11 +6,12 @@ A queue's flags (``NFQA_CFG_F_FAIL_OPEN``, ``..._GSO``, ...) are set with an ``N
 message: ``nlmsghdr`` + ``nfgenmsg`` (``res_id`` = queue number, big endian) + the attributes
 ``NFQA_CFG_MASK`` (which flags to change) and ``NFQA_CFG_FLAGS`` (their new values), both be32. The
 kernel (``nfqnl_recv_config`` in ``net/netfilter/nfnetlink_queue.c``) refuses FLAGS without MASK
-(EINVAL), flags it does not know (EOPNOTSUPP), and - the point that shapes ``nfrewrite.queue`` -
-any config for an existing queue sent from a netlink port id other than the one that bound it
-(``queue->peer_portid != NETLINK_CB(skb).portid`` -> EPERM). So the message must go out on
-NetfilterQueue's own socket: ``socket.socket(fileno=os.dup(fd))`` is a second handle on the very
-same socket (same port id), and this module only builds and parses bytes for it.
+(EINVAL), flags it does not know (EOPNOTSUPP), and - the point that shapes
+``nfrewrite.kernel.queue`` - any config for an existing queue sent from a netlink port id other
+than the one that bound it (``queue->peer_portid != NETLINK_CB(skb).portid`` -> EPERM). So the
+message must go out on NetfilterQueue's own socket: ``socket.socket(fileno=os.dup(fd))`` is a
+second handle on the very same socket (same port id), and this module only builds and parses bytes
+for it.
 
 ACKs: we ask for one (``NLM_F_ACK``) so that a refused flag is an error, not a silent no-op; the
 caller reads it itself before the packet loop starts. Should an ACK or error ever reach

@@ -76,14 +76,15 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from nfrewrite import metrics, netsetup
-from nfrewrite.config import Config, load_all
-from nfrewrite.diagnostics import Diagnostic, has_errors
-from nfrewrite.fdreserve import FdReserve
-from nfrewrite.rules import RuleSet
+from nfrewrite.config.diagnostics import Diagnostic, has_errors
+from nfrewrite.config.settings import Config, load_all
+from nfrewrite.core.rules import RuleSet
+from nfrewrite.kernel import netsetup
+from nfrewrite.service import metrics
+from nfrewrite.service.fdreserve import FdReserve
 
 if TYPE_CHECKING:
-    from nfrewrite.firewall import Plan
+    from nfrewrite.kernel.firewall import Plan
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
 BIND_TIMEOUT = 10.0
@@ -117,7 +118,7 @@ def load_with_plan(
     config_path: str,
 ) -> tuple[Config | None, RuleSet | None, list[Diagnostic], Plan | None]:
     """:func:`load`, and the kernel plan it computed for the rules (None when they are refused)."""
-    from nfrewrite.prefilter import kernel_rules
+    from nfrewrite.kernel.prefilter import kernel_rules
 
     config, ruleset, diags = load_all(config_path)
     if config is not None and ruleset is not None:
@@ -153,9 +154,9 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from time import monotonic, perf_counter
 
-    from nfrewrite.engine import PASS, Engine
-    from nfrewrite.queue import TRACK_FLOW, PacketMeta, QueueWorker
-    from nfrewrite.seqadj import FlowTable
+    from nfrewrite.core.engine import PASS, Engine
+    from nfrewrite.core.seqadj import FlowTable
+    from nfrewrite.kernel.queue import TRACK_FLOW, PacketMeta, QueueWorker
 
     flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout)
     engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu())
@@ -266,7 +267,7 @@ class Supervisor:
     _reload_again: bool = False  # a SIGHUP came during that reload: one more follows it
 
     def __post_init__(self) -> None:
-        from nfrewrite.sdnotify import Notifier
+        from nfrewrite.service.sdnotify import Notifier
 
         self.notifier = Notifier()
         self._ctx = multiprocessing.get_context("fork")
@@ -279,8 +280,8 @@ class Supervisor:
         self._stop = True
 
     def run(self) -> int:
-        from nfrewrite.firewall import Firewall
-        from nfrewrite.prefilter import compile_prefilter
+        from nfrewrite.kernel.firewall import Firewall
+        from nfrewrite.kernel.prefilter import compile_prefilter
 
         cfg = self.config
         queues = list(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
@@ -361,7 +362,7 @@ class Supervisor:
 
     def _ensure_liberal_conntrack(self, ruleset: RuleSet) -> None:
         """Length-changing rules need conntrack's liberal TCP window mode (see netsetup)."""
-        from nfrewrite.netsetup import NetSetupError, set_conntrack_tcp_liberal
+        from nfrewrite.kernel.netsetup import NetSetupError, set_conntrack_tcp_liberal
 
         grows = any(len(r.find) != len(r.with_) for rule in ruleset.rules for r in rule.replaces)
         if grows and not self._liberal_set:
@@ -375,7 +376,7 @@ class Supervisor:
                     "(restored on stop)")
 
     def _setup_network(self) -> None:
-        from nfrewrite.netsetup import NetSetupError, enable_br_netfilter, setup_bridge
+        from nfrewrite.kernel.netsetup import NetSetupError, enable_br_netfilter, setup_bridge
 
         if not self.config.bridges:
             log("no [[bridge]] configured: queueing routed (FORWARD) traffic")
@@ -580,7 +581,7 @@ class Supervisor:
         queues than the running ones (a ``[queue]`` change waits for a restart)."""
         from multiprocessing.reduction import ForkingPickler
 
-        from nfrewrite.prefilter import compile_prefilter
+        from nfrewrite.kernel.prefilter import compile_prefilter
 
         for d in diags:
             print(d.format(), file=sys.stderr, flush=True)

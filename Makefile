@@ -42,7 +42,7 @@ demo: deps
 	$(BIN)/python -m lab.demo
 
 lint: deps
-	$(BIN)/ruff check nfrewrite tests bench
+	$(BIN)/ruff check nfrewrite tests bench lab
 	$(BIN)/mypy
 
 bench: deps

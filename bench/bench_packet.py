@@ -51,7 +51,7 @@ def scapy_job(raw: bytes) -> bytes:
     return bytes(pkt)
 
 
-def _per_call_ns(fn: Callable[[bytes], bytes], raw: bytes, n: int) -> float:
+def _per_call_ns(fn: Callable[[bytes], object], raw: bytes, n: int) -> float:
     start = time.perf_counter_ns()
     for _ in range(n):
         fn(raw)

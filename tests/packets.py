@@ -6,7 +6,7 @@ Shared by the packet-core property tests and the fuzz target.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, IPOption_NOP, IPOption_Router_Alert
@@ -22,6 +22,16 @@ from scapy.utils import checksum as scapy_checksum
 
 u32 = st.integers(0, 2**32 - 1)
 ports = st.integers(1, 65535)
+
+
+class TcpFields(TypedDict, total=False):
+    """TCP header fields the tests hand to scapy's ``TCP(...)`` by name (scapy types them all
+    ``Any``; naming them here lets mypy check the values and catch a misspelt field)."""
+
+    seq: int
+    ack: int
+    flags: str
+    options: list[tuple[str, Any]]
 
 
 @st.composite
@@ -50,7 +60,7 @@ def tcp_options(draw: st.DrawFn) -> list[tuple[str, Any]]:
             continue
         out.append((name, value))
         size += length
-    if out and draw(st.booleans()) and size < 40:
+    if len(out) > 0 and draw(st.booleans()) and size < 40:
         out.append(("EOL", None))
     return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Unpack
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
@@ -17,7 +18,7 @@ from nfrewrite.core.engine import ACCEPT, DROP, Engine
 from nfrewrite.core.packet import NOT_TCP, TcpPacket, parse
 from nfrewrite.core.rules import RuleSet, load_rules
 from nfrewrite.core.seqadj import FlowTable
-from tests.packets import field_error, scapy_tcp_checksum
+from tests.packets import TcpFields, field_error, scapy_tcp_checksum
 
 
 def ruleset(tmp_path: Path, text: str) -> RuleSet:
@@ -37,7 +38,9 @@ replace = [ { find = "Server: nginx", with = "Server: webby" } ]
 """
 
 
-def _v4(payload: bytes, sport: int = 80, dport: int = 40000, **kw: object) -> bytes:
+def _v4(
+    payload: bytes, sport: int = 80, dport: int = 40000, **kw: Unpack[TcpFields]
+) -> bytes:
     return bytes(
         IP(src="198.18.0.2", dst="198.18.0.1") / TCP(sport=sport, dport=dport, **kw) / Raw(payload)
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Unpack
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ from nfrewrite.core.packet import REASONS, TcpPacket, Unparsed, parse
 from nfrewrite.core.rules import HeaderSet, Match, Replace, Rule, Selection
 from tests.packets import (
     Crafted,
+    TcpFields,
     field_error,
     pseudo_seed_oracle,
     scapy_ip_checksum,
@@ -98,7 +100,7 @@ def _random_edits(pkt: TcpPacket, rnd: random.Random) -> None:
             pkt.set_sack_blocks([(rnd.getrandbits(32), rnd.getrandbits(32)) for _ in blocks])
         else:
             n = pkt.payload_len
-            edits = []
+            edits: list[tuple[int, int, bytes]] = []
             pos = 0
             while pos <= n and len(edits) < 4 and rnd.random() < 0.8:
                 start = rnd.randint(pos, n)
@@ -306,7 +308,7 @@ def test_mss_clamp_only_lowers() -> None:
 
 
 # -- malformed input: never raises, says why ----------------------------------------------------
-def _v4(payload: bytes = b"data", **tcp: object) -> bytearray:
+def _v4(payload: bytes = b"data", **tcp: Unpack[TcpFields]) -> bytearray:
     return bytearray(bytes(IP(src="198.18.0.1", dst="198.18.0.2") / TCP(**tcp) / Raw(payload)))
 
 

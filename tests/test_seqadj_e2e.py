@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, Role, tcp_exchange, write_lab_config
 
 pytestmark = pytest.mark.privileged
 
@@ -68,9 +68,9 @@ def rewritten_count(data: bytes, mapping: dict[bytes, bytes]) -> int:
 
 
 
-def _rst_capture(lab: Lab, role: str) -> subprocess.Popen[bytes]:
+def _rst_capture(lab: Lab, role: Role) -> subprocess.Popen[bytes]:
     return lab.tcpdump(
-        role,  # type: ignore[arg-type]
+        role,
         ["-l", "-i", "eth0",
          "(ip and tcp[13] & 4 != 0) or (ip6 and ip6[6] == 6 and ip6[53] & 4 != 0)"],
     )
@@ -139,7 +139,7 @@ def test_the_same_with_two_percent_loss_at_both_ends(lab: Lab, workdir: str, fam
     config = write_lab_config(workdir, {"10.toml": RULES})
     tool = "iptables" if family == 4 else "ip6tables"
     for role in ("client", "server"):
-        lab.run(role, [tool, "-A", "INPUT", "-p", "tcp", "-m", "statistic", "--mode",  # type: ignore[arg-type]
+        lab.run(role, [tool, "-A", "INPUT", "-p", "tcp", "-m", "statistic", "--mode",
                        "random", "--probability", "0.02", "-j", "DROP"])
     with Daemon(lab, config):
         lab.wait_reachable()
@@ -147,7 +147,7 @@ def test_the_same_with_two_percent_loss_at_both_ends(lab: Lab, workdir: str, fam
     dropped = sum(
         int(line.split()[0].strip("[]").split(":")[0])
         for role in ("client", "server")
-        for line in lab.run(role, [f"{tool}-save", "-c"]).stdout.splitlines()  # type: ignore[arg-type]
+        for line in lab.run(role, [f"{tool}-save", "-c"]).stdout.splitlines()
         if "statistic" in line
     )
     assert dropped > 40  # loss really happened, so retransmissions (and SACK) were exercised

@@ -310,7 +310,7 @@ class Lab:
         *,
         check: bool = True,
         timeout: float = 30.0,
-        input: bytes | str | None = None,  # noqa: A002 - mirrors subprocess.run
+        input: bytes | str | None = None,  # mirrors subprocess.run
         text: bool = True,
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[Any]:

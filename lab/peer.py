@@ -35,7 +35,7 @@ def _exchange(conn: socket.socket, data: bytes, chunk: int, deadline: float) -> 
             else:
                 conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
-        except BaseException as e:  # reported by the main thread
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
     t = threading.Thread(target=sender, daemon=True)

@@ -25,7 +25,7 @@ def test_a_second_keeper_of_the_namespace_is_refused_until_the_first_unlocks(
     with pytest.raises(SysctlKeeperBusy, match=rf"another nfrewrite \(pid {os.getpid()}\) runs"):
         second.lock()
     with pytest.raises(SysctlKeeperBusy):
-        second._save({})  # noqa: SLF001 - nor may it write the record
+        second._save({})  # nor may it write the record
     assert not second.locked and not os.path.exists(second.path)
     first.unlock()
     assert not os.path.exists(first.lock_path)
@@ -51,7 +51,7 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
     try:
         assert os.read(up_r, 1) == b"."
         os.close(up_r)
-        holder._drop()  # noqa: SLF001 - the holder is gone (kill -9), its file stays
+        holder._drop()  # the holder is gone (kill -9), its file stays
         other = SysctlKeeper(str(tmp_path))
         other.lock()  # the child is still alive here
         assert other.locked
@@ -67,7 +67,7 @@ def test_a_symlink_at_the_record_is_not_followed(tmp_path: Path) -> None:
     elsewhere.write_text('{"boot_id": "x", "netns_cookie": 0, "originals": {}}')
     os.symlink(elsewhere, keeper.path)
     with pytest.raises(NetSetupError, match="symbolic link"):
-        keeper._load()  # noqa: SLF001
+        keeper._load()
 
 
 def test_a_fifo_at_the_record_does_not_block(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_a_fifo_at_the_record_does_not_block(tmp_path: Path) -> None:
 
 def _load_or_error(keeper: SysctlKeeper) -> object:
     try:
-        return keeper._load()  # noqa: SLF001
+        return keeper._load()
     except NetSetupError as e:
         return e
 
@@ -96,10 +96,10 @@ def test_a_symlink_at_the_temporary_file_is_not_written_through(tmp_path: Path) 
     victim = tmp_path / "victim"
     victim.write_text("untouched")
     os.symlink(victim, f"{keeper.path}.{os.getpid()}.tmp")
-    keeper._save({})  # noqa: SLF001
+    keeper._save({})
     assert victim.read_text() == "untouched"
     assert os.path.isfile(keeper.path) and not os.path.islink(keeper.path)
-    assert keeper._load() == {}  # noqa: SLF001
+    assert keeper._load() == {}
 
 
 def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     keeper = SysctlKeeper(str(run))
     refused = f"{run} is owned by uid .* mode 0770.*RUNTIME_DIRECTORY"
     with pytest.raises(NetSetupError, match=refused):
-        keeper._save({})  # noqa: SLF001
+        keeper._save({})
     assert os.listdir(run) == []
 
 
@@ -123,11 +123,11 @@ def test_a_directory_of_another_user_and_a_record_of_another_user_are_refused(
     os.chown(run, NOBODY, NOBODY)
     keeper = SysctlKeeper(str(run))
     with pytest.raises(NetSetupError, match=f"{run} is owned by uid {NOBODY}"):
-        keeper._save({})  # noqa: SLF001
+        keeper._save({})
     assert os.listdir(run) == []
     os.chown(run, os.geteuid(), os.getegid())
-    keeper._save({})  # noqa: SLF001
+    keeper._save({})
     keeper.unlock()
     os.chown(keeper.path, NOBODY, NOBODY)  # a record planted by that user
     with pytest.raises(NetSetupError, match="not a regular file of uid"):
-        SysctlKeeper(str(run))._load()  # noqa: SLF001
+        SysctlKeeper(str(run))._load()

@@ -209,7 +209,7 @@ _HOLDERS: weakref.WeakSet[SysctlKeeper] = weakref.WeakSet()
 
 def _forget_locks_in_child() -> None:
     for keeper in list(_HOLDERS):
-        keeper._drop()  # noqa: SLF001 - the module's own fork hook
+        keeper._drop()  # the module's own fork hook
     _HOLDERS.clear()
 
 

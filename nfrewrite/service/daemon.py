@@ -207,7 +207,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
     signal.signal(signal.SIGTERM, lambda *_: qw.stop())
     try:
         qw.bind()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failed bind is the supervisor's StartError
         conn.send(("error", str(e)))
         return
     conn.send(("bound",))

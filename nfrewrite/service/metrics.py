@@ -846,7 +846,7 @@ class _Handler(WSGIRequestHandler):
         raw = self.connection.makefile("rb", buffering=0)
         self.rfile = io.BufferedReader(_Prefixed(head, cast("BinaryIO", raw)))
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class name
+    def log_message(self, format: str, *args: Any) -> None:  # the base class's parameter name
         """No line per request."""
 
 
@@ -1014,7 +1014,7 @@ class _HTTPServer(WSGIServer):
     def _handle(self, conn: _Conn) -> None:
         try:
             self.finish_request(conn.sock, conn.addr)
-        except Exception:  # noqa: BLE001, S110 - a client that went away; nothing to report
+        except Exception:  # noqa: BLE001 - a client that went away; nothing to report
             pass
         finally:
             with self._lock:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from lab.netns import Lab
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -40,7 +44,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture
-def lab(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """A fresh client -- appliance -- server namespace lab (``lab.netns.Lab``), torn down after.
 
     Options through indirect parametrization: ``@pytest.mark.parametrize("lab", [{"make_bridge":

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, TcpResult, tcp_exchange, write_lab_config
 from tests.peers import LineConn
 
 pytestmark = pytest.mark.privileged
@@ -242,7 +242,7 @@ def test_kill_9_mid_transfer_completes_and_restart_leaves_one_copy(
     daemon = Daemon(lab, config).start()
     lab.wait_reachable()
     data = RESPONSE * 40000  # ~2.2 MB
-    result: dict[str, object] = {}
+    result: dict[str, TcpResult | Exception] = {}
 
     import threading
 
@@ -260,7 +260,8 @@ def test_kill_9_mid_transfer_completes_and_restart_leaves_one_copy(
     t.join(70)
     assert "error" not in result, result.get("error")
     got = result["got"]
-    assert len(got.client_received) == len(data)  # type: ignore[attr-defined]
+    assert isinstance(got, TcpResult), got
+    assert len(got.client_received) == len(data)
     # a restart after the crash: exactly one jump and one copy of our chain's rules
     before_restart = _saves(lab)
     assert before_restart[0].count("-A FORWARD -j NFREWRITE") == 1

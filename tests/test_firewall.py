@@ -230,7 +230,9 @@ def test_rules_see_bridged_traffic_and_bypass_lets_it_through_with_no_listener(
         counted = lab.run("appliance", [tool(family, variant, "save"), "-c", "-t", "mangle"]).stdout
         hits = [ln for ln in counted.splitlines() if "--dport 8080" in ln]
         assert len(hits) == 1
-        packets = int(re.match(r"\[(\d+):", hits[0]).group(1))  # type: ignore[union-attr]
+        counters = re.match(r"\[(\d+):", hits[0])
+        assert counters is not None, hits[0]
+        packets = int(counters.group(1))
         assert packets >= 3  # SYN, data, FIN at least: every client->server packet was queued
     fw(lab, variant, "remove")
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lab.netns import Daemon, Lab, LabError, read_line, tcp_exchange, write_lab_config
+from lab.netns import Daemon, Lab, LabError, Role, read_line, tcp_exchange, write_lab_config
 
 pytestmark = pytest.mark.privileged
 
@@ -185,8 +185,8 @@ class Rig:
                                  stdin=subprocess.PIPE, env=env)
 
     @staticmethod
-    def _mac(lab: Lab, role: str) -> str:
-        out = lab.run(role, ["ip", "-j", "link", "show", "eth0"]).stdout  # type: ignore[arg-type]
+    def _mac(lab: Lab, role: Role) -> str:
+        out = lab.run(role, ["ip", "-j", "link", "show", "eth0"]).stdout
         return str(json.loads(out)[0]["address"])
 
     def scrape(self) -> Samples:

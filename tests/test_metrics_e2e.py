@@ -422,13 +422,13 @@ def test_flows_with_a_sequence_offset_show_in_the_gauge(workdir: str, lab: Lab) 
 # -- 3. a real Prometheus scrapes it; promtool accepts a real scrape -------------------------------
 @pytest.fixture
 def prometheus_bins() -> tuple[str, str]:
-    found = (shutil.which("prometheus"), shutil.which("promtool"))
-    if None in found:
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    if prometheus is None or promtool is None:
         msg = "prometheus/promtool not found (apt-get install prometheus)"
         if IN_CI:
             pytest.fail(f"{msg}: required under CI", pytrace=False)
         pytest.skip(msg)
-    return found  # type: ignore[return-value]
+    return prometheus, promtool
 
 
 PROMETHEUS_CONFIG = """\

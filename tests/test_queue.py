@@ -14,11 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from lab.netns import Lab, LabError, read_line, tcp_exchange
 from nfrewrite.kernel import nfnl
+
+if TYPE_CHECKING:
+    from nfrewrite.kernel.queue import QueueWorker
 
 PORT = 8080
 QNUM = 3
@@ -160,6 +164,20 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> tuple[dict[str, object], str, 
     return json.loads(out), err.decode(errors="replace"), took
 
 
+def seen_metas(stats: dict[str, object]) -> set[tuple[object, ...]]:
+    """The worker's distinct (in_port, out_port, indev, outdev, csum_partial), back to tuples."""
+    rows = stats["seen"]
+    assert isinstance(rows, list), rows
+    return {tuple(row) for row in rows}
+
+
+def seen_flows(stats: dict[str, object]) -> set[str]:
+    """The flows (as their ends' repr) the worker's flow table held."""
+    names = stats["flows"]
+    assert isinstance(names, list) and all(isinstance(name, str) for name in names), names
+    return set(names)
+
+
 def queue_rules(lab: Lab, workers: int = 1) -> None:
     code = (
         "from nfrewrite.kernel.firewall import Firewall, QueueMatch\n"
@@ -264,7 +282,7 @@ def test_ack_and_error_parsing() -> None:
 class FakePacket:
     def __init__(self, payload: bytes, mark: int = 0) -> None:
         self.payload, self.mark = payload, mark
-        self.indev = self.outdev = self.physindev = self.physoutdev = 0
+        self.id = self.indev = self.outdev = self.physindev = self.physoutdev = 0
         self.verdicts: list[str] = []
         self.new_payload: bytes | None = None
         self.new_mark: int | None = None
@@ -293,7 +311,7 @@ def _ipv4(payload_len: int = 4, claimed: int | None = None) -> bytes:
     return bytes([0x45, 0]) + total.to_bytes(2, "big") + bytes(36) + b"x" * payload_len
 
 
-def _worker(handler: object, log: list[str]) -> object:
+def _worker(handler: object, log: list[str]) -> QueueWorker:
     from nfrewrite.kernel.queue import QueueWorker
 
     return QueueWorker(0, handler, log=log.append)  # type: ignore[arg-type]
@@ -327,9 +345,9 @@ def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
     for answer, payload, verdicts, new, mark in cases:
         answers.append(answer)
         pkt = FakePacket(payload, mark=0x7)
-        w._on_packet(pkt)  # type: ignore[attr-defined]
+        w._on_packet(pkt)
         assert (pkt.verdicts, pkt.new_payload, pkt.new_mark) == (verdicts, new, mark), answer
-    st = w.stats  # type: ignore[attr-defined]
+    st = w.stats
     assert (st.packets, st.accepted, st.dropped, st.modified, st.tracked, st.truncated) == (
         9, 7, 2, 1, 1, 1)
     assert st.errors_by_kind == {"ValueError": 2, "TypeError": 1, "TruncatedCopy": 1,
@@ -352,7 +370,7 @@ def test_packets_pass_through_a_handler_that_changes_nothing(qlab: Lab) -> None:
     assert isinstance(stats["packets"], int) and stats["packets"] >= 12
     assert stats["accepted"] == stats["packets"] and stats["modified"] == 0
     assert stats["errors_by_kind"] == {}
-    seen = {tuple(s) for s in stats["seen"]}  # type: ignore[attr-defined]
+    seen = seen_metas(stats)
     assert ("nfr0", "nfr1", "br0", "br0", False) in seen  # client -> server, bridged
     assert ("nfr1", "nfr0", "br0", "br0", False) in seen  # server -> client
     assert isinstance(stats["rcvbuf"], int) and stats["rcvbuf"] >= 8 << 20
@@ -474,7 +492,7 @@ def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> Non
         res = tcp_exchange(lab, b"MARKME" + b"a" * 10, b"reply", family=4, port=PORT)
         assert (res.server_received, res.client_received) == (b"MARKME" + b"a" * 10, b"reply")
         stats, _, _ = stop_worker(worker)
-        seen = {tuple(s) for s in stats["seen"]}  # type: ignore[attr-defined]
+        seen = seen_metas(stats)
         to_client = ("nfr1", "nfr0", "br0", "br0", False)
         assert isinstance(stats["packets"], int) and isinstance(stats["tracked"], int)
         # The MARKME segment may be queued twice: while the first copy waits for its verdict, a
@@ -558,7 +576,7 @@ def test_queue_balance_keeps_each_flow_and_each_address_pair_on_one_worker() -> 
             res = tcp_exchange(lab, REQ, RESP, family=4, port=PORT, source=source)
             assert (res.server_received, res.client_received) == (REQ, RESP)
         per_worker = [stop_worker(w)[0] for w in workers]
-    flows = [set(st["flows"]) for st in per_worker]  # type: ignore[call-overload]
+    flows = [seen_flows(st) for st in per_worker]
     assert len(flows[0] | flows[1]) == 10
     assert not flows[0] & flows[1]  # no flow split across workers (flows hold both directions)
     first = "c612000b"  # 198.18.0.11: its three flows all went to the same worker

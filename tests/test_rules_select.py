@@ -178,8 +178,8 @@ def test_select_returns_only_matching_rules_in_order() -> None:
     ]
     rs = RuleSet(rules)
 
-    def names(*args: object) -> list[str]:
-        return [r.name for r in rs.select(*args).rules]  # type: ignore[arg-type]
+    def names(version: int, src: bytes, dst: bytes, sport: int, dport: int) -> list[str]:
+        return [r.name for r in rs.select(version, src, dst, sport, dport).rules]
 
     assert names(4, V4_B, V4_A, 80, 40000) == ["http", "any", "to-10", "high"]
     assert names(4, V4_A, V4_B, 80, 40000) == ["http", "any", "high"]

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import Metric
 
 from nfrewrite.service import metrics as M
 
@@ -202,10 +203,10 @@ class _Held:
         self.serving = threading.Event()
         self.go = threading.Event()
 
-    def describe(self) -> list[object]:
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self) -> list[object]:
+    def collect(self) -> list[Metric]:
         self.serving.set()
         self.go.wait(30)
         return []
@@ -215,7 +216,7 @@ def test_a_child_forked_while_a_request_is_served_closes_its_copy_too(
     registry: M.SupervisorMetrics,
 ) -> None:
     held = _Held()
-    registry.registry.register(held)  # type: ignore[arg-type]
+    registry.registry.register(held)
     with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1)) as srv:
         httpd = srv._httpd
         (s,) = silent(srv, 1, first=b"GET /metrics HTTP/1.1\r\n\r\n")

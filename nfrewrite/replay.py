@@ -538,7 +538,7 @@ def _idb(body: bytes, order: str) -> Interface:
     return Interface(linktype, fcs, snaplen, max(tsresol, 1), tsoffset)
 
 
-def _pcapng_records(
+def _pcapng_records(  # noqa: C901 - one block walk: byte order, offset, interfaces carry over
     f: IO[bytes], first: bytes, size: int, reader: _Reader, name: str
 ) -> Iterator[Record]:
     read = f.read
@@ -817,7 +817,7 @@ def _output_linktype(iface: Interface) -> int:
     return iface.linktype | LT_FCS_PRESENT | ((iface.fcs // 2) << 28)  # a pcapng if_fcslen
 
 
-def _run(
+def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), in order
     ruleset: RuleSet,
     reader: _Reader,
     in_path: str,

@@ -640,7 +640,7 @@ class Stats:
     engine_seconds: float = 0.0  # inside Engine.process only
 
 
-def check(
+def check(  # noqa: C901 - the invariants in order; the first one broken is the answer
     data: bytes, res: object, csum_partial: bool, stats: Stats, mtu: int = 1500
 ) -> str | None:
     """The invariants for one packet; a description of the first one broken, or None."""
@@ -810,8 +810,10 @@ def load_fuzz_rules() -> RuleSet:
     return ruleset
 
 
-def run(count: int = DEFAULT_COUNT, seed: int = 1, oracle_every: int = ORACLE_EVERY,
-        max_violations: int = 20) -> Report:
+def run(  # noqa: C901 - one loop whose state every step reads (connections, recent packets, clock)
+    count: int = DEFAULT_COUNT, seed: int = 1, oracle_every: int = ORACLE_EVERY,
+    max_violations: int = 20,
+) -> Report:
     """Feed ``count`` packets through one Engine; check every invariant on every packet."""
     rng = random.Random(seed)
     # a small table (evictions); odd seeds also cap the kept edits low (refusals)

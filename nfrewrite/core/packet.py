@@ -138,7 +138,9 @@ def _options_ok(buf: bytearray, start: int, end: int) -> bool:
     return True
 
 
-def parse(data: bytes | bytearray, *, csum_partial: bool | None = False) -> TcpPacket | Unparsed:
+def parse(  # noqa: C901 - one early return per refusal reason, in the headers' order
+    data: bytes | bytearray, *, csum_partial: bool | None = False
+) -> TcpPacket | Unparsed:
     """Parse a raw IPv4/IPv6 packet. Returns a :class:`TcpPacket` view or an :class:`Unparsed`.
 
     ``data`` is copied into a new bytearray that the view owns (edits never touch the caller's

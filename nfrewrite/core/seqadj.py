@@ -388,7 +388,7 @@ class Flow:
 
     # -- the per-segment entry point -------------------------------------------------------
 
-    def rewrite(
+    def rewrite(  # noqa: C901 - the steps of one segment's plan, in order, on one flow state
         self,
         direction: int,
         seq: int,

@@ -170,4 +170,4 @@ def test_every_offload_key_the_config_accepts_is_one_netsetup_can_set() -> None:
     from nfrewrite.config import settings as config
     from nfrewrite.kernel import netsetup
 
-    assert set(config.OFFLOAD_KEYS) == set(netsetup.OFFLOAD_KEYS)
+    assert set(netsetup.OFFLOAD_NAMES) == set(config.OFFLOAD_KEYS)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from nfrewrite.service import metrics as M
+from nfrewrite.service.metrics import server as metrics_server
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ LONG_IDLE = 60.0
 def test_when_full_the_oldest_silent_connection_makes_room_for_a_scrape(
     registry: M.SupervisorMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(M, "REQUEST_TIMEOUT", LONG_IDLE)
+    monkeypatch.setattr(metrics_server, "REQUEST_TIMEOUT", LONG_IDLE)
     with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1), idle_timeout=LONG_IDLE) as srv:
         clients = list(silent(srv, 10))
         try:
@@ -124,7 +125,7 @@ def test_when_full_the_oldest_silent_connection_makes_room_for_a_scrape(
 def test_incomplete_requests_take_no_handler_and_a_scrape_is_served_at_once(
     registry: M.SupervisorMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(M, "REQUEST_TIMEOUT", LONG_IDLE)
+    monkeypatch.setattr(metrics_server, "REQUEST_TIMEOUT", LONG_IDLE)
     with M.serve("127.0.0.1:0", registry.registry, limits=(8, 1), idle_timeout=LONG_IDLE) as srv:
         stalled = list(silent(srv, 5, first=b"GET /metrics HTTP/1.1\r\nHost: x\r\n"))
         try:
@@ -148,7 +149,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_request_timeout(
         with s:
             t0 = time.monotonic()
             cut = False
-            while time.monotonic() - t0 < M.REQUEST_TIMEOUT + 5:
+            while time.monotonic() - t0 < metrics_server.REQUEST_TIMEOUT + 5:
                 try:
                     s.sendall(b"E")
                 except OSError:
@@ -158,7 +159,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_request_timeout(
                     cut = True
                     break
             assert cut
-            assert time.monotonic() - t0 >= M.REQUEST_TIMEOUT - 1
+            assert time.monotonic() - t0 >= metrics_server.REQUEST_TIMEOUT - 1
             assert get(srv) == 200
 
 

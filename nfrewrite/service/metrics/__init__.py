@@ -35,13 +35,12 @@ single-process mode, e.g. a test); ``WorkerMetrics(queue_num, rules=(), metrics=
 ``.set_flows(active, evicted_total)``; ``SupervisorMetrics(queue_nums, ports=(), metrics=None,
 proc_path=NFQUEUE_PROC)`` with ``.rules_loaded(n)``, ``.reload(ok, when)``,
 ``.offloads(port, features)``, ``.worker_restarted(queue_num)``, ``.worker_died(pid)``,
-``.registry`` (what to scrape); ``serve(listen, registry, *, limits=None,
+``.registry`` (what to scrape); ``serve((host, port), registry, *, limits=None,
 idle_timeout=IDLE_TIMEOUT) -> Server``
 (``.address``, ``.url``, ``.limits``, ``.counts()``, ``.close()``); ``connection_limits(reserve)``;
-``parse_listen(listen)``; ``read_queue_stats(path)``; ``KernelQueueCollector(queue_nums, path)``;
-``error_kind(exc)``;
+``read_queue_stats(path)``; ``KernelQueueCollector(queue_nums, path)``; ``error_kind(exc)``;
 the metric set ``METRICS`` (each spec by name in :mod:`.table`), the ``KERNEL_QUEUE_*`` names,
-``ERROR_KINDS``, ``TIME_BUCKETS``, ``DEFAULT_LISTEN``, ``ENV``; the server's bounds ``MAX_WAITING``,
+``ERROR_KINDS``, ``TIME_BUCKETS``, ``ENV``; the server's bounds ``MAX_WAITING``,
 ``MAX_HANDLERS``, ``IDLE_TIMEOUT``, ``FDS_PER_REQUEST``, ``FD_RESERVE`` (the others in
 :mod:`.server`).
 
@@ -49,7 +48,7 @@ How the daemon uses it::
 
     path = metrics.setup_multiprocess_dir()        # first thing: before prometheus_client loads
     sup = metrics.SupervisorMetrics(queues, ports=bridge_ports)
-    server = metrics.serve(cfg.metrics.listen, sup.registry)
+    server = metrics.serve((cfg.metrics.host, cfg.metrics.port), sup.registry)
     sup.rules_loaded(len(ruleset)); sup.reload(True, time.time()); sup.offloads("eth1", {...})
     ...start workers; in each:  wm = metrics.WorkerMetrics(queue_num, rules=names)
     ...per packet:  t = perf_counter(); result = engine.process(...);
@@ -80,7 +79,6 @@ from nfrewrite.service.metrics.process import (
     setup_multiprocess_dir,
 )
 from nfrewrite.service.metrics.server import (
-    DEFAULT_LISTEN,
     FD_RESERVE,
     FDS_PER_REQUEST,
     IDLE_TIMEOUT,
@@ -88,7 +86,6 @@ from nfrewrite.service.metrics.server import (
     MAX_WAITING,
     Server,
     connection_limits,
-    parse_listen,
     serve,
 )
 from nfrewrite.service.metrics.table import (
@@ -102,7 +99,6 @@ from nfrewrite.service.metrics.table import (
 )
 
 __all__ = [
-    "DEFAULT_LISTEN",
     "ENV",
     "ERROR_KINDS",
     "FDS_PER_REQUEST",
@@ -127,7 +123,6 @@ __all__ = [
     "connection_limits",
     "default_metrics",
     "error_kind",
-    "parse_listen",
     "read_queue_stats",
     "remove_stale_multiprocess_dirs",
     "serve",

@@ -19,7 +19,9 @@ descriptors; slow or stalled requests never hold a handler.  A process forked wh
 runs (a worker) closes its copies of the server's sockets at once, so it keeps no client's
 connection, nor the port, open.
 
-``prometheus_client`` is imported only when :func:`make_app` builds the app.
+The address comes parsed, as (host, port): the config checks the ``metrics.listen`` text
+(:mod:`nfrewrite.config.settings`), so there is one parser.  ``prometheus_client`` is imported
+only when :func:`make_app` builds the app.
 """
 
 from __future__ import annotations
@@ -44,8 +46,6 @@ if TYPE_CHECKING:
 
     from prometheus_client.registry import Collector
 
-DEFAULT_LISTEN = "127.0.0.1:9640"
-
 # The server's bounds (see above).
 MAX_WAITING = 64  # accepted connections whose request is incomplete or not served yet
 MAX_HANDLERS = 4  # requests served at once, one thread each
@@ -62,23 +62,6 @@ _LANDING = b"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>nfrewrite</title></head>
 <body><h1>nfrewrite</h1><p><a href="/metrics">Metrics</a></p></body></html>
 """
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6addr]:port"`` -> (host, port).  The host may not be empty."""
-    host, sep, port_s = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"listen {listen!r}: write an IPv6 address in brackets, '[::1]:9640'")
-    if not sep or not host:
-        raise ValueError(
-            f"listen {listen!r}: want 'host:port' (127.0.0.1 for loopback only, 0.0.0.0 or [::] "
-            "for every interface)"
-        )
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ValueError(f"listen {listen!r}: port must be 0..65535")
-    return host, int(port_s)
 
 
 def make_app(registry: Collector) -> WSGIApplication:
@@ -445,14 +428,16 @@ def connection_limits(reserve: int = FD_RESERVE) -> tuple[int, int]:
 
 
 def serve(
-    listen: str,
+    address: tuple[str, int],
     registry: Collector,
     *,
     limits: tuple[int, int] | None = None,
     idle_timeout: float = IDLE_TIMEOUT,
 ) -> Server:
-    """Serve ``registry`` on ``listen`` ("host:port", "[::1]:port") in a daemon thread.
+    """Serve ``registry`` on ``address`` (host, port) in a daemon thread.
 
+    ``address``: the host without brackets, also for IPv6 (``("::1", 9640)``); port 0 binds a
+    free port (tests; :attr:`Server.address` tells which).
     ``limits``: (connections waiting with an incomplete or unserved request, requests served at
     once); by default
     :func:`connection_limits` (what fits beside :data:`FD_RESERVE`), computed now.
@@ -463,12 +448,12 @@ def serve(
     waiting, handlers = limits if limits is not None else connection_limits()
     if waiting < 1 or handlers < 1:
         raise ValueError(f"limits {limits!r}: want two positive numbers")
-    host, port = parse_listen(listen)
+    host, port = address
     infos = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
     )
     if not infos:  # pragma: no cover - getaddrinfo raises instead
-        raise OSError(f"listen {listen!r}: no address")
+        raise OSError(f"listen {address!r}: no address")
     family, _, _, _, sockaddr = infos[0]
     httpd = _HTTPServer(sockaddr, family, max_waiting=waiting, max_handlers=handlers,
                         idle_timeout=idle_timeout)

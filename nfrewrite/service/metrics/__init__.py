@@ -32,14 +32,14 @@ API
 ``default_metrics() -> Metrics`` (the process's one set; ``Metrics()`` for a private set in
 single-process mode, e.g. a test); ``WorkerMetrics(queue_num, rules=(), metrics=None)`` with
 ``.set_rules(names)``, ``.observe(result, seconds)``, ``.error(exc_or_name)``,
-``.set_flows(active, evicted_total)``; ``SupervisorMetrics(queue_nums, ports=(), metrics=None,
+``.set_flows(active, totals)``; ``SupervisorMetrics(queue_nums, ports=(), metrics=None,
 proc_path=NFQUEUE_PROC)`` with ``.rules_loaded(n)``, ``.reload(ok, when)``,
 ``.offloads(port, features)``, ``.worker_restarted(queue_num)``, ``.worker_died(pid)``,
 ``.registry`` (what to scrape); ``serve((host, port), registry, *, limits=None,
 idle_timeout=IDLE_TIMEOUT) -> Server``
 (``.address``, ``.url``, ``.limits``, ``.counts()``, ``.close()``); ``connection_limits(reserve)``;
 ``read_queue_stats(path)``; ``KernelQueueCollector(queue_nums, path)``; ``error_kind(exc)``;
-the metric set ``METRICS`` (each spec by name in :mod:`.table`), the ``KERNEL_QUEUE_*`` names,
+the metric sets ``METRICS`` and ``KERNEL_QUEUE_METRICS`` (each spec by name in :mod:`.table`),
 ``ERROR_KINDS``, ``TIME_BUCKETS``, ``ENV``; the server's bounds ``MAX_WAITING``,
 ``MAX_HANDLERS``, ``IDLE_TIMEOUT``, ``FDS_PER_REQUEST``, ``FD_RESERVE`` (the others in
 :mod:`.server`).
@@ -57,7 +57,7 @@ How the daemon uses it::
     ...a worker died: sup.worker_died(pid); restarted: sup.worker_restarted(queue_num)
     server.close(); metrics.cleanup_multiprocess_dir(path)   # on stop, in this order
 
-``replay`` (one process, no environment variable): ``m = Metrics()``,
+A test (one process, no environment variable): ``m = Metrics()``,
 ``WorkerMetrics(0, metrics=m)``, and ``prometheus_client.generate_latest(m.registry)``.
 """
 
@@ -90,9 +90,7 @@ from nfrewrite.service.metrics.server import (
 )
 from nfrewrite.service.metrics.table import (
     ERROR_KINDS,
-    KERNEL_QUEUE_DROPPED,
-    KERNEL_QUEUE_USER_DROPPED,
-    KERNEL_QUEUE_WAITING,
+    KERNEL_QUEUE_METRICS,
     METRICS,
     TIME_BUCKETS,
     MetricSpec,
@@ -104,9 +102,7 @@ __all__ = [
     "FDS_PER_REQUEST",
     "FD_RESERVE",
     "IDLE_TIMEOUT",
-    "KERNEL_QUEUE_DROPPED",
-    "KERNEL_QUEUE_USER_DROPPED",
-    "KERNEL_QUEUE_WAITING",
+    "KERNEL_QUEUE_METRICS",
     "MAX_HANDLERS",
     "MAX_WAITING",
     "METRICS",

@@ -84,23 +84,12 @@ class KernelQueueCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         return (
-            GaugeMetricFamily(
-                KERNEL_QUEUE_WAITING,
-                "Packets in the kernel queue waiting for a verdict (read at scrape time).",
-                labels=["queue"],
-            ),
-            CounterMetricFamily(
-                KERNEL_QUEUE_DROPPED,
-                "Packets the kernel dropped because the queue was full (not counted with "
-                "fail-open: those pass unrewritten).",
-                labels=["queue"],
-            ),
-            CounterMetricFamily(
-                KERNEL_QUEUE_USER_DROPPED,
-                "Packets the kernel dropped because the netlink socket buffer was full (not "
-                "counted with fail-open).",
-                labels=["queue"],
-            ),
+            GaugeMetricFamily(KERNEL_QUEUE_WAITING.name, KERNEL_QUEUE_WAITING.help,
+                              labels=KERNEL_QUEUE_WAITING.labels),
+            CounterMetricFamily(KERNEL_QUEUE_DROPPED.name, KERNEL_QUEUE_DROPPED.help,
+                                labels=KERNEL_QUEUE_DROPPED.labels),
+            CounterMetricFamily(KERNEL_QUEUE_USER_DROPPED.name, KERNEL_QUEUE_USER_DROPPED.help,
+                                labels=KERNEL_QUEUE_USER_DROPPED.labels),
         )
 
     def describe(self) -> Iterator[Metric]:

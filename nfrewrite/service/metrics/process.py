@@ -8,7 +8,7 @@ set.  There is no aggregator of our own: the library adds the processes up.
 Two modes, chosen by the library once per process, when ``prometheus_client`` is first imported:
 
 * single-process (no ``PROMETHEUS_MULTIPROC_DIR``): values live in memory, and the scrape reads
-  the :class:`Metrics` registry directly.  Unit tests and ``replay`` use this.
+  the :class:`Metrics` registry directly.  Unit tests use this.
 * multiprocess: the supervisor calls :func:`setup_multiprocess_dir` FIRST (before anything imports
   ``prometheus_client``; this package imports it lazily for that reason, and
   :func:`setup_multiprocess_dir` refuses to run if it was imported already).  It makes a fresh
@@ -242,10 +242,6 @@ class Metrics:
             self._by_name[spec.name] = made
         self.gauge(BUILD_INFO).labels(__version__, platform.python_version()).set(1)
 
-    @property
-    def multiprocess(self) -> bool:
-        return self.multiprocess_dir is not None
-
     def counter(self, spec: MetricSpec) -> Counter:
         return cast("Counter", self._by_name[spec.name])
 
@@ -289,7 +285,6 @@ class WorkerMetrics:
     ) -> None:
         m = metrics if metrics is not None else default_metrics()
         q = str(check_queue_num(queue_num))
-        self.queue_num = queue_num
         self._seen = m.counter(PACKETS_SEEN).labels(q).inc
         self._modified = m.counter(PACKETS_MODIFIED).labels(q).inc
         self._dropped = m.counter(PACKETS_DROPPED).labels(q).inc
@@ -407,8 +402,8 @@ class SupervisorMetrics:
         else:
             assert m.registry is not None
             self.registry.register(cast("Collector", m.registry))
-        self.kernel = KernelQueueCollector(self.queue_nums, proc_path)
-        self.registry.register(cast("Collector", self.kernel))
+        kernel = KernelQueueCollector(self.queue_nums, proc_path)
+        self.registry.register(cast("Collector", kernel))
 
     def rules_loaded(self, n: int) -> None:
         self._rules_loaded.set(n)

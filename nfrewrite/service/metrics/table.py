@@ -3,7 +3,7 @@
 Rule 1: every metric is defined here and nowhere else.  Each entry (:class:`MetricSpec`) gives
 the name, type, help, labels and, for gauges, how values from several processes combine.
 :data:`METRICS` is the set each process holds (:class:`~nfrewrite.service.metrics.process.Metrics`
-turns it into ``prometheus_client`` objects); the ``KERNEL_QUEUE_*`` names are the ones the
+turns it into ``prometheus_client`` objects); :data:`KERNEL_QUEUE_METRICS` are the ones the
 kernel-queue collector produces at scrape time.
 
 Label values come only from fixed sets: the configured queue numbers (:func:`check_queue_num`),
@@ -113,7 +113,7 @@ BUILD_INFO = MetricSpec(
     mode="livemax")
 # fmt: on
 
-#: Rule 1: the whole set, in exposition order.
+#: Rule 1: the set every process holds, in exposition order.
 METRICS: tuple[MetricSpec, ...] = (
     PACKETS_SEEN,
     PACKETS_MODIFIED,
@@ -134,10 +134,26 @@ METRICS: tuple[MetricSpec, ...] = (
     BUILD_INFO,
 )
 
-#: Metrics the kernel-queue collector produces at scrape time (not in the per-process set).
-KERNEL_QUEUE_WAITING = "nfrewrite_kernel_queue_waiting"
-KERNEL_QUEUE_DROPPED = "nfrewrite_kernel_queue_dropped_total"
-KERNEL_QUEUE_USER_DROPPED = "nfrewrite_kernel_queue_user_dropped_total"
+# fmt: off
+#: What the kernel-queue collector reads from /proc at scrape time (not in the per-process set).
+KERNEL_QUEUE_WAITING = MetricSpec(
+    "nfrewrite_kernel_queue_waiting", "gauge",
+    "Packets in the kernel queue waiting for a verdict (read at scrape time).", ("queue",))
+KERNEL_QUEUE_DROPPED = MetricSpec(
+    "nfrewrite_kernel_queue_dropped_total", "counter",
+    "Packets the kernel dropped because the queue was full (not counted with fail-open: those "
+    "pass unrewritten).", ("queue",))
+KERNEL_QUEUE_USER_DROPPED = MetricSpec(
+    "nfrewrite_kernel_queue_user_dropped_total", "counter",
+    "Packets the kernel dropped because the netlink socket buffer was full (not counted with "
+    "fail-open).", ("queue",))
+# fmt: on
+
+KERNEL_QUEUE_METRICS: tuple[MetricSpec, ...] = (
+    KERNEL_QUEUE_WAITING,
+    KERNEL_QUEUE_DROPPED,
+    KERNEL_QUEUE_USER_DROPPED,
+)
 
 
 def check_queue_num(q: int) -> int:

@@ -42,8 +42,8 @@ import pytest
 
 import nfrewrite
 from lab.netns import Daemon, Lab, LabError, write_lab_config
+from nfrewrite.config.settings import OFFLOAD_KEYS
 from nfrewrite.core.packet import REASONS
-from nfrewrite.kernel.netsetup import OFFLOAD_KEYS
 from nfrewrite.service import metrics as M
 from tests.conftest import IN_CI
 

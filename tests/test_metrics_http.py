@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import Metric
 
 from nfrewrite.service import metrics as M
+from nfrewrite.service.metrics import server as metrics_server
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def closed_by_peer(s: socket.socket, within: float) -> bool:
 def test_many_silent_connections_hold_a_bounded_number_of_descriptors(
     registry: M.SupervisorMetrics,
 ) -> None:
-    with M.serve("127.0.0.1:0", registry.registry) as srv:
+    with M.serve(("127.0.0.1", 0), registry.registry) as srv:
         waiting, handlers = srv.limits
         before = open_fds()
         clients = []
@@ -89,7 +90,7 @@ def test_many_silent_connections_hold_a_bounded_number_of_descriptors(
 def test_a_silent_connection_is_closed_after_the_idle_timeout(
     registry: M.SupervisorMetrics,
 ) -> None:
-    with M.serve("127.0.0.1:0", registry.registry) as srv:
+    with M.serve(("127.0.0.1", 0), registry.registry) as srv:
         (s,) = silent(srv, 1)
         with s:
             assert closed_by_peer(s, M.IDLE_TIMEOUT + 5)
@@ -105,8 +106,10 @@ LONG_IDLE = 60.0
 def test_when_full_the_oldest_silent_connection_makes_room_for_a_scrape(
     registry: M.SupervisorMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(M, "REQUEST_TIMEOUT", LONG_IDLE)
-    with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1), idle_timeout=LONG_IDLE) as srv:
+    monkeypatch.setattr(metrics_server, "REQUEST_TIMEOUT", LONG_IDLE)
+    with M.serve(
+        ("127.0.0.1", 0), registry.registry, limits=(4, 1), idle_timeout=LONG_IDLE
+    ) as srv:
         clients = list(silent(srv, 10))
         try:
             assert wait_until(lambda: srv.counts() == (4, 0), 5)
@@ -125,8 +128,10 @@ def test_when_full_the_oldest_silent_connection_makes_room_for_a_scrape(
 def test_incomplete_requests_take_no_handler_and_a_scrape_is_served_at_once(
     registry: M.SupervisorMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(M, "REQUEST_TIMEOUT", LONG_IDLE)
-    with M.serve("127.0.0.1:0", registry.registry, limits=(8, 1), idle_timeout=LONG_IDLE) as srv:
+    monkeypatch.setattr(metrics_server, "REQUEST_TIMEOUT", LONG_IDLE)
+    with M.serve(
+        ("127.0.0.1", 0), registry.registry, limits=(8, 1), idle_timeout=LONG_IDLE
+    ) as srv:
         stalled = list(silent(srv, 5, first=b"GET /metrics HTTP/1.1\r\nHost: x\r\n"))
         try:
             assert wait_until(lambda: srv.counts() == (5, 0), 5)  # no blank line: no handler
@@ -144,12 +149,12 @@ def test_incomplete_requests_take_no_handler_and_a_scrape_is_served_at_once(
 def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_request_timeout(
     registry: M.SupervisorMetrics,
 ) -> None:
-    with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1)) as srv:
+    with M.serve(("127.0.0.1", 0), registry.registry, limits=(4, 1)) as srv:
         (s,) = silent(srv, 1, first=b"G")
         with s:
             t0 = time.monotonic()
             cut = False
-            while time.monotonic() - t0 < M.REQUEST_TIMEOUT + 5:
+            while time.monotonic() - t0 < metrics_server.REQUEST_TIMEOUT + 5:
                 try:
                     s.sendall(b"E")
                 except OSError:
@@ -159,7 +164,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_request_timeout(
                     cut = True
                     break
             assert cut
-            assert time.monotonic() - t0 >= M.REQUEST_TIMEOUT - 1
+            assert time.monotonic() - t0 >= metrics_server.REQUEST_TIMEOUT - 1
             assert get(srv) == 200
 
 
@@ -181,7 +186,7 @@ def test_a_forked_child_does_not_keep_the_servers_connections_open(
 ) -> None:
     """Workers are forked from the supervisor while the server runs: their copies of its
     sockets must not keep a client's connection (or the port) open."""
-    with M.serve("127.0.0.1:0", registry.registry) as srv:
+    with M.serve(("127.0.0.1", 0), registry.registry) as srv:
         (s,) = silent(srv, 1)
         with s:
             assert wait_until(lambda: srv.counts() == (1, 0), 5)
@@ -217,7 +222,7 @@ def test_a_child_forked_while_a_request_is_served_closes_its_copy_too(
 ) -> None:
     held = _Held()
     registry.registry.register(held)
-    with M.serve("127.0.0.1:0", registry.registry, limits=(4, 1)) as srv:
+    with M.serve(("127.0.0.1", 0), registry.registry, limits=(4, 1)) as srv:
         httpd = srv._httpd
         (s,) = silent(srv, 1, first=b"GET /metrics HTTP/1.1\r\n\r\n")
         (w,) = silent(srv, 1)  # and one waiting for its request

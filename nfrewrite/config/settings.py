@@ -73,8 +73,8 @@ __all__ = [
 
 TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security")
 BRIDGE_KEYS = ("name", "ports", "offloads")
-# the features nfrewrite.kernel.netsetup reads and sets (one list: a key accepted here must work
-# there)
+# the offload features a bridge port may set: the one list (nfrewrite.kernel.netsetup maps each to
+# its ethtool name and reads them all back; the metrics label values come from there)
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)

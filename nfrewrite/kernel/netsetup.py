@@ -81,8 +81,10 @@ from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nfrewrite.config.diagnostics import ifname_problem
+from nfrewrite.config.settings import OFFLOAD_KEYS
 
-#: short key -> ethtool "long" offload name (as ``ethtool -k`` prints it).
+#: short key (one of the config's OFFLOAD_KEYS, each one here) -> ethtool "long" offload name (as
+#: ``ethtool -k`` prints it).
 OFFLOAD_NAMES: dict[str, str] = {
     "rx": "rx-checksumming",
     "tx": "tx-checksumming",
@@ -91,7 +93,6 @@ OFFLOAD_NAMES: dict[str, str] = {
     "gro": "generic-receive-offload",
     "lro": "large-receive-offload",
 }
-OFFLOAD_KEYS: tuple[str, ...] = tuple(OFFLOAD_NAMES)
 
 BR_NF_SYSCTLS: tuple[str, ...] = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 PROC_BRIDGE = Path("/proc/sys/net/bridge")

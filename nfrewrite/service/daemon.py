@@ -300,7 +300,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_term)
         try:
             self.sup = metrics.SupervisorMetrics(queues, ports=cfg.bridge_ports)
-            server = metrics.serve(cfg.metrics.listen, self.sup.registry)
+            server = metrics.serve((cfg.metrics.host, cfg.metrics.port), self.sup.registry)
             log(f"metrics on http://{cfg.metrics.listen}/metrics")
             self._setup_network()
             self._ensure_liberal_conntrack(self.ruleset)

@@ -126,7 +126,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from nfrewrite.config.diagnostics import Diagnostic, Opener, TomlFile, has_errors, type_name
+from nfrewrite.config.diagnostics import Diagnostic, has_errors, type_name
+from nfrewrite.config.tomlfile import Opener, TomlFile
 from nfrewrite.config.tomlpos import KeyPath
 
 __all__ = [

@@ -103,7 +103,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from nfrewrite.config.diagnostics import ifname_problem
+from nfrewrite.kernel.ifname import ifname_problem
 
 Variant = Literal["nft", "legacy"]
 
@@ -121,7 +121,6 @@ FLOW_MARK_MASK = 0x01000000
 MAX_LITERAL = 128
 #: xt_multiport's limit: 15 ports, a range counting two.
 MULTIPORT_SLOTS = 15
-IFNAMSIZ = 16
 
 PortRange = tuple[int, int]
 

@@ -80,7 +80,7 @@ from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nfrewrite.config.diagnostics import ifname_problem
+from nfrewrite.kernel.ifname import ifname_problem
 
 #: short key -> ethtool "long" offload name (as ``ethtool -k`` prints it).
 OFFLOAD_NAMES: dict[str, str] = {

@@ -366,7 +366,7 @@ def test_the_refusal_shows_the_rules_line_as_loaded_not_as_the_file_says_now(
 ) -> None:
     """The refused rule's line comes from the text that was loaded: the file replaced since (here
     by a link to another file) is not read again, by name or through the link."""
-    from nfrewrite.core.rules import load_rules
+    from nfrewrite.config.rulefiles import load_rules
     from nfrewrite.kernel.prefilter import kernel_rules
 
     (tmp_path / "rules").mkdir()

@@ -55,9 +55,10 @@ from dataclasses import dataclass, field
 
 from nfrewrite.config.diagnostics import Diagnostic, Severity, has_errors, type_name
 from nfrewrite.config.filesafety import SafeOpener
+from nfrewrite.config.rulefiles import load_rules
 from nfrewrite.config.tomlfile import TomlFile
 from nfrewrite.config.tomlpos import KeyPath
-from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.rules import RuleSet
 
 __all__ = [
     "Bridge",

@@ -107,8 +107,8 @@ CONFIG_ARG = arg(
         help="also print the iptables/ip6tables rules (kernel prefilter) the daemon would load"),
 )
 def cmd_check(args: argparse.Namespace) -> int:
-    from nfrewrite.kernel.firewall import render
     from nfrewrite.kernel.prefilter import kernel_rules
+    from nfrewrite.kernel.ruletext import render
 
     config, ruleset, diagnostics = load_all(
         args.config, allow_length_change=not args.no_length_change

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
-from nfrewrite.kernel.firewall import (
+from nfrewrite.kernel.ruletext import (
     CHAIN,
     MAX_KERNEL_RULES,
     Layout,
@@ -263,7 +263,8 @@ def _queued(lab: Lab, variant: str, family: int) -> int:
 
 def _install(lab: Lab, variant: str, op: str, src4: list[str], src6: list[str]) -> None:
     code = textwrap.dedent(f"""
-        from nfrewrite.kernel.firewall import Firewall, QueueMatch
+        from nfrewrite.kernel.firewall import Firewall
+        from nfrewrite.kernel.ruletext import QueueMatch
         # two multiport chunks, both holding 8080
         ports = [(8070, 8090)] + [(p, p) for p in range(8000, 8020)] + [(8080, 8080)]
         def group(src, dst):

@@ -162,7 +162,8 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> tuple[dict[str, object], str, 
 
 def queue_rules(lab: Lab, workers: int = 1) -> None:
     code = (
-        "from nfrewrite.kernel.firewall import Firewall, QueueMatch\n"
+        "from nfrewrite.kernel.firewall import Firewall\n"
+        "from nfrewrite.kernel.ruletext import QueueMatch\n"
         f"m = [QueueMatch(dports=[({PORT}, {PORT + 1})]), QueueMatch(sports=[({PORT}, {PORT})])]\n"
         f"Firewall({QNUM}, {workers}).install(m, m)\n"
     )
@@ -466,7 +467,8 @@ def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> Non
     with Lab(make_bridge=True) as lab:
         lab.wait_reachable(families=[4])
         code = (
-            "from nfrewrite.kernel.firewall import Firewall, QueueMatch\n"
+            "from nfrewrite.kernel.firewall import Firewall\n"
+            "from nfrewrite.kernel.ruletext import QueueMatch\n"
             f"Firewall({QNUM}, 1).install([QueueMatch(literal=b'MARKME')], [])\n"
         )
         lab.run("appliance", [sys.executable, "-c", code], env=lab.python_env())

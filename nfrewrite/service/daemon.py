@@ -84,7 +84,7 @@ from nfrewrite.service import metrics
 from nfrewrite.service.fdreserve import FdReserve
 
 if TYPE_CHECKING:
-    from nfrewrite.kernel.firewall import Plan
+    from nfrewrite.kernel.ruletext import Plan
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
 BIND_TIMEOUT = 10.0

@@ -171,7 +171,7 @@ def queue_rules(lab: Lab, workers: int = 1) -> None:
 
 
 def proc_queue(lab: Lab) -> dict[str, int]:
-    """Our queue's line of /proc/net/netfilter/nfnetlink_queue, named (see DESIGN.md 5)."""
+    """Our queue's line of /proc/net/netfilter/nfnetlink_queue, its columns named."""
     text = lab.run("appliance", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
     names = ["queue", "portid", "waiting", "copy_mode", "copy_range", "queue_dropped",
              "user_dropped", "id_sequence", "one"]
@@ -497,7 +497,7 @@ def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> Non
     "lab", [{"make_bridge": True, "client_offloads": {"tx": True, "tso": True}}], indirect=True
 )
 def test_the_kernel_hands_us_wire_sized_packets_with_complete_checksums(lab: Lab) -> None:
-    """DESIGN 5: without the queue's GSO flag, GSO super-packets from a TSO/checksum-offloading
+    """Without the queue's GSO flag, GSO super-packets from a TSO/checksum-offloading
     sender are segmented and their CHECKSUM_PARTIAL sums completed before we see them."""
     lab.wait_reachable()
     queue_rules(lab)

@@ -7,7 +7,7 @@ default. Everything present is validated: unknown keys (with a "did you mean"), 
 interface names. Like the rule loader, validation reports every problem with ``path:line:col``
 (see :mod:`nfrewrite.config.diagnostics`) and never stops at the first; any error means no Config.
 
-Schema (DESIGN §2; defaults in brackets)::
+Schema (defaults in brackets)::
 
     rules_dir = "rules"            # [rules] relative to this file's directory
     [[bridge]]                     # zero or more

@@ -642,7 +642,7 @@ class Supervisor:
                 w.process.join(1)
 
 
-def run(config_path: str, print_diagnostics: Any = None) -> int:
+def run(config_path: str) -> int:
     """``nfrewrite run``: returns the exit code (0 stopped cleanly, 1 invalid files, 4 failure)."""
     config, ruleset, diags = load(config_path)
     for d in diags:

@@ -6,8 +6,8 @@ A bridge or port name goes three ways: to the kernel when a link is created or r
 (:mod:`nfrewrite.kernel.netsetup`), into iptables rules (``--physdev-in``, see
 :mod:`nfrewrite.kernel.ruletext`), and into log lines and metric labels. :func:`ifname_problem` is
 the one check for all of them, and ``nfrewrite check`` runs the same one on the config and rules
-(:meth:`nfrewrite.config.tomlfile.TomlFile.want_ifname`), so a name check accepts is a name start
-can use. Pure: it asks the kernel nothing.
+(:meth:`nfrewrite.config.tomlfile.TomlFile.want_ifname`): every name ``check`` accepts, the daemon
+can create and match on. Pure: it asks the kernel nothing.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
 from bench.lab_bench import PATTERN, PERIOD, SAME, SHORT
+from nfrewrite.config.rulefiles import load_rules
 from nfrewrite.core.engine import Engine
-from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable
 
 PACKETS = 200

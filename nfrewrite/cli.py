@@ -10,7 +10,6 @@ parser from the registry, runs the chosen function and turns failures into exit 
     0  success
     1  invalid config or rules (diagnostics on stderr: ``path:line:col: error: text``, line, caret)
     2  usage error (argparse)
-    3  subcommand not implemented yet
     4  runtime failure (one line on stderr; set NFREWRITE_DEBUG=1 for the traceback)
     5  replay: the input capture is damaged part way (one line on stderr saying where; the output
        holds the packets before the damage, their summary goes to stdout)
@@ -34,7 +33,6 @@ from nfrewrite.config.settings import load_all
 __all__ = [
     "EXIT_DAMAGED_INPUT",
     "EXIT_INVALID",
-    "EXIT_NOT_IMPLEMENTED",
     "EXIT_OK",
     "EXIT_RUNTIME",
     "EXIT_USAGE",
@@ -46,7 +44,6 @@ __all__ = [
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
-EXIT_NOT_IMPLEMENTED = 3
 EXIT_RUNTIME = 4
 EXIT_DAMAGED_INPUT = 5
 
@@ -107,8 +104,8 @@ CONFIG_ARG = arg(
         help="also print the iptables/ip6tables rules (kernel prefilter) the daemon would load"),
 )
 def cmd_check(args: argparse.Namespace) -> int:
-    from nfrewrite.kernel.firewall import render
     from nfrewrite.kernel.prefilter import kernel_rules
+    from nfrewrite.kernel.ruletext import render
 
     config, ruleset, diagnostics = load_all(
         args.config, allow_length_change=not args.no_length_change

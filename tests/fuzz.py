@@ -64,9 +64,10 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nfrewrite.config.rulefiles import load_rules
 from nfrewrite.core.engine import ACCEPT, DROP, Engine
 from nfrewrite.core.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
-from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable
 
 DEFAULT_COUNT = 1_000_000

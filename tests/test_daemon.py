@@ -328,7 +328,7 @@ BULK_FILES = 50
 def _write_bulk_rules(rules_dir: str, files: int = BULK_FILES) -> int:
     """``files`` valid rule files of 1 MiB each (the per-file limit), made of rules with 60 kB
     find/with strings no traffic carries and a comment; returns the bytes written."""
-    from nfrewrite.config.diagnostics import MAX_FILE_SIZE
+    from nfrewrite.config.tomlfile import MAX_FILE_SIZE
 
     total = 0
     for k in range(files):

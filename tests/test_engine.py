@@ -14,9 +14,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
+from nfrewrite.config.rulefiles import load_rules
 from nfrewrite.core.engine import ACCEPT, DROP, Engine
 from nfrewrite.core.packet import NOT_TCP, TcpPacket, parse
-from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable
 from tests.packets import TcpFields, field_error, scapy_tcp_checksum
 

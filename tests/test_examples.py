@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 from nfrewrite.config.examples import check_examples, example_packet, run_example, short_repr
+from nfrewrite.config.rulefiles import load_rules
 from nfrewrite.core.packet import TcpPacket, parse
-from nfrewrite.core.rules import Match, load_rules
+from nfrewrite.core.rules import Match
 
 REPO = Path(__file__).resolve().parent.parent
 NFREWRITE = REPO / ".venv" / "bin" / "nfrewrite"

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from nfrewrite.config.examples import EXAMPLE_STEPS_MAX, check_examples, search_steps
-from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.config.rulefiles import load_rules
+from nfrewrite.core.rules import RuleSet
 
 
 def _load(directory: Path, files: dict[str, str]) -> RuleSet:

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from lab.netns import Lab, tcp_exchange
-from nfrewrite.kernel.firewall import (
+from nfrewrite.kernel.ruletext import (
     CHAIN,
     FORWARD_JUMP,
     POST_JUMP,
@@ -124,7 +124,8 @@ def saved(lab: Lab, variant: str, family: int) -> str:
 def fw(lab: Lab, variant: str, op: str, v4: str = "[]", v6: str = "[]", *,
        queue: int = 0, workers: int = 1, check: bool = True) -> str:
     code = textwrap.dedent(f"""
-        from nfrewrite.kernel.firewall import Firewall, FirewallError, QueueMatch
+        from nfrewrite.kernel.firewall import Firewall, FirewallError
+        from nfrewrite.kernel.ruletext import QueueMatch
         fw = Firewall({queue}, {workers}, variant={variant!r})
         try:
             if {op!r} == "remove":
@@ -285,7 +286,8 @@ def test_grouped_rules_install_swap_to_flat_and_remove_cleanly(lab: Lab, variant
 def test_install_and_swap_take_a_plan_made_for_their_queues_only() -> None:
     """A reload swaps in the plan its loader checked; one made for other queues is refused, not
     loaded with the wrong queue numbers."""
-    from nfrewrite.kernel.firewall import Firewall, Plan, plan
+    from nfrewrite.kernel.firewall import Firewall
+    from nfrewrite.kernel.ruletext import Plan, plan
 
     matches = [QueueMatch(sports=[(80, 80)])]
     fw = Firewall(3, 2, variant="nft")

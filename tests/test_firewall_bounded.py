@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Daemon, Lab, tcp_exchange, write_lab_config
-from nfrewrite.kernel.firewall import (
+from nfrewrite.kernel.ruletext import (
     CHAIN,
     MAX_KERNEL_RULES,
     Layout,
@@ -263,7 +263,8 @@ def _queued(lab: Lab, variant: str, family: int) -> int:
 
 def _install(lab: Lab, variant: str, op: str, src4: list[str], src6: list[str]) -> None:
     code = textwrap.dedent(f"""
-        from nfrewrite.kernel.firewall import Firewall, QueueMatch
+        from nfrewrite.kernel.firewall import Firewall
+        from nfrewrite.kernel.ruletext import QueueMatch
         # two multiport chunks, both holding 8080
         ports = [(8070, 8090)] + [(p, p) for p in range(8000, 8020)] + [(8080, 8080)]
         def group(src, dst):
@@ -366,7 +367,7 @@ def test_the_refusal_shows_the_rules_line_as_loaded_not_as_the_file_says_now(
 ) -> None:
     """The refused rule's line comes from the text that was loaded: the file replaced since (here
     by a link to another file) is not read again, by name or through the link."""
-    from nfrewrite.core.rules import load_rules
+    from nfrewrite.config.rulefiles import load_rules
     from nfrewrite.kernel.prefilter import kernel_rules
 
     (tmp_path / "rules").mkdir()

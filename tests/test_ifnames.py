@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Daemon, Lab, tcp_exchange
-from nfrewrite.config.diagnostics import ifname_problem
+from nfrewrite.config.ifname import ifname_problem
 from nfrewrite.config.settings import load_config
-from nfrewrite.kernel.firewall import QueueMatch, restore_text
+from nfrewrite.kernel.ruletext import QueueMatch, restore_text
 
 # every kind of character the kernel, iptables or the config's quoting treat specially
 CANDIDATES = [

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.config.diagnostics import MAX_FILE_SIZE, Diagnostic
+from nfrewrite.config.diagnostics import Diagnostic
+from nfrewrite.config.rulefiles import MAX_BYTES, MAX_RULE_FILES, MAX_RULES, load_rules
 from nfrewrite.config.settings import load_all
-from nfrewrite.core.rules import MAX_BYTES, MAX_RULE_FILES, MAX_RULES, load_rules
+from nfrewrite.config.tomlfile import MAX_FILE_SIZE
 
 CONFIG = 'rules_dir = "rules"\n'
 

@@ -180,7 +180,8 @@ def seen_flows(stats: dict[str, object]) -> set[str]:
 
 def queue_rules(lab: Lab, workers: int = 1) -> None:
     code = (
-        "from nfrewrite.kernel.firewall import Firewall, QueueMatch\n"
+        "from nfrewrite.kernel.firewall import Firewall\n"
+        "from nfrewrite.kernel.ruletext import QueueMatch\n"
         f"m = [QueueMatch(dports=[({PORT}, {PORT + 1})]), QueueMatch(sports=[({PORT}, {PORT})])]\n"
         f"Firewall({QNUM}, {workers}).install(m, m)\n"
     )
@@ -188,7 +189,7 @@ def queue_rules(lab: Lab, workers: int = 1) -> None:
 
 
 def proc_queue(lab: Lab) -> dict[str, int]:
-    """Our queue's line of /proc/net/netfilter/nfnetlink_queue, named (see DESIGN.md 5)."""
+    """Our queue's line of /proc/net/netfilter/nfnetlink_queue, its columns named."""
     text = lab.run("appliance", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
     names = ["queue", "portid", "waiting", "copy_mode", "copy_range", "queue_dropped",
              "user_dropped", "id_sequence", "one"]
@@ -484,7 +485,8 @@ def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> Non
     with Lab(make_bridge=True) as lab:
         lab.wait_reachable(families=[4])
         code = (
-            "from nfrewrite.kernel.firewall import Firewall, QueueMatch\n"
+            "from nfrewrite.kernel.firewall import Firewall\n"
+            "from nfrewrite.kernel.ruletext import QueueMatch\n"
             f"Firewall({QNUM}, 1).install([QueueMatch(literal=b'MARKME')], [])\n"
         )
         lab.run("appliance", [sys.executable, "-c", code], env=lab.python_env())
@@ -513,7 +515,7 @@ def test_track_flow_keeps_the_whole_flow_coming_to_the_queue(track: bool) -> Non
     "lab", [{"make_bridge": True, "client_offloads": {"tx": True, "tso": True}}], indirect=True
 )
 def test_the_kernel_hands_us_wire_sized_packets_with_complete_checksums(lab: Lab) -> None:
-    """DESIGN 5: without the queue's GSO flag, GSO super-packets from a TSO/checksum-offloading
+    """Without the queue's GSO flag, GSO super-packets from a TSO/checksum-offloading
     sender are segmented and their CHECKSUM_PARTIAL sums completed before we see them."""
     lab.wait_reachable()
     queue_rules(lab)

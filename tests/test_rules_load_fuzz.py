@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nfrewrite.core.rules import load_rules
+from nfrewrite.config.rulefiles import load_rules
 from tests.test_rules_tomlpos import Writer
 
 scalar = st.one_of(

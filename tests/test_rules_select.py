@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
+from nfrewrite.config.rulefiles import load_rules
 from nfrewrite.core import rules as rules_module
 from nfrewrite.core.engine import Engine
-from nfrewrite.core.rules import HeaderSet, Match, Replace, Rule, RuleSet, Selection, load_rules
+from nfrewrite.core.rules import HeaderSet, Match, Replace, Rule, RuleSet, Selection
 from nfrewrite.core.seqadj import FlowTable
 
 V4_A = ipaddress.IPv4Address("10.1.2.3").packed

@@ -27,7 +27,7 @@ path from ``/`` one component at a time with ``openat(parent_fd, name, O_NOFOLLO
 path is put after the working directory, ``os.getcwd()``, which the kernel has resolved already),
 judges each opened descriptor with ``fstat`` (owner, mode, type), and hands the caller the
 descriptor of the last component; the loaders read the file from that descriptor and from nothing
-else (:meth:`nfrewrite.config.diagnostics.TomlFile.read`'s ``opener``). A symbolic link in a
+else (:meth:`nfrewrite.config.tomlfile.TomlFile.read`'s ``opener``). A symbolic link in a
 directory component is read with ``readlinkat`` in its (already checked) parent and its target
 walked the same way, at most 40 of them. A ``..`` is opened the same way, ``openat(fd, "..")`` on
 the directory reached so far, so it leads where the kernel's own lookup would: after a link to a
@@ -64,7 +64,8 @@ import shlex
 import stat
 from collections.abc import Iterable
 
-from nfrewrite.config.diagnostics import Diagnostic, Opener, Severity
+from nfrewrite.config.diagnostics import Diagnostic, Severity
+from nfrewrite.config.tomlfile import Opener
 
 __all__ = ["SafeOpener", "check_permissions"]
 

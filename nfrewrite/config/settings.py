@@ -7,11 +7,11 @@ default. Everything present is validated: unknown keys (with a "did you mean"), 
 interface names. Like the rule loader, validation reports every problem with ``path:line:col``
 (see :mod:`nfrewrite.config.diagnostics`) and never stops at the first; any error means no Config.
 
-Schema (DESIGN §2; defaults in brackets)::
+Schema (defaults in brackets)::
 
     rules_dir = "rules"            # [rules] relative to this file's directory
     [[bridge]]                     # zero or more
-    name     = "br0"               # required; interface name (diagnostics.ifname_problem)
+    name     = "br0"               # required; interface name (kernel.ifname.ifname_problem)
     ports    = ["eth1", "eth2"]    # required, >= 1, each an interface name used by one bridge only
     offloads = { gro = false }     # optional; keys rx tx tso gso gro lro -> bool [leave as is]
     [queue]
@@ -40,7 +40,7 @@ directory's, then each rule file's in the order they are read). Every file is op
 by :class:`nfrewrite.config.filesafety.SafeOpener` and read from the descriptor it checked (no
 second open by name that a swap could redirect); the rule files are listed through the descriptor
 of the rules directory it checked. Any file larger than 1 MiB is refused before it is read
-(``diagnostics.MAX_FILE_SIZE``).
+(``tomlfile.MAX_FILE_SIZE``).
 
 ``rules_dir`` is put after the config file's directory with ``.`` and doubled ``/`` dropped but
 ``..`` kept: the kernel (and SafeOpener) take a ``..`` after a link to a directory to the parent
@@ -53,10 +53,12 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from nfrewrite.config.diagnostics import Diagnostic, Severity, TomlFile, has_errors, type_name
+from nfrewrite.config.diagnostics import Diagnostic, Severity, has_errors, type_name
 from nfrewrite.config.filesafety import SafeOpener
+from nfrewrite.config.rulefiles import load_rules
+from nfrewrite.config.tomlfile import TomlFile
 from nfrewrite.config.tomlpos import KeyPath
-from nfrewrite.core.rules import RuleSet, load_rules
+from nfrewrite.core.rules import RuleSet
 
 __all__ = [
     "Bridge",

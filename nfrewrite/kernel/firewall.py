@@ -1,66 +1,10 @@
-"""NFQUEUE rules in chains of our own: compiled prefilter, atomic swap, exact removal.
+"""Our NFQUEUE rules into the kernel: iptables-restore transactions, atomic swap, exact removal.
 
 Theory of operation
 -------------------
-Packets reach userspace only through rules. Ours live in two chains we own, in the ``mangle`` table
-of both IPv4 (``iptables``) and IPv6 (``ip6tables``)::
-
-    mangle FORWARD      ... host rules ...  -j NFREWRITE        (appended once, at the end)
-    mangle POSTROUTING  ... host rules ...  -j NFREWRITE_POST   (appended once, at the end)
-
-    NFREWRITE       -m connmark --mark FLOW_MARK/FLOW_MARK -j NFQUEUE ...   (always first)
-                    -p tcp <prefilter of QueueMatch 1> -j NFQUEUE ...
-                    -p tcp <prefilter of QueueMatch 2> -j NFQUEUE ...
-    NFREWRITE_POST  -m mark --mark FLOW_MARK/FLOW_MARK -j CONNMARK --save-mark (only our bit)
-
-With more than ``GROUP_ABOVE`` prefilter rules, they are grouped by port (see ``_layout``): the
-kernel walks a chain rule by rule, so a packet that matches none of 1000 flat rules (every ACK
-coming back, every flow no rule names) would cost 1000 rule evaluations. ``NFREWRITE`` then holds
-the connmark rule, one jump per used port bucket (``-p tcp --dport 5120:6143 -j NFREWRITE_D5``;
-``_S<k>`` for rules with source ports only) and the rules no bucket can hold; the buckets hold the
-rules. All prefilter rules have the same target, so regrouping changes nothing but the cost.
-
-Bounded size: QueueMatches that differ only in their ``literal`` (a rule's find patterns) form one
-group, and a group whose src x dst x sport-chunks x dport-chunks x literals product is larger than
-its sum becomes a *chain tree* instead of one flat rule per combination::
-
-    NFREWRITE       -p tcp --dport 10000:10897 -j NFREWRITE_T0_1   (entry: single values, the
-                                                                    port envelope, physdev, SYN)
-    NFREWRITE_T0_1  -p tcp -m multiport --dports <15 ports> -g NFREWRITE_T0_2   (one per chunk)
-    NFREWRITE_T0_2  -p tcp -s <src> -g NFREWRITE_T0_3                            (one per CIDR)
-    NFREWRITE_T0_3  -p tcp -d <dst> -g NFREWRITE_T0_4                            (one per CIDR)
-    NFREWRITE_T0_4  -p tcp -m string ... -j NFQUEUE ...                          (one per pattern)
-
-Levels go dports, sports, src, dst, patterns (the costly string match last). ``-g`` (goto) makes a
-chain that ends without a verdict return to the caller of the tree, after the entry: a packet
-walks at most one path, and is queued exactly when some combination matches, as with the flat
-rules. 64 src x 64 dst x 300 ports x 50 patterns is 200 rules, not 4 million. Address lists are
-also merged first (adjacent and nested CIDRs collapse). What is left is capped: above
-``MAX_KERNEL_RULES`` rules in one family, :func:`plan` raises :class:`TooManyRules` naming the rule
-(``QueueMatch.origin``) with the largest share. ``plan`` is the one compilation: ``install``,
-``swap`` and ``render`` (``nfrewrite check --show-kernel-rules``) all load or show what it made
-(from QueueMatches, or a :class:`Plan` made before), and ``nfrewrite.kernel.prefilter.kernel_rules``
-turns its refusal into a positioned diagnostic for ``check`` and for the daemon's start and reload
-alike (a reload swaps in the very plan its loader checked).
-
-Why ``mangle`` and why ``FORWARD``: bridged traffic (with br_netfilter) and routed traffic both
-cross the FORWARD hook. An NFQUEUE verdict of ACCEPT ends the traversal of the *current table* at
-that hook; by sitting in mangle (priority -150) we leave the filter table (priority 0) and
-everything after it intact: the host's firewall still judges every packet after us. Our jump is
-appended at the end of mangle FORWARD, so host mangle rules in place when we start run before us as
-well.
-
-Why the connmark: when the engine changes a payload length, every later packet of that flow, in
-both directions, must reach the queue for its sequence numbers to be adjusted, whatever the
-prefilter says. The queue worker marks such a packet (``FLOW_MARK`` bit in the verdict's packet
-mark, see ``nfrewrite.kernel.queue``); ``NFREWRITE_POST`` copies that one bit into the conntrack
-mark, and the first rule of ``NFREWRITE`` queues every packet of a flow whose conntrack mark
-carries it. Only the ``FLOW_MARK`` bit is ever read or written, so the host's use of the other mark
-bits is untouched.
-
-``--queue-bypass`` lets packets pass while no process is bound to the queue (daemon stopped or
-killed); ``--queue-balance a:b`` spreads flows over several workers with a symmetric hash, so both
-directions of a flow reach the same worker.
+What our rules are, how they are laid out in our chains and how many there may be is
+:mod:`nfrewrite.kernel.ruletext` (pure: it writes text). This module runs the host's iptables tools
+with that text, in the current network namespace.
 
 How rules get into the kernel: one ``iptables-restore --noflush`` (and one ``ip6tables-restore
 --noflush``) transaction per install or swap. In ``--noflush`` mode a chain declaration line
@@ -94,488 +38,34 @@ table, or leave a second copy of a jump behind.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import math
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Literal
 
-from nfrewrite.config.diagnostics import ifname_problem
+from nfrewrite.kernel.ruletext import (
+    CHAIN,
+    FORWARD_JUMP,
+    POST_CHAIN,
+    POST_JUMP,
+    TABLE,
+    FirewallError,
+    Plan,
+    QueueMatch,
+    is_our_chain,
+    plan,
+    queue_target,
+    render,
+    restore_text,
+)
+from nfrewrite.kernel.ruletext import FLOW_MARK as FLOW_MARK  # kernel.queue takes it from here
 
 Variant = Literal["nft", "legacy"]
-
-CHAIN = "NFREWRITE"
-POST_CHAIN = "NFREWRITE_POST"
-TABLE = "mangle"
-FORWARD_JUMP = f"-A FORWARD -j {CHAIN}"
-POST_JUMP = f"-A POSTROUTING -j {POST_CHAIN}"
-
-#: The one packet/conntrack mark bit meaning "this flow carries a sequence offset".
-FLOW_MARK = 0x01000000
-FLOW_MARK_MASK = 0x01000000
-
-#: xt_string's limit (XT_STRING_MAX_PATTERN_SIZE).
-MAX_LITERAL = 128
-#: xt_multiport's limit: 15 ports, a range counting two.
-MULTIPORT_SLOTS = 15
-IFNAMSIZ = 16
-
-PortRange = tuple[int, int]
-
-
-class FirewallError(RuntimeError):
-    """Installing, swapping or removing rules failed; the message carries iptables' own words."""
-
-
-@dataclass(frozen=True, slots=True)
-class QueueMatch:
-    """One prefilter: TCP packets matching all given fields go to the queue.
-
-    ``None`` means "any". ``version`` 4/6 restricts the family; ``sports``/``dports`` are lists of
-    inclusive (lo, hi) ranges; ``src``/``dst`` CIDR lists may mix families (each family's rules use
-    its own); ``in_port``/``out_port`` are bridge port names; ``literal`` adds an xt string match
-    (Boyer-Moore over the whole packet) as a cheap "might contain" test.
-    """
-
-    version: int | None = None
-    sports: Sequence[PortRange] | None = None
-    dports: Sequence[PortRange] | None = None
-    src: Sequence[str] | None = None
-    dst: Sequence[str] | None = None
-    in_port: str | None = None
-    out_port: str | None = None
-    literal: bytes | None = None
-    syn_only: bool = False  # only segments with SYN set (the MSS option lives only there)
-    #: (path, line, col) of the rule this comes from, for errors; not part of equality
-    origin: tuple[str, int, int] | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.version not in (None, 4, 6):
-            raise ValueError(f"version must be 4, 6 or None, not {self.version!r}")
-        for name in ("sports", "dports"):
-            ranges = getattr(self, name)
-            if ranges is None:
-                continue
-            norm = tuple((int(lo), int(hi)) for lo, hi in ranges)
-            if not norm:
-                raise ValueError(f"{name}: empty list (use None for any port)")
-            for lo, hi in norm:
-                if not 0 <= lo <= hi <= 65535:
-                    raise ValueError(f"{name}: bad port range {lo}-{hi}")
-            object.__setattr__(self, name, norm)
-        for name in ("src", "dst"):
-            cidrs = getattr(self, name)
-            if cidrs is None:
-                continue
-            if isinstance(cidrs, str):
-                cidrs = [cidrs]
-            norm_c = tuple(str(ipaddress.ip_network(c, strict=False)) for c in cidrs)
-            if not norm_c:
-                raise ValueError(f"{name}: empty list (use None for any address)")
-            object.__setattr__(self, name, norm_c)
-        for name in ("in_port", "out_port"):
-            port = getattr(self, name)
-            problem = None if port is None else ifname_problem(port)
-            if problem is not None:
-                raise ValueError(f"{name}: {port!r} is not a valid interface name: {problem}")
-        if self.literal is not None and not 1 <= len(self.literal) <= MAX_LITERAL:
-            raise ValueError(f"literal must be 1..{MAX_LITERAL} bytes, not {len(self.literal)}")
-
-
-# -- compiling ---------------------------------------------------------------------------------
-
-
-def queue_target(queue_num: int, workers: int) -> list[str]:
-    if workers < 1 or not 0 <= queue_num <= 65535 or queue_num + workers - 1 > 65535:
-        raise ValueError(f"bad queue numbers: num={queue_num} workers={workers}")
-    if workers == 1:
-        return ["-j", "NFQUEUE", "--queue-num", str(queue_num), "--queue-bypass"]
-    last = queue_num + workers - 1
-    return ["-j", "NFQUEUE", "--queue-balance", f"{queue_num}:{last}", "--queue-bypass"]
-
-
-def _fmt_range(r: PortRange) -> str:
-    lo, hi = r
-    return str(lo) if lo == hi else f"{lo}:{hi}"
-
-
-def _port_chunks(ranges: Sequence[PortRange]) -> list[list[PortRange]]:
-    """Split ranges into groups that each fit one multiport match (15 slots)."""
-    chunks: list[list[PortRange]] = [[]]
-    used = 0
-    for r in ranges:
-        cost = 1 if r[0] == r[1] else 2
-        if used + cost > MULTIPORT_SLOTS:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(r)
-        used += cost
-    return chunks
-
-
-def _port_args(direction: Literal["s", "d"], group: Sequence[PortRange] | None) -> list[str]:
-    if group is None:
-        return []
-    if len(group) == 1:
-        return [f"--{direction}port", _fmt_range(group[0])]
-    return ["-m", "multiport", f"--{direction}ports", ",".join(_fmt_range(r) for r in group)]
-
-
-def _family_cidrs(cidrs: Sequence[str] | None, family: int) -> list[str | None] | None:
-    """[None] for "any"; the family's CIDRs, as few as cover the same addresses (adjacent and
-    nested networks merged); None if the list has none of this family."""
-    if cidrs is None:
-        return [None]
-    nets = [ipaddress.ip_network(c) for c in cidrs]
-    mine: list[str | None] = []
-    if family == 4:
-        v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
-        mine += [str(n) for n in ipaddress.collapse_addresses(v4)]
-    else:
-        v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
-        mine += [str(n) for n in ipaddress.collapse_addresses(v6)]
-    return mine or None
 
 
 def _chains(save_lines: Iterable[str]) -> set[str]:
     """Chain names declared in ``iptables-save`` output."""
     return {ln[1:].split()[0] for ln in save_lines if ln.startswith(":")}
-
-
-def _quote(arg: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_.,:/@+=-]+", arg):
-        return arg
-    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-#: Port buckets: ``NFREWRITE_D<k>`` holds the rules whose destination ports all lie in
-#: ``[k * BUCKET, (k + 1) * BUCKET)`` (``_S<k>`` for source ports when a rule names no destination
-#: port). A rule spanning up to ``MAX_BUCKETS_PER_RULE`` buckets is copied into each.
-BUCKET = 1024
-MAX_BUCKETS_PER_RULE = 4
-#: Up to this many prefilter rules the chain stays flat (easiest to read); above it, grouped.
-GROUP_ABOVE = 32
-#: At most this many iptables rules per family (all our chains together): one restore of 25,000
-#: rules takes about a second (nf_tables and legacy alike); more is refused (:class:`TooManyRules`).
-MAX_KERNEL_RULES = 25_000
-
-#: (direction "d"/"s", bucket numbers) of a compiled rule, or None: it stays in the main chain.
-BucketKey = tuple[str, tuple[int, ...]] | None
-#: "path:line:col" of the rule a QueueMatch comes from, as (path, line, col).
-Origin = tuple[str, int, int]
-
-
-def _buckets(group: Sequence[PortRange]) -> tuple[int, ...] | None:
-    found = sorted({b for lo, hi in group for b in range(lo // BUCKET, hi // BUCKET + 1)})
-    return tuple(found) if len(found) <= MAX_BUCKETS_PER_RULE else None
-
-
-class TooManyRules(FirewallError):
-    """The prefilter of one family would exceed ``MAX_KERNEL_RULES``; ``origin`` is the rule
-    (``(path, line, col)``, or None if unknown) that contributes most, ``own`` its share."""
-
-    def __init__(self, family: int, total: int, origin: Origin | None, own: int) -> None:
-        self.family, self.total, self.origin, self.own = family, total, origin, own
-        super().__init__(
-            f"the kernel prefilter would need {total} IPv{family} iptables rules, more than "
-            f"{MAX_KERNEL_RULES}; this rule alone needs {own}: merge its src/dst addresses "
-            "into fewer, wider CIDRs and its ports into ranges, or use fewer find patterns"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Unit:
-    """One entry in the main chain (or a bucket) and the chains only it jumps to (a tree)."""
-
-    entry: list[str]
-    key: BucketKey
-    chains: dict[str, list[list[str]]]
-    origin: Origin | None
-
-    @property
-    def size(self) -> int:
-        return 1 + sum(len(rules) for rules in self.chains.values())
-
-
-def tree_chain(group: int, level: int) -> str:
-    return f"{CHAIN}_T{group}_{level}"
-
-
-def _units(
-    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
-) -> list[_Unit]:
-    """The connmark rule, then per group of QueueMatches that differ only in their literal: its
-    flat rules (one per combination of values), or one entry into a chain tree when that is
-    smaller (see the module docstring)."""
-    target = queue_target(queue_num, workers)
-    mark = f"0x{FLOW_MARK:x}/0x{FLOW_MARK_MASK:x}"
-    units = [_Unit(["-m", "connmark", "--mark", mark, *target], None, {}, None)]
-    groups: dict[QueueMatch, tuple[list[bytes | None], Origin | None]] = {}
-    for m in matches:
-        if m.version not in (None, family):
-            continue
-        base = dataclasses.replace(m, literal=None)
-        seen, _ = groups.setdefault(base, ([], m.origin))
-        if m.literal not in seen:
-            seen.append(m.literal)
-    trees = 0
-    for m, (found, origin) in groups.items():
-        srcs = _family_cidrs(m.src, family)
-        dsts = _family_cidrs(m.dst, family)
-        if srcs is None or dsts is None:
-            continue  # restricted to addresses of the other family only
-        # a match without literal queues whatever the payload: its literal siblings add nothing
-        literals: list[bytes | None] = [None] if None in found else found
-        tail: list[str] = []
-        if m.in_port or m.out_port:
-            tail += ["-m", "physdev"]
-            if m.in_port:
-                tail += ["--physdev-in", m.in_port]
-            if m.out_port:
-                tail += ["--physdev-out", m.out_port]
-        if m.syn_only:
-            tail += ["-m", "tcp", "--tcp-flags", "SYN", "SYN"]
-        # each dimension: the match arguments of each of its values ([] = any)
-        dchunks = _chunks_or_any(m.dports)
-        schunks = _chunks_or_any(m.sports)
-        dims: dict[str, list[list[str]]] = {
-            "dport": [_port_args("d", g) for g in dchunks],
-            "sport": [_port_args("s", g) for g in schunks],
-            "src": [[] if s is None else ["-s", s] for s in srcs],
-            "dst": [[] if d is None else ["-d", d] for d in dsts],
-            "literal": [[] if lit is None else
-                        ["-m", "string", "--algo", "bm", "--hex-string", f"|{lit.hex()}|"]
-                        for lit in literals],
-        }
-        flat = math.prod(len(values) for values in dims.values())
-        if flat > 1 + sum(len(level) for level in _levels(dims)):  # the tree is smaller
-            envelopes = {name: (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
-                         for name, ranges in (("sport", m.sports), ("dport", m.dports))
-                         if ranges is not None}
-            key = _key_of(m.sports, m.dports)
-            units.append(_tree(trees, dims, tail, target, key, origin, envelopes))
-            trees += 1
-            continue
-        for lit in dims["literal"]:
-            for s in dims["src"]:
-                for d in dims["dst"]:
-                    for schunk, sg in zip(schunks, dims["sport"], strict=True):
-                        for dchunk, dg in zip(dchunks, dims["dport"], strict=True):
-                            rule = ["-p", "tcp", *s, *d, *sg, *dg, *tail, *lit, *target]
-                            units.append(_Unit(rule, _key_of(schunk, dchunk), {}, origin))
-    return units
-
-
-def _chunks_or_any(ranges: Sequence[PortRange] | None) -> list[list[PortRange] | None]:
-    return [None] if ranges is None else list(_port_chunks(ranges))
-
-
-def _key_of(sports: Sequence[PortRange] | None, dports: Sequence[PortRange] | None) -> BucketKey:
-    """The bucket a rule (or a tree's entry) with these ports belongs in: by destination port if
-    it names one, else by source port; None (main chain) if they span too many buckets."""
-    for direction, ranges in (("d", dports), ("s", sports)):
-        if ranges is not None:
-            found = _buckets(ranges)
-            return None if found is None else (direction, found)
-    return None
-
-
-def _levels(dims: dict[str, list[list[str]]]) -> list[list[list[str]]]:
-    """A tree's chains, in walking order: each dimension with several values, and the literal
-    (even a single one: the costly match goes last)."""
-    return [dims[name] for name in ("dport", "sport", "src", "dst", "literal")
-            if len(dims[name]) > 1 or (name == "literal" and dims[name][0])]
-
-
-def _tree(
-    number: int,
-    dims: dict[str, list[list[str]]],
-    tail: list[str],
-    target: list[str],
-    key: BucketKey,
-    origin: Origin | None,
-    envelopes: dict[str, PortRange],
-) -> _Unit:
-    """One entry rule (the single-valued dimensions and the tail) jumping to a chain per
-    multi-valued dimension; each chain's rules go (``-g``) to the next, the last one's queue.
-    The literal, the expensive match, is always tested last."""
-    fixed: list[str] = []
-    for name in ("src", "dst", "sport", "dport"):
-        if len(dims[name]) == 1:
-            fixed += dims[name][0]
-        elif name in envelopes:  # a cheap superset: most packets need not enter the tree
-            fixed += [f"--{name}", _fmt_range(envelopes[name])]
-    levels = _levels(dims)
-    names = [tree_chain(number, i + 1) for i in range(len(levels))]
-    chains: dict[str, list[list[str]]] = {}
-    for i, (name, values) in enumerate(zip(names, levels, strict=True)):
-        then = target if i == len(levels) - 1 else ["-g", names[i + 1]]
-        chains[name] = [["-p", "tcp", *v, *then] for v in values]
-    return _Unit(["-p", "tcp", *fixed, *tail, "-j", names[0]], key, chains, origin)
-
-
-def compile_rules(
-    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
-) -> list[list[str]]:
-    """The argument lists (after ``-A NFREWRITE``) for one family, connmark rule first, before
-    grouping into port buckets (a chain tree counts as its one entry rule)."""
-    return [u.entry for u in _units(matches, family, queue_num, workers)]
-
-
-def bucket_chain(direction: str, bucket: int) -> str:
-    return f"{CHAIN}_{direction.upper()}{bucket}"
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """One family's rules: ``main`` for ``NFREWRITE``, then every other chain of ours by name
-    (port buckets and chain trees), in the order ``restore_text`` writes them."""
-
-    main: list[list[str]]
-    chains: dict[str, list[list[str]]]
-
-    @property
-    def count(self) -> int:
-        """iptables rules in all our prefilter chains (``NFREWRITE_POST``'s one not counted)."""
-        return len(self.main) + sum(len(rules) for rules in self.chains.values())
-
-
-def layout(
-    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
-) -> Layout:
-    """Main-chain rules and the other chains. Every prefilter rule has the same target, so their
-    order does not matter and they can be regrouped: the kernel walks a chain rule by rule, and
-    a packet (an ACK on its way back, say) that matches none of 1000 flat rules costs ~1000 rule
-    evaluations; grouped by port it costs a few dozen jumps and one bucket.
-
-    Raises :class:`TooManyRules` above ``MAX_KERNEL_RULES``."""
-    units = _units(matches, family, queue_num, workers)
-    trees = {name: rules for u in units for name, rules in u.chains.items()}
-    if len(units) - 1 <= GROUP_ABOVE:
-        result = Layout([u.entry for u in units], trees)
-    else:
-        main = [units[0].entry]
-        residual: list[list[str]] = []
-        by_bucket: dict[tuple[str, int], list[list[str]]] = {}
-        for u in units[1:]:
-            if u.key is None:
-                residual.append(u.entry)
-                continue
-            direction, buckets = u.key
-            for b in buckets:
-                by_bucket.setdefault((direction, b), []).append(u.entry)
-        chains: dict[str, list[list[str]]] = {}
-        for (direction, b), rules in sorted(by_bucket.items()):
-            name = bucket_chain(direction, b)
-            lo, hi = b * BUCKET, min(65535, (b + 1) * BUCKET - 1)
-            main.append(["-p", "tcp", f"--{direction}port", f"{lo}:{hi}", "-j", name])
-            chains[name] = rules
-        result = Layout(main + residual, {**chains, **trees})
-    if result.count > MAX_KERNEL_RULES:
-        own: dict[Origin | None, int] = {}
-        for u in units[1:]:
-            own[u.origin] = own.get(u.origin, 0) + u.size
-        worst = max(own, key=lambda o: own[o])
-        raise TooManyRules(family, result.count, worst, own[worst])
-    return result
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Both families' layouts: what ``Firewall.install``/``swap`` load and ``render`` shows."""
-
-    v4: Layout
-    v6: Layout
-    queue_num: int
-    workers: int
-
-    def family(self, family: int) -> Layout:
-        return self.v4 if family == 4 else self.v6
-
-
-def plan(
-    matches_v4: Iterable[QueueMatch],
-    matches_v6: Iterable[QueueMatch],
-    queue_num: int = 0,
-    workers: int = 1,
-) -> Plan:
-    """THE compilation of a prefilter into kernel rules: ``nfrewrite check`` (through
-    ``prefilter.kernel_rules``), the daemon's start and its reload all call it, so what check
-    shows or refuses is what start loads or refuses. Raises :class:`TooManyRules`."""
-    return Plan(layout(matches_v4, 4, queue_num, workers),
-                layout(matches_v6, 6, queue_num, workers), queue_num, workers)
-
-
-def _is_our_chain(name: str) -> bool:
-    """A port bucket or tree chain (``NFREWRITE`` and ``NFREWRITE_POST`` are named directly)."""
-    return re.fullmatch(re.escape(CHAIN) + r"_(?:[DS]\d+|T\d+_\d+)", name) is not None
-
-
-def restore_text(
-    matches: Iterable[QueueMatch] | Layout,
-    family: int,
-    queue_num: int = 0,
-    workers: int = 1,
-    *,
-    add_forward_jump: bool = True,
-    add_post_jump: bool = True,
-    delete_jumps: Sequence[str] = (),
-    existing_chains: Iterable[str] = (),
-) -> str:
-    """The ``*-restore --noflush`` input that (re)fills our chains for one family.
-
-    ``matches``: the family's QueueMatches (compiled here) or its ready :class:`Layout` (then
-    ``queue_num``/``workers`` are not used). ``existing_chains``: chain names ``iptables-save``
-    shows now; chains of ours among them that the new layout does not use are flushed and deleted
-    in the same transaction."""
-    lay = matches if isinstance(matches, Layout) else layout(matches, family, queue_num, workers)
-    lines = [f"*{TABLE}", f":{CHAIN} - [0:0]", f":{POST_CHAIN} - [0:0]"]
-    lines += [f":{name} - [0:0]" for name in lay.chains]
-    for jump in delete_jumps:
-        lines.append("-D" + jump[2:])
-    for rule in lay.main:
-        lines.append(f"-A {CHAIN} " + " ".join(_quote(a) for a in rule))
-    for name, rules in lay.chains.items():
-        for rule in rules:
-            lines.append(f"-A {name} " + " ".join(_quote(a) for a in rule))
-    stale = sorted(c for c in existing_chains if _is_our_chain(c) and c not in lay.chains)
-    lines += [f"-F {name}" for name in stale] + [f"-X {name}" for name in stale]
-    mark = f"0x{FLOW_MARK:x}/0x{FLOW_MARK_MASK:x}"
-    lines.append(
-        f"-A {POST_CHAIN} -m mark --mark {mark} -j CONNMARK --save-mark "
-        f"--nfmask 0x{FLOW_MARK_MASK:x} --ctmask 0x{FLOW_MARK_MASK:x}"
-    )
-    if add_forward_jump:
-        lines.append(FORWARD_JUMP)
-    if add_post_jump:
-        lines.append(POST_JUMP)
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-def render(
-    matches_v4: Iterable[QueueMatch] | Plan,
-    matches_v6: Iterable[QueueMatch] = (),
-    queue_num: int = 0,
-    workers: int = 1,
-) -> str:
-    """Human-readable view of what ``install`` loads (``nfrewrite check --show-kernel-rules``):
-    of a :class:`Plan`, or of the two families' QueueMatches."""
-    p = (matches_v4 if isinstance(matches_v4, Plan)
-         else plan(matches_v4, matches_v6, queue_num, workers))
-    out = []
-    for family, tool in ((4, "iptables"), (6, "ip6tables")):
-        lay = p.family(family)
-        out.append(f"# IPv{family}: {tool}-restore --noflush (jumps added only if missing); "
-                   f"{lay.count} rules")
-        out.append(restore_text(lay, family).rstrip("\n"))
-    return "\n".join(out) + "\n"
-
-
-# -- talking to the kernel ------------------------------------------------------------------
 
 
 def detect_variant(binary: str = "iptables") -> Variant:
@@ -620,7 +110,8 @@ class Firewall:
     ) -> None:
         """Create/refill our chains and make sure each jump exists exactly once: of a
         :class:`Plan` made for this firewall's queues, or of the two families' QueueMatches.
-        Raises :class:`TooManyRules` (nothing loaded) when :func:`plan` does."""
+        Raises :class:`~nfrewrite.kernel.ruletext.TooManyRules` (nothing loaded) when
+        :func:`~nfrewrite.kernel.ruletext.plan` does."""
         self._load(self._plan(matches_v4, matches_v6))
 
     def swap(
@@ -712,7 +203,7 @@ class Firewall:
         cmds = ["-D" + FORWARD_JUMP[2:]] * lines.count(FORWARD_JUMP)
         cmds += ["-D" + POST_JUMP[2:]] * lines.count(POST_JUMP)
         ours = [c for c in (CHAIN, POST_CHAIN) if c in chains]
-        ours += sorted(c for c in chains if _is_our_chain(c))
+        ours += sorted(c for c in chains if is_our_chain(c))
         cmds += [f"-F {chain}" for chain in ours] + [f"-X {chain}" for chain in ours]
         if cmds:
             self._restore(family, "\n".join([f"*{TABLE}", *cmds, "COMMIT"]) + "\n")

@@ -80,7 +80,7 @@ from pyroute2 import IPRoute
 from pyroute2.ethtool import Ethtool
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nfrewrite.config.diagnostics import ifname_problem
+from nfrewrite.config.ifname import ifname_problem
 from nfrewrite.config.settings import OFFLOAD_KEYS
 
 #: short key (one of the config's OFFLOAD_KEYS, each one here) -> ethtool "long" offload name (as

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Each rule's ``match`` becomes one :class:`~nfrewrite.kernel.firewall.QueueMatch` (protocol TCP,
+Each rule's ``match`` becomes one :class:`~nfrewrite.kernel.ruletext.QueueMatch` (protocol TCP,
 ports, addresses, bridge ports). A rule whose only action is a *same-length* literal ``replace`` (no
 header ``set``, not ``drop``) also gets its ``find`` bytes as an xt ``string`` match, one kernel
 rule per pattern, so a packet without the pattern stays in the kernel. This is sound because a
@@ -16,7 +16,7 @@ is set only when the edited packet's verdict is given. Segments already on their
 would slip past a string prefilter unadjusted (seen in the lab: a FIN overtook the edited segment
 and reached the server at the old sequence number). Queueing the rule's whole port match keeps the
 direction in order through the queue; the other direction can only answer edited bytes after the
-verdict, by which time the connmark (the rule :mod:`nfrewrite.kernel.firewall` always puts first)
+verdict, by which time the connmark (the rule :mod:`nfrewrite.kernel.ruletext` always puts first)
 catches it.
 
 A rule with a replace that grows also queues the SYNs of the opposite direction: the MSS they
@@ -29,7 +29,7 @@ SYN``: SYN and SYN-ACK), the only ones that carry the option.
 Patterns longer than xt_string's 128-byte limit fall back to queueing by match alone.
 
 Every QueueMatch carries its rule's ``(path, line, col)``. :func:`kernel_rules` compiles the
-prefilter into kernel rules with :func:`nfrewrite.kernel.firewall.plan` (chain trees keep a rule's
+prefilter into kernel rules with :func:`nfrewrite.kernel.ruletext.plan` (chain trees keep a rule's
 cost the *sum* of its src, dst, port-chunk and pattern counts, not their product) and turns a
 refusal (more than ``MAX_KERNEL_RULES`` in one family) into a ``path:line:col`` diagnostic at the
 rule needing most of them, showing that rule's line as it was loaded (``Rule.source``: the file is
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from nfrewrite.config.diagnostics import Diagnostic
 from nfrewrite.core.rules import Rule, RuleSet
-from nfrewrite.kernel.firewall import MAX_LITERAL, Plan, QueueMatch, TooManyRules, plan
+from nfrewrite.kernel.ruletext import MAX_LITERAL, Plan, QueueMatch, TooManyRules, plan
 
 
 def _matches_of(rule: Rule) -> list[QueueMatch]:

@@ -84,7 +84,7 @@ from nfrewrite.service import metrics
 from nfrewrite.service.fdreserve import FdReserve
 
 if TYPE_CHECKING:
-    from nfrewrite.kernel.firewall import Plan
+    from nfrewrite.kernel.ruletext import Plan
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a worker counts as stuck
 BIND_TIMEOUT = 10.0
@@ -642,7 +642,7 @@ class Supervisor:
                 w.process.join(1)
 
 
-def run(config_path: str, print_diagnostics: Any = None) -> int:
+def run(config_path: str) -> int:
     """``nfrewrite run``: returns the exit code (0 stopped cleanly, 1 invalid files, 4 failure)."""
     config, ruleset, diags = load(config_path)
     for d in diags:

@@ -155,8 +155,9 @@ from dataclasses import dataclass, field
 from typing import IO, Literal
 
 from nfrewrite.config.settings import FlowsConfig
-from nfrewrite.core.engine import DEFAULT_MTU, DROP, Engine
-from nfrewrite.core.packet import MAX_VERDICT_PACKET, TRUNCATED_IP, TcpPacket, parse
+from nfrewrite.core.constants import DROP, MAX_VERDICT_PACKET
+from nfrewrite.core.engine import DEFAULT_MTU, Engine
+from nfrewrite.core.packet import TRUNCATED_IP, TcpPacket, parse
 from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable, flow_key
 

@@ -6,11 +6,8 @@ import re
 
 import pytest
 
+from nfrewrite.core.constants import ACK, FIN, RST, SYN
 from nfrewrite.core.seqadj import (
-    ACK,
-    FIN,
-    RST,
-    SYN,
     Edit,
     FindEdits,
     Flow,

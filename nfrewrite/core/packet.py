@@ -36,6 +36,9 @@ import struct
 from collections.abc import Iterable
 
 from nfrewrite.core import checksum as cs
+from nfrewrite.core.constants import ACK as ACK  # re-exported for config/examples.py
+from nfrewrite.core.constants import MAX_VERDICT_PACKET
+from nfrewrite.core.constants import PSH as PSH  # re-exported for config/examples.py
 
 # -- fixed set of reasons a packet is not ours (metrics label values) ------------------------------
 TRUNCATED_IP = "truncated_ip"
@@ -62,9 +65,6 @@ REASONS: tuple[str, ...] = (
     BAD_TCP_OPTIONS,
 )
 
-# TCP flags
-FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
-
 # TCP option kinds
 OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERM, OPT_SACK, OPT_TS = 0, 1, 2, 3, 4, 5, 8
 _OPT_FIXED_LEN = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TS: 10}
@@ -72,13 +72,6 @@ _OPT_FIXED_LEN = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TS: 10}
 _IPV6_SKIPPABLE = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
 _IPV6_FRAGMENT = 44
 _MAX_EXT_HEADERS = 8
-#: The longest packet a verdict can hand back to NFQUEUE: 65,535 minus the 4-byte attribute
-#: header, because the payload travels in a netlink attribute whose 16-bit length counts that
-#: header too. libnetfilter_queue writes a longer one's length truncated; the kernel then parses
-#: the verdict without a payload ("netlink: 3 bytes leftover after parsing attributes") and sends
-#: the *original* packet on (seen: a super-packet grown to 65,535 bytes reached the client with
-#: its old bytes at its old sequence numbers, inside a connection whose offsets had moved).
-MAX_VERDICT_PACKET = 0xFFFF - 4
 _TS_ONLY = b"\x01\x01\x08\x0a"  # NOP NOP TS(10): the options of nearly every data segment
 
 _u16 = struct.Struct("!H")

@@ -134,11 +134,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from nfrewrite.core.constants import FIN, RST, SYN
+
 __all__ = [
-    "ACK",
-    "FIN",
-    "RST",
-    "SYN",
     "Action",
     "Edit",
     "FindEdits",
@@ -149,12 +147,6 @@ __all__ = [
     "apply_edits",
     "flow_key",
 ]
-
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
 
 _MOD = 1 << 32
 _HALF = 1 << 31

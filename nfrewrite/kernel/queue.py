@@ -43,7 +43,7 @@ stops the loop: that packet is accepted unmodified, the exception type is logged
 stderr) and counted in ``stats.errors_by_kind``. A payload cut short by the copy range
 (NetfilterQueue's own is 4016 bytes, ours 65,535) is never modified, since a verdict with a
 payload replaces the whole packet. A payload handed back may be at most 65,531 bytes
-(:data:`~nfrewrite.core.packet.MAX_VERDICT_PACKET`: it rides in a netlink attribute whose 16-bit
+(:data:`~nfrewrite.core.constants.MAX_VERDICT_PACKET`: it rides in a netlink attribute whose 16-bit
 length counts its own header); the kernel would take a longer one's verdict without the payload
 and send the original packet, so such a packet is dropped instead (``VerdictTooLong``).
 
@@ -74,12 +74,9 @@ from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
 
-from nfrewrite.core.packet import MAX_VERDICT_PACKET
+from nfrewrite.core.constants import ACCEPT, DROP, FLOW_MARK, MAX_VERDICT_PACKET
 from nfrewrite.kernel import nfnl
-from nfrewrite.kernel.firewall import FLOW_MARK
 
-DROP = 0
-ACCEPT = 1
 #: OR into ACCEPT: mark this packet's flow so every later packet of it comes to the queue.
 TRACK_FLOW = 0x100
 VERDICT_MASK = 0xFF

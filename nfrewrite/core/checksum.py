@@ -25,9 +25,7 @@ This module is pure: bytes in, integers out.
 
 from __future__ import annotations
 
-from typing import TypeAlias
-
-Buffer: TypeAlias = bytes | bytearray | memoryview
+from nfrewrite.core.fields import Buffer
 
 MOD = 0xFFFF
 

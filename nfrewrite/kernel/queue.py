@@ -75,6 +75,7 @@ from typing import Any, Protocol
 from netfilterqueue import NetfilterQueue
 
 from nfrewrite.core.constants import ACCEPT, DROP, FLOW_MARK, MAX_VERDICT_PACKET
+from nfrewrite.core.fields import ip_length
 from nfrewrite.kernel import nfnl
 
 #: OR into ACCEPT: mark this packet's flow so every later packet of it comes to the queue.
@@ -146,18 +147,6 @@ class QueueStats:
 
 class QueueError(RuntimeError):
     """Binding or configuring the queue failed; the message says what to check."""
-
-
-def _ip_total_length(payload: bytes) -> int | None:
-    """Length the IP header claims, to detect a copy cut short; None if unparseable."""
-    if len(payload) < 1:
-        return None
-    version = payload[0] >> 4
-    if version == 4 and len(payload) >= 4:
-        return int.from_bytes(payload[2:4], "big")
-    if version == 6 and len(payload) >= 6:
-        return 40 + int.from_bytes(payload[4:6], "big")
-    return None
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:
@@ -406,7 +395,7 @@ class QueueWorker:
             return
         if new is not None:
             new = bytes(new)
-            claimed = _ip_total_length(payload)
+            claimed = ip_length(payload)  # more than was copied: the copy range cut it
             if claimed is None or claimed > len(payload):
                 st.truncated += 1
                 self._error("TruncatedCopy", f"{len(payload)} of {claimed} bytes copied")

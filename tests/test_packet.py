@@ -298,6 +298,13 @@ def test_dscp_keeps_ecn_bits() -> None:
             assert (got.version, got.fl) == (6, 0xABCDE)
 
 
+def test_splice_makes_edits_in_order() -> None:
+    assert P.splice(b"..AB..CDEF", [(2, 4, b"xyz"), (6, 10, b"")]) == b"..xyz.."
+    # a tail from the first edit on, offsets still counted from the payload's start
+    assert P.splice(b"AB..CDEF", [(2, 4, b"xyz"), (6, 10, b"")], origin=2) == b"xyz.."
+    assert P.splice(b"abc", []) == b"abc"
+
+
 def test_mss_clamp_only_lowers() -> None:
     pkt = parse(bytes(IP() / TCP(flags="S", options=[("MSS", 1460)])))
     assert isinstance(pkt, TcpPacket)

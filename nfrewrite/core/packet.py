@@ -32,7 +32,7 @@ Nothing here touches a socket, a clock or a global: bytes in, bytes out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from nfrewrite.core import checksum as cs
 from nfrewrite.core.constants import ACK as ACK  # re-exported for config/examples.py
@@ -161,6 +161,20 @@ def _options_ok(buf: bytearray, start: int, end: int) -> bool:
             return False
         i += length
     return True
+
+
+def splice(data: bytes, edits: Sequence[tuple[int, int, bytes]], origin: int = 0) -> bytes:
+    """``data`` with ``(start, end, replacement)`` edits made: non-overlapping, in order of
+    ``start``. Their offsets count from ``origin`` bytes before ``data`` begins (``data`` may be
+    the tail of a payload, from its first edit on)."""
+    pieces: list[bytes] = []
+    pos = 0
+    for start, end, new in edits:
+        pieces.append(data[pos : start - origin])
+        pieces.append(new)
+        pos = end - origin
+    pieces.append(data[pos:])
+    return b"".join(pieces)
 
 
 def parse(data: bytes | bytearray, *, csum_partial: bool | None = False) -> TcpPacket | Unparsed:
@@ -651,16 +665,10 @@ class TcpPacket:
             self.modified = True
             return 0
         # Length changes: everything from the first edit to the segment's end moves.
-        first = base + edits[0][0]
+        first_start = edits[0][0]
+        first = base + first_start
         old_tail = bytes(buf[first : self.end])
-        pieces: list[bytes] = []
-        pos = first
-        for start, end, new in edits:
-            pieces.append(bytes(buf[pos : base + start]))
-            pieces.append(new)
-            pos = base + end
-        pieces.append(bytes(buf[pos : self.end]))
-        new_tail = b"".join(pieces)
+        new_tail = splice(old_tail, edits, origin=first_start)
         trailer = bytes(buf[self.end :])
         del buf[first:]
         buf += new_tail

@@ -95,8 +95,11 @@ PASS = Result(ACCEPT)
 class Engine:
     """Applies a :class:`RuleSet` to packets; keeps the per-flow sequence state.
 
-    ``flows`` None disables length-changing edits (they are then applied without sequence
-    bookkeeping only if the caller allowed such rules; the daemon always passes a table).
+    ``flows`` None keeps no sequence state: length-changing edits are still made, packet by
+    packet, but later sequence numbers, acknowledgements and SACK edges are not adjusted to
+    them, nothing is cut at the MTU, and a packet's length-changing edits are all left out when
+    together they would grow it past what a verdict carries back. Meant for tests of single
+    packets: the daemon, the replay tool and ``nfrewrite check`` always pass a table.
     """
 
     def __init__(

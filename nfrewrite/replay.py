@@ -155,8 +155,10 @@ from dataclasses import dataclass, field
 from typing import IO, Literal
 
 from nfrewrite.config.settings import FlowsConfig
-from nfrewrite.core.engine import DEFAULT_MTU, DROP, Engine
-from nfrewrite.core.packet import MAX_VERDICT_PACKET, TRUNCATED_IP, TcpPacket, parse
+from nfrewrite.core.constants import DROP, MAX_VERDICT_PACKET
+from nfrewrite.core.engine import DEFAULT_MTU, Engine
+from nfrewrite.core.fields import ip_length, u16
+from nfrewrite.core.packet import TRUNCATED_IP, TcpPacket, parse
 from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable, flow_key
 
@@ -214,11 +216,11 @@ def _after_ethertype(frame: bytes, at: int, payload: int) -> int | str:
     n = len(frame)
     if n < at + 2:
         return TRUNCATED_LINK
-    etype = (frame[at] << 8) | frame[at + 1]
+    etype = u16(frame, at)[0]
     while etype in VLAN_TAGS:
         if n < payload + 4:
             return TRUNCATED_LINK
-        etype = (frame[payload + 2] << 8) | frame[payload + 3]
+        etype = u16(frame, payload + 2)[0]
         payload += 4
     if etype in (ETH_P_IP, ETH_P_IPV6):
         return payload if n >= payload else TRUNCATED_LINK
@@ -255,18 +257,6 @@ SPLITTERS: dict[int, Splitter] = {
     LINKTYPE_LINUX_SLL: _sll,
     LINKTYPE_LINUX_SLL2: _sll2,
 }
-
-
-def _ip_length(ip: bytes) -> int:
-    """The IP datagram's own length from its header (0 when the header is too short to say)."""
-    if len(ip) < 6:
-        return 0
-    version = ip[0] >> 4
-    if version == 4:
-        return (ip[2] << 8) | ip[3]
-    if version == 6:
-        return 40 + ((ip[4] << 8) | ip[5])
-    return 0
 
 
 def _ethernet_fcs(frame: bytes) -> bytes:
@@ -889,7 +879,7 @@ def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), i
                 continue
             ip = data[at:] if at else data
             trailer = b""
-            length = _ip_length(ip)
+            length = ip_length(ip) or 0  # 0: the header is too short to say
             if 0 < length < len(ip):
                 trailer = ip[length:]
                 ip = ip[:length]
@@ -996,18 +986,15 @@ def _seed_only(ip: bytes) -> bool:
     pkt = parse(ip)
     if not isinstance(pkt, TcpPacket):
         return False
-    return pkt.tcp_checksum == pkt.pseudo_header_seed() and not pkt.tcp_checksum_ok()
-
-
-_u16 = struct.Struct("!H")
+    return pkt.holds_seed() and not pkt.tcp_checksum_ok()
 
 
 def _complete_tcp_checksum(ip: bytes) -> bytes:
-    pkt = parse(ip)
+    """``ip`` with a complete TCP checksum: taken as partial, the packet core writes one."""
+    pkt = parse(ip, csum_partial=True)
     if not isinstance(pkt, TcpPacket):  # the engine emits well-formed segments only
         raise AssertionError(f"engine output does not parse: {pkt!r}")
-    _u16.pack_into(pkt.buf, pkt.l4 + 16, pkt.compute_tcp_checksum())
-    return bytes(pkt.buf)
+    return pkt.finish()
 
 
 def stderr_progress() -> IO[str] | None:

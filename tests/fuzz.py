@@ -65,8 +65,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nfrewrite.config.rulefiles import load_rules
-from nfrewrite.core.engine import ACCEPT, DROP, Engine
-from nfrewrite.core.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
+from nfrewrite.core.constants import ACCEPT, ACK, DROP, FIN, MAX_VERDICT_PACKET, PSH, RST, SYN
+from nfrewrite.core.engine import Engine
+from nfrewrite.core.packet import REASONS, TcpPacket, parse
 from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable
 
@@ -135,7 +136,6 @@ V6 = (
     bytes.fromhex("20010db8000000000000000000000009"),
 )
 INTERESTING = (0, 1, 0x7F, 0x80, 0xFE, 0xFF, 5, 6, 0x40, 0x45, 0x60, 0x0F, 0xF0, 0x11, 44, 43)
-FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _MOD32 = 1 << 32
 
 

@@ -15,7 +15,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from nfrewrite.config.rulefiles import load_rules
-from nfrewrite.core.engine import ACCEPT, DROP, Engine
+from nfrewrite.core.constants import ACCEPT, DROP
+from nfrewrite.core.engine import Engine
 from nfrewrite.core.packet import NOT_TCP, TcpPacket, parse
 from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable

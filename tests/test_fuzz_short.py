@@ -11,8 +11,9 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from nfrewrite.core.engine import ACCEPT, Engine
-from nfrewrite.core.packet import MAX_VERDICT_PACKET, REASONS, TcpPacket, parse
+from nfrewrite.core.constants import ACCEPT, MAX_VERDICT_PACKET
+from nfrewrite.core.engine import Engine
+from nfrewrite.core.packet import REASONS, TcpPacket, parse
 from nfrewrite.core.seqadj import FlowTable
 from tests import fuzz
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.core.engine import ACCEPT, DROP, PASS, Result
+from nfrewrite.core.constants import ACCEPT, DROP
+from nfrewrite.core.engine import PASS, Result
 from nfrewrite.core.packet import REASONS
 from nfrewrite.service import metrics as M
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.core.engine import ACCEPT, PASS, Result
+from nfrewrite.core.constants import ACCEPT
+from nfrewrite.core.engine import PASS, Result
 from nfrewrite.core.packet import NOT_TCP
 from nfrewrite.service import metrics as M
 

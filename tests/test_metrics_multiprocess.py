@@ -30,7 +30,8 @@ RULES = ("a", "b")
 
 # -- run in child interpreters -----------------------------------------------------------------
 def _worker(queue: int, plan: dict[str, int], ready: Any, stop: Any) -> None:
-    from nfrewrite.core.engine import ACCEPT, DROP, Result
+    from nfrewrite.core.constants import ACCEPT, DROP
+    from nfrewrite.core.engine import Result
     from nfrewrite.core.packet import NOT_TCP
     from nfrewrite.service import metrics as M
 

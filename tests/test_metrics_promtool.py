@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nfrewrite.core.engine import ACCEPT, DROP, Result
+from nfrewrite.core.constants import ACCEPT, DROP
+from nfrewrite.core.engine import Result
 from nfrewrite.core.packet import REASONS
 from nfrewrite.service import metrics as M
 from tests.conftest import IN_CI

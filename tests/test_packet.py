@@ -285,14 +285,26 @@ def test_length_changing_replace_updates_lengths_both_families() -> None:
 
 
 def test_dscp_keeps_ecn_bits() -> None:
-    for ip in (IP(tos=0b000000_11), IPv6(tc=0b000000_11)):
+    for ip in (IP(tos=0b000000_11), IPv6(tc=0b000000_11, fl=0xABCDE)):
         pkt = parse(bytes(ip / TCP()))
         assert isinstance(pkt, TcpPacket)
         pkt.set_dscp(46)
+        assert pkt.dscp == 46
         out = pkt.finish()
         got = (IP if ip.version == 4 else IPv6)(out)
         tc = got.tos if ip.version == 4 else got.tc
         assert tc == (46 << 2) | 0b11
+        if ip.version == 4:
+            assert field_error(got.chksum, scapy_ip_checksum(out)) == 0
+        else:
+            assert (got.version, got.fl) == (6, 0xABCDE)
+
+
+def test_splice_makes_edits_in_order() -> None:
+    assert P.splice(b"..AB..CDEF", [(2, 4, b"xyz"), (6, 10, b"")]) == b"..xyz.."
+    # a tail from the first edit on, offsets still counted from the payload's start
+    assert P.splice(b"AB..CDEF", [(2, 4, b"xyz"), (6, 10, b"")], origin=2) == b"xyz.."
+    assert P.splice(b"abc", []) == b"abc"
 
 
 def test_mss_clamp_only_lowers() -> None:

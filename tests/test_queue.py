@@ -29,8 +29,9 @@ QNUM = 3
 
 WORKER = r'''
 import json, os, signal, socket, sys, time
+from nfrewrite.core.constants import ACCEPT
 from nfrewrite.kernel import nfnl
-from nfrewrite.kernel.queue import ACCEPT, TRACK_FLOW, QueueWorker
+from nfrewrite.kernel.queue import TRACK_FLOW, QueueWorker
 
 mode, qnum, maxlen, fail_open = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 seen = set()
@@ -319,8 +320,8 @@ def _worker(handler: object, log: list[str]) -> QueueWorker:
 
 
 def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
-    from nfrewrite.kernel.firewall import FLOW_MARK
-    from nfrewrite.kernel.queue import ACCEPT, DROP, TRACK_FLOW
+    from nfrewrite.core.constants import ACCEPT, DROP, FLOW_MARK
+    from nfrewrite.kernel.queue import TRACK_FLOW
 
     log: list[str] = []
     answers: list[object] = []
@@ -588,7 +589,8 @@ def test_queue_balance_keeps_each_flow_and_each_address_pair_on_one_worker() -> 
 
 VERDICT_LIMIT = r'''
 import json, select, socket, sys, threading
-from nfrewrite.kernel.queue import ACCEPT, QueueWorker
+from nfrewrite.core.constants import ACCEPT
+from nfrewrite.kernel.queue import QueueWorker
 
 mode, qnum, addr = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 TARGETS = [65531, 65532, 65535]

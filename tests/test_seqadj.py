@@ -6,17 +6,13 @@ import re
 
 import pytest
 
+from nfrewrite.core.constants import ACK, FIN, RST, SYN
 from nfrewrite.core.seqadj import (
-    ACK,
-    FIN,
-    RST,
-    SYN,
     Edit,
     FindEdits,
     Flow,
     FlowTable,
     SegmentPlan,
-    apply_edits,
     flow_key,
 )
 
@@ -72,10 +68,6 @@ def test_flow_key_is_the_same_for_both_directions_and_gives_opposite_directions(
     k2, d2 = flow_key(b, 80, a, 40000)
     assert k1 == k2 and {d1, d2} == {0, 1}
     assert k1[0] == 4 and flow_key(bytes(16), 1, bytes(15) + b"\x01", 2)[0][0] == 6
-
-
-def test_apply_edits_replaces_spans_in_order() -> None:
-    assert apply_edits(b"..AB..CDEF", [(2, 4, b"xyz"), (6, 10, b"")]) == b"..xyz.."
 
 
 # -- seq / ack mapping --------------------------------------------------------------------------

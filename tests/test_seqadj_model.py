@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from nfrewrite.core.seqadj import ACK, FIN, SYN, Edit, Flow, FlowTable, SegmentPlan, flow_key
+from nfrewrite.core.constants import ACK, FIN, SYN
+from nfrewrite.core.seqadj import Edit, Flow, FlowTable, SegmentPlan, flow_key
 
 M32 = 1 << 32
 MSS = 24

@@ -61,8 +61,9 @@ from collections.abc import Sequence
 
 from nfrewrite.config.diagnostics import Diagnostic
 from nfrewrite.core import checksum as cs
-from nfrewrite.core.engine import DROP, Engine
-from nfrewrite.core.packet import ACK, PSH, TcpPacket, parse
+from nfrewrite.core.constants import ACK, DROP, PSH
+from nfrewrite.core.engine import Engine
+from nfrewrite.core.packet import TcpPacket, parse
 from nfrewrite.core.rules import Example, Match, PortRanges, Rule, RuleSet
 from nfrewrite.core.seqadj import FlowTable
 

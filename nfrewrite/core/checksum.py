@@ -25,9 +25,7 @@ This module is pure: bytes in, integers out.
 
 from __future__ import annotations
 
-from typing import TypeAlias
-
-Buffer: TypeAlias = bytes | bytearray | memoryview
+from nfrewrite.core.fields import Buffer
 
 MOD = 0xFFFF
 
@@ -89,17 +87,3 @@ def update(field: int, old_sum: int, new_sum: int) -> int:
     ``new_sum``. Carries any existing error through unchanged."""
     return (field + old_sum - new_sum) % MOD
 
-
-def update16(field: int, old: int, new: int) -> int:
-    """RFC 1624 eqn. 3 for one 16-bit word changing from ``old`` to ``new``."""
-    return (field + old - new) % MOD
-
-
-def update32(field: int, old: int, new: int) -> int:
-    """RFC 1624 eqn. 3 for one 32-bit (word-aligned) value changing from ``old`` to ``new``."""
-    return (field + (old % MOD) - (new % MOD)) % MOD
-
-
-def residual(total_including_field: int) -> int:
-    """How far a checksummed range is from verifying: 0 when the checksum is right."""
-    return total_including_field % MOD

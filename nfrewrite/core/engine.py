@@ -27,7 +27,7 @@ segment is
    growth; a segment that still grows past the MTU is cut by the sequence adjuster. A packet
    longer than the MTU (the largest of the namespace's links) is a GSO/GRO super-packet, which
    the kernel segments itself: it may grow up to the 65,531 bytes a verdict can carry back
-   (:data:`~nfrewrite.core.packet.MAX_VERDICT_PACKET`), and one that would grow past that is cut the
+   (:data:`~.constants.MAX_VERDICT_PACKET`), and one that would grow past that is cut the
    same way (its tail comes again, as a retransmission, and gets the same edits). Leaving its
    growing edits out instead would pass every occurrence in it unedited: a 64 KB super-packet
    with a few hundred edits grows past the limit whenever its growing ones outnumber its
@@ -48,12 +48,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nfrewrite.core.packet import ACK, FIN, MAX_VERDICT_PACKET, SYN, TcpPacket, parse
+from nfrewrite.core.constants import ACCEPT, ACK, DROP, FIN, MAX_VERDICT_PACKET, SYN
+from nfrewrite.core.packet import TcpPacket, parse
 from nfrewrite.core.rules import Rule, RuleSet, Selection
 from nfrewrite.core.seqadj import Flow, FlowTable, SegmentPlan, flow_key
 
-ACCEPT = 1
-DROP = 0
 EXPIRE_EVERY = 1.0  # seconds between sweeps of the flow table
 #: MSS lowering on SYNs of connections whose replies rules grow: room for growth in each segment,
 #: 4x the largest single growth (several occurrences per segment), at least 128 and at most 512
@@ -94,8 +93,11 @@ PASS = Result(ACCEPT)
 class Engine:
     """Applies a :class:`RuleSet` to packets; keeps the per-flow sequence state.
 
-    ``flows`` None disables length-changing edits (they are then applied without sequence
-    bookkeeping only if the caller allowed such rules; the daemon always passes a table).
+    ``flows`` None keeps no sequence state: length-changing edits are still made, packet by
+    packet, but later sequence numbers, acknowledgements and SACK edges are not adjusted to
+    them, nothing is cut at the MTU, and a packet's length-changing edits are all left out when
+    together they would grow it past what a verdict carries back. Meant for tests of single
+    packets: the daemon, the replay tool and ``nfrewrite check`` always pass a table.
     """
 
     def __init__(

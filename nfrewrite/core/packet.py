@@ -32,10 +32,45 @@ Nothing here touches a socket, a clock or a global: bytes in, bytes out.
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from nfrewrite.core import checksum as cs
+from nfrewrite.core.constants import MAX_VERDICT_PACKET
+from nfrewrite.core.fields import (
+    EXT_FRAGMENT_LENGTH,
+    EXT_FRAGMENT_OFFSET,
+    EXT_LENGTH,
+    EXT_NEXT_HEADER,
+    EXT_ROUTING_SEGMENTS_LEFT,
+    IP4_CHECKSUM,
+    IP4_HEADER_MIN,
+    IP4_TOS,
+    IP4_TOTAL_LENGTH,
+    IP4_TTL,
+    IP4_VERSION_IHL,
+    IP6_HEADER,
+    IP6_HOP_LIMIT,
+    IP6_PAYLOAD_LENGTH,
+    IP6_VERSION_CLASS,
+    TCP_ACK,
+    TCP_CHECKSUM,
+    TCP_DATA_OFFSET,
+    TCP_FLAGS,
+    TCP_HEADER_MIN,
+    TCP_SEQ,
+    TCP_URGENT,
+    TCP_WINDOW,
+    TCPOPT_LENGTH,
+    TCPOPT_TS_ECHO,
+    TCPOPT_VALUE,
+    ip4_header,
+    ip6_header,
+    pack32,
+    put16,
+    tcp_ports,
+    u16,
+    u32,
+)
 
 # -- fixed set of reasons a packet is not ours (metrics label values) ------------------------------
 TRUNCATED_IP = "truncated_ip"
@@ -62,28 +97,16 @@ REASONS: tuple[str, ...] = (
     BAD_TCP_OPTIONS,
 )
 
-# TCP flags
-FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
-
 # TCP option kinds
 OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERM, OPT_SACK, OPT_TS = 0, 1, 2, 3, 4, 5, 8
 _OPT_FIXED_LEN = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TS: 10}
 
+_IPPROTO_TCP = 6
 _IPV6_SKIPPABLE = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
+_IPV6_ROUTING = 43
 _IPV6_FRAGMENT = 44
 _MAX_EXT_HEADERS = 8
-#: The longest packet a verdict can hand back to NFQUEUE: 65,535 minus the 4-byte attribute
-#: header, because the payload travels in a netlink attribute whose 16-bit length counts that
-#: header too. libnetfilter_queue writes a longer one's length truncated; the kernel then parses
-#: the verdict without a payload ("netlink: 3 bytes leftover after parsing attributes") and sends
-#: the *original* packet on (seen: a super-packet grown to 65,535 bytes reached the client with
-#: its old bytes at its old sequence numbers, inside a connection whose offsets had moved).
-MAX_VERDICT_PACKET = 0xFFFF - 4
 _TS_ONLY = b"\x01\x01\x08\x0a"  # NOP NOP TS(10): the options of nearly every data segment
-
-_u16 = struct.Struct("!H")
-_u32 = struct.Struct("!I")
-_ports_seq_ack = struct.Struct("!HHII")
 
 
 class Unparsed:
@@ -126,7 +149,7 @@ def _options_ok(buf: bytearray, start: int, end: int) -> bool:
             continue
         if i + 1 >= end:
             return False
-        length = buf[i + 1]
+        length = buf[i + TCPOPT_LENGTH]
         if length < 2 or i + length > end:
             return False
         fixed = _OPT_FIXED_LEN.get(kind)
@@ -136,6 +159,20 @@ def _options_ok(buf: bytearray, start: int, end: int) -> bool:
             return False
         i += length
     return True
+
+
+def splice(data: bytes, edits: Sequence[tuple[int, int, bytes]], origin: int = 0) -> bytes:
+    """``data`` with ``(start, end, replacement)`` edits made: non-overlapping, in order of
+    ``start``. Their offsets count from ``origin`` bytes before ``data`` begins (``data`` may be
+    the tail of a payload, from its first edit on)."""
+    pieces: list[bytes] = []
+    pos = 0
+    for start, end, new in edits:
+        pieces.append(data[pos : start - origin])
+        pieces.append(new)
+        pos = end - origin
+    pieces.append(data[pos:])
+    return b"".join(pieces)
 
 
 def parse(  # noqa: C901 - one early return per refusal reason, in the headers' order
@@ -150,74 +187,70 @@ def parse(  # noqa: C901 - one early return per refusal reason, in the headers' 
     """
     buf = bytearray(data)
     n = len(buf)
-    if n < 20:
+    if n < IP4_HEADER_MIN:
         return Unparsed(TRUNCATED_IP)
-    version = buf[0] >> 4
+    version = buf[IP4_VERSION_IHL] >> 4
     if version == 4:
-        ihl = (buf[0] & 0x0F) * 4
-        if ihl < 20:
+        version_ihl, total, fragment, protocol, src, dst = ip4_header(buf, 0)
+        ihl = (version_ihl & 0x0F) * 4
+        if ihl < IP4_HEADER_MIN:
             return Unparsed(BAD_IHL)
-        total = (buf[2] << 8) | buf[3]
         if total > n or total < ihl:
             return Unparsed(BAD_LENGTH if ihl <= n else BAD_IHL)
-        if (buf[6] & 0x3F) or buf[7]:  # MF flag or fragment offset
+        if fragment & 0x3FFF:  # MF flag or fragment offset
             return Unparsed(FRAGMENT)
-        if buf[9] != 6:
+        if protocol != _IPPROTO_TCP:
             return Unparsed(NOT_TCP)
         l4 = ihl
         end = total
-        src = bytes(buf[12:16])
-        dst = bytes(buf[16:20])
     elif version == 6:
-        if n < 40:
+        if n < IP6_HEADER:
             return Unparsed(TRUNCATED_IP)
-        end = 40 + ((buf[4] << 8) | buf[5])
+        payload_length, nh, src, dst = ip6_header(buf, 0)
+        end = IP6_HEADER + payload_length
         if end > n:
             return Unparsed(BAD_LENGTH)
-        if end == 40 and buf[6] == 0:
+        if end == IP6_HEADER and nh == 0:
             return Unparsed(BAD_LENGTH)  # jumbogram (payload length in hop-by-hop): not supported
-        nh = buf[6]
-        l4 = 40
+        l4 = IP6_HEADER
         for _ in range(_MAX_EXT_HEADERS + 1):
-            if nh == 6:
+            if nh == _IPPROTO_TCP:
                 break
             if nh in _IPV6_SKIPPABLE:
                 if l4 + 8 > end:
                     return Unparsed(BAD_EXT_HEADER)
-                if nh == 43 and buf[l4 + 3] != 0:
+                if nh == _IPV6_ROUTING and buf[l4 + EXT_ROUTING_SEGMENTS_LEFT] != 0:
                     # routing header with segments left: the pseudo-header's destination is
                     # the final one, not the one in the IPv6 header; not ours.
                     return Unparsed(NOT_TCP)
-                nh = buf[l4]
-                l4 += (buf[l4 + 1] + 1) * 8
+                nh = buf[l4 + EXT_NEXT_HEADER]
+                l4 += (buf[l4 + EXT_LENGTH] + 1) * 8
             elif nh == _IPV6_FRAGMENT:
-                if l4 + 8 > end:
+                if l4 + EXT_FRAGMENT_LENGTH > end:
                     return Unparsed(BAD_EXT_HEADER)
-                if ((buf[l4 + 2] << 8) | buf[l4 + 3]) != 0:  # offset or M flag: a real fragment
+                if u16(buf, l4 + EXT_FRAGMENT_OFFSET)[0]:  # offset or M flag: a real fragment
                     return Unparsed(FRAGMENT)
-                nh = buf[l4]
-                l4 += 8
+                nh = buf[l4 + EXT_NEXT_HEADER]
+                l4 += EXT_FRAGMENT_LENGTH
             else:
                 return Unparsed(NOT_TCP)
         else:
             return Unparsed(BAD_EXT_HEADER)
         if l4 > end:
             return Unparsed(BAD_EXT_HEADER)
-        src = bytes(buf[8:24])
-        dst = bytes(buf[24:40])
     else:
         return Unparsed(BAD_VERSION)
 
-    if end - l4 < 20:
+    if end - l4 < TCP_HEADER_MIN:
         return Unparsed(TRUNCATED_TCP)
-    doff = (buf[l4 + 12] >> 4) * 4
-    if doff < 20 or l4 + doff > end:
+    doff = (buf[l4 + TCP_DATA_OFFSET] >> 4) * 4
+    if doff < TCP_HEADER_MIN or l4 + doff > end:
         return Unparsed(BAD_DATA_OFFSET)
-    if doff > 20 and not _options_ok(buf, l4 + 20, l4 + doff):
+    if doff > TCP_HEADER_MIN and not _options_ok(buf, l4 + TCP_HEADER_MIN, l4 + doff):
         return Unparsed(BAD_TCP_OPTIONS)
     pkt = TcpPacket(buf, version, l4, doff, end, src, dst, bool(csum_partial))
     if csum_partial is None:
-        pkt.csum_partial = pkt.tcp_checksum == pkt.pseudo_header_seed()
+        pkt.csum_partial = pkt.holds_seed()
     return pkt
 
 
@@ -260,45 +293,50 @@ class TcpPacket:
         self.end = end
         self.src = src
         self.dst = dst
-        self.sport = (buf[l4] << 8) | buf[l4 + 1]
-        self.dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
+        self.sport, self.dport = tcp_ports(buf, l4)
         self.csum_partial = csum_partial
         self.modified = False
 
     # -- reading ---------------------------------------------------------------------------------
     @property
     def seq(self) -> int:
-        return int(_u32.unpack_from(self.buf, self.l4 + 4)[0])
+        return u32(self.buf, self.l4 + TCP_SEQ)[0]
 
     @property
     def ack(self) -> int:
-        return int(_u32.unpack_from(self.buf, self.l4 + 8)[0])
+        return u32(self.buf, self.l4 + TCP_ACK)[0]
 
     @property
     def flags(self) -> int:
-        return self.buf[self.l4 + 13]
+        return self.buf[self.l4 + TCP_FLAGS]
 
     @property
     def window(self) -> int:
-        return (self.buf[self.l4 + 14] << 8) | self.buf[self.l4 + 15]
+        return u16(self.buf, self.l4 + TCP_WINDOW)[0]
 
     @property
     def tcp_checksum(self) -> int:
-        return (self.buf[self.l4 + 16] << 8) | self.buf[self.l4 + 17]
+        return u16(self.buf, self.l4 + TCP_CHECKSUM)[0]
 
     @property
     def urgent(self) -> int:
-        return (self.buf[self.l4 + 18] << 8) | self.buf[self.l4 + 19]
+        return u16(self.buf, self.l4 + TCP_URGENT)[0]
 
     @property
     def ttl(self) -> int:
         """IPv4 TTL or IPv6 hop limit."""
-        return self.buf[8] if self.version == 4 else self.buf[7]
+        return self.buf[IP4_TTL] if self.version == 4 else self.buf[IP6_HOP_LIMIT]
 
     @property
     def dscp(self) -> int:
-        tc = self.buf[1] if self.version == 4 else ((self.buf[0] & 0x0F) << 4) | (self.buf[1] >> 4)
-        return tc >> 2
+        return self._traffic_class() >> 2
+
+    def _traffic_class(self) -> int:
+        """IPv4's TOS byte, or IPv6's traffic class (which straddles the first two bytes)."""
+        buf = self.buf
+        if self.version == 4:
+            return buf[IP4_TOS]
+        return (u16(buf, IP6_VERSION_CLASS)[0] >> 4) & 0xFF
 
     @property
     def payload_offset(self) -> int:
@@ -328,7 +366,7 @@ class TcpPacket:
     def options(self) -> list[TcpOption]:
         """The TCP options in order (NOP and EOL included; validated at parse time)."""
         out: list[TcpOption] = []
-        buf, i, stop = self.buf, self.l4 + 20, self.l4 + self.doff
+        buf, i, stop = self.buf, self.l4 + TCP_HEADER_MIN, self.l4 + self.doff
         while i < stop:
             kind = buf[i]
             if kind == OPT_EOL:
@@ -338,13 +376,13 @@ class TcpPacket:
                 out.append(TcpOption(kind, i, 1))
                 i += 1
                 continue
-            length = buf[i + 1]
+            length = buf[i + TCPOPT_LENGTH]
             out.append(TcpOption(kind, i, length))
             i += length
         return out
 
     def find_option(self, kind: int) -> TcpOption | None:
-        if self.doff == 20:
+        if self.doff == TCP_HEADER_MIN:
             return None
         for opt in self.options():
             if opt.kind == kind:
@@ -354,12 +392,12 @@ class TcpPacket:
     @property
     def mss(self) -> int | None:
         opt = self.find_option(OPT_MSS)
-        return None if opt is None else (self.buf[opt.offset + 2] << 8) | self.buf[opt.offset + 3]
+        return None if opt is None else u16(self.buf, opt.offset + TCPOPT_VALUE)[0]
 
     @property
     def wscale(self) -> int | None:
         opt = self.find_option(OPT_WSCALE)
-        return None if opt is None else self.buf[opt.offset + 2]
+        return None if opt is None else self.buf[opt.offset + TCPOPT_VALUE]
 
     @property
     def sack_permitted(self) -> bool:
@@ -370,22 +408,18 @@ class TcpPacket:
         opt = self.find_option(OPT_TS)
         if opt is None:
             return None
-        return (
-            int(_u32.unpack_from(self.buf, opt.offset + 2)[0]),
-            int(_u32.unpack_from(self.buf, opt.offset + 6)[0]),
-        )
+        buf = self.buf
+        return u32(buf, opt.offset + TCPOPT_VALUE)[0], u32(buf, opt.offset + TCPOPT_TS_ECHO)[0]
 
     def sack_blocks(self) -> list[tuple[int, int]]:
         """SACK blocks as (left edge, right edge) pairs, in option order."""
         opt = self.find_option(OPT_SACK)
         if opt is None:
             return []
+        buf = self.buf
         return [
-            (
-                int(_u32.unpack_from(self.buf, off)[0]),
-                int(_u32.unpack_from(self.buf, off + 4)[0]),
-            )
-            for off in range(opt.offset + 2, opt.offset + opt.length, 8)
+            (u32(buf, off)[0], u32(buf, off + 4)[0])
+            for off in range(opt.offset + TCPOPT_VALUE, opt.offset + opt.length, 8)
         ]
 
     # -- checksums -------------------------------------------------------------------------------
@@ -398,6 +432,11 @@ class TcpPacket:
         """What the TCP checksum field holds under TX offload (CHECKSUM_PARTIAL): the folded
         pseudo-header sum, not complemented (as Linux's ``~tcp_v4_check(len, s, d, 0)``)."""
         return self.pseudo_sum() or 0xFFFF
+
+    def holds_seed(self) -> bool:
+        """The TCP checksum field equals the pseudo-header seed: what TX offload leaves there (a
+        complete checksum equals it once in 65,536 packets)."""
+        return self.tcp_checksum == self.pseudo_header_seed()
 
     def tcp_residual(self) -> int:
         """0 when the TCP checksum verifies; otherwise how far off it is (mod 0xFFFF)."""
@@ -420,7 +459,7 @@ class TcpPacket:
 
     def compute_ip_checksum(self) -> int:
         hdr = memoryview(self.buf)[: self.l4]
-        return cs.fold_field(cs.ones_sum(hdr) - ((self.buf[10] << 8) | self.buf[11]))
+        return cs.fold_field(cs.ones_sum(hdr) - u16(self.buf, IP4_CHECKSUM)[0])
 
     def finish(self, *, kernel_segments: bool = False) -> bytes:
         """The packet bytes to hand back to the kernel.
@@ -434,104 +473,98 @@ class TcpPacket:
         """
         if self.csum_partial:
             if kernel_segments:
-                self._put16(self.l4 + 16, self.pseudo_header_seed())
+                put16(self.buf, self.l4 + TCP_CHECKSUM, self.pseudo_header_seed())
             else:
-                self._put16(self.l4 + 16, self.compute_tcp_checksum())
+                put16(self.buf, self.l4 + TCP_CHECKSUM, self.compute_tcp_checksum())
         return bytes(self.buf)
 
     # -- low-level field writes with incremental checksum updates ---------------------------------
-    def _put16(self, off: int, value: int) -> None:
-        self.buf[off] = value >> 8
-        self.buf[off + 1] = value & 0xFF
-
     def _tcp_csum_adjust(self, old_sum: int, new_sum: int) -> None:
         if self.csum_partial:
             return  # recomputed in full by finish()
-        off = self.l4 + 16
-        self._put16(off, cs.update((self.buf[off] << 8) | self.buf[off + 1], old_sum, new_sum))
+        buf, off = self.buf, self.l4 + TCP_CHECKSUM
+        put16(buf, off, cs.update(u16(buf, off)[0], old_sum, new_sum))
 
     def _ip_csum_adjust(self, old_sum: int, new_sum: int) -> None:
         if self.version == 4:
-            self._put16(10, cs.update((self.buf[10] << 8) | self.buf[11], old_sum, new_sum))
+            buf = self.buf
+            put16(buf, IP4_CHECKSUM, cs.update(u16(buf, IP4_CHECKSUM)[0], old_sum, new_sum))
 
     def _set_tcp_u16(self, off: int, value: int) -> bool:
         """Write a 16-bit value at ``off`` inside the TCP segment; True if it changed."""
         buf = self.buf
-        old = (buf[off] << 8) | buf[off + 1]
+        old = u16(buf, off)[0]
         if old == value:
             return False
         old_sum = cs.sum_at(buf[off : off + 2], off - self.l4)
-        self._put16(off, value)
+        put16(buf, off, value)
         self._tcp_csum_adjust(old_sum, cs.sum_at(buf[off : off + 2], off - self.l4))
         self.modified = True
         return True
 
     def _set_tcp_u32(self, off: int, value: int) -> bool:
-        return self._set_tcp_bytes(off, _u32.pack(value & 0xFFFFFFFF))
+        return self._set_tcp_bytes(off, pack32(value & 0xFFFFFFFF))
 
     # -- header edits ----------------------------------------------------------------------------
     def set_ttl(self, value: int) -> bool:
         """Set the IPv4 TTL or IPv6 hop limit; True if it changed."""
         buf = self.buf
         if self.version == 6:
-            if buf[7] == value:
+            if buf[IP6_HOP_LIMIT] == value:
                 return False
-            buf[7] = value
+            buf[IP6_HOP_LIMIT] = value
             self.modified = True
             return True
-        if buf[8] == value:
+        if buf[IP4_TTL] == value:
             return False
-        old = (buf[8] << 8) | buf[9]
-        buf[8] = value
-        self._ip_csum_adjust(old, (buf[8] << 8) | buf[9])
+        old = u16(buf, IP4_TTL)[0]  # TTL and protocol: the checksummed word
+        buf[IP4_TTL] = value
+        self._ip_csum_adjust(old, u16(buf, IP4_TTL)[0])
         self.modified = True
         return True
 
     def set_dscp(self, value: int) -> bool:
         """Set the DSCP (6 bits), keeping the two ECN bits; True if it changed."""
         buf = self.buf
+        tc = self._traffic_class()
+        new_tc = (value << 2) | (tc & 0x03)
+        if tc == new_tc:
+            return False
         if self.version == 4:
-            tos = (value << 2) | (buf[1] & 0x03)
-            if buf[1] == tos:
-                return False
-            old = (buf[0] << 8) | buf[1]
-            buf[1] = tos
-            self._ip_csum_adjust(old, (buf[0] << 8) | buf[1])
+            old = u16(buf, IP4_VERSION_IHL)[0]  # version, IHL and TOS: the checksummed word
+            buf[IP4_TOS] = new_tc
+            self._ip_csum_adjust(old, u16(buf, IP4_VERSION_IHL)[0])
         else:
-            tc = ((buf[0] & 0x0F) << 4) | (buf[1] >> 4)
-            new_tc = (value << 2) | (tc & 0x03)
-            if tc == new_tc:
-                return False
-            buf[0] = (buf[0] & 0xF0) | (new_tc >> 4)
-            buf[1] = ((new_tc & 0x0F) << 4) | (buf[1] & 0x0F)
+            word = u16(buf, IP6_VERSION_CLASS)[0]
+            put16(buf, IP6_VERSION_CLASS, (word & 0xF00F) | (new_tc << 4))
         self.modified = True
         return True
 
     def set_window(self, value: int) -> bool:
-        return self._set_tcp_u16(self.l4 + 14, value)
+        return self._set_tcp_u16(self.l4 + TCP_WINDOW, value)
 
     def set_flags(self, value: int) -> bool:
-        off = self.l4 + 12  # the word holding data offset, reserved bits and flags
-        return self._set_tcp_u16(off, (self.buf[off] << 8) | (value & 0xFF))
+        off = self.l4 + TCP_DATA_OFFSET  # the word holding data offset, reserved bits and flags
+        return self._set_tcp_u16(off, (u16(self.buf, off)[0] & 0xFF00) | (value & 0xFF))
 
     def set_seq(self, value: int) -> bool:
-        return self._set_tcp_u32(self.l4 + 4, value)
+        return self._set_tcp_u32(self.l4 + TCP_SEQ, value)
 
     def set_ack(self, value: int) -> bool:
-        return self._set_tcp_u32(self.l4 + 8, value)
+        return self._set_tcp_u32(self.l4 + TCP_ACK, value)
 
     def set_mss(self, value: int) -> bool:
         """Set the MSS option's value if the segment carries one; True if it changed."""
         opt = self.find_option(OPT_MSS)
-        return False if opt is None else self._set_tcp_u16(opt.offset + 2, value)
+        return False if opt is None else self._set_tcp_u16(opt.offset + TCPOPT_VALUE, value)
 
     def clamp_mss(self, maximum: int) -> bool:
         """Lower the MSS option to ``maximum`` if it is larger; True if it changed."""
         opt = self.find_option(OPT_MSS)
         if opt is None:
             return False
-        current = (self.buf[opt.offset + 2] << 8) | self.buf[opt.offset + 3]
-        return current > maximum and self._set_tcp_u16(opt.offset + 2, maximum)
+        current = u16(self.buf, opt.offset + TCPOPT_VALUE)[0]
+        return current > maximum and self._set_tcp_u16(opt.offset + TCPOPT_VALUE, maximum)
 
     def set_sack_blocks(self, blocks: Iterable[tuple[int, int]]) -> bool:
         """Rewrite the SACK option's blocks in place. Fewer blocks than the option held shrink the
@@ -545,7 +578,7 @@ class TcpPacket:
             raise ValueError("more SACK blocks than the option holds")
         if blocks:
             new = bytes((OPT_SACK, 2 + 8 * len(blocks))) + b"".join(
-                _u32.pack(left & 0xFFFFFFFF) + _u32.pack(right & 0xFFFFFFFF)
+                pack32(left & 0xFFFFFFFF) + pack32(right & 0xFFFFFFFF)
                 for left, right in blocks
             )
         else:
@@ -632,16 +665,10 @@ class TcpPacket:
             self.modified = True
             return 0
         # Length changes: everything from the first edit to the segment's end moves.
-        first = base + edits[0][0]
+        first_start = edits[0][0]
+        first = base + first_start
         old_tail = bytes(buf[first : self.end])
-        pieces: list[bytes] = []
-        pos = first
-        for start, end, new in edits:
-            pieces.append(bytes(buf[pos : base + start]))
-            pieces.append(new)
-            pos = base + end
-        pieces.append(bytes(buf[pos : self.end]))
-        new_tail = b"".join(pieces)
+        new_tail = splice(old_tail, edits, origin=first_start)
         trailer = bytes(buf[self.end :])
         del buf[first:]
         buf += new_tail
@@ -665,8 +692,8 @@ class TcpPacket:
     def _set_ip_length(self, end: int) -> None:
         buf = self.buf
         if self.version == 4:
-            old = (buf[2] << 8) | buf[3]
-            self._put16(2, end)
+            old = u16(buf, IP4_TOTAL_LENGTH)[0]
+            put16(buf, IP4_TOTAL_LENGTH, end)
             self._ip_csum_adjust(old, end)
         else:
-            self._put16(4, end - 40)
+            put16(buf, IP6_PAYLOAD_LENGTH, end - IP6_HEADER)

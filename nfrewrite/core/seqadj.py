@@ -134,11 +134,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from nfrewrite.core.constants import FIN, RST, SYN
+from nfrewrite.core.packet import splice
+
 __all__ = [
-    "ACK",
-    "FIN",
-    "RST",
-    "SYN",
     "Action",
     "Edit",
     "FindEdits",
@@ -146,15 +145,8 @@ __all__ = [
     "FlowKey",
     "FlowTable",
     "SegmentPlan",
-    "apply_edits",
     "flow_key",
 ]
-
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
 
 _MOD = 1 << 32
 _HALF = 1 << 31
@@ -183,21 +175,6 @@ def flow_key(src: bytes, sport: int, dst: bytes, dport: int) -> tuple[FlowKey, i
     if a <= b:
         return (version, a, b), 0
     return (version, b, a), 1
-
-
-def apply_edits(payload: bytes, edits: Sequence[Edit]) -> bytes:
-    """Apply non-overlapping, start-ordered ``(start, end, replacement)`` edits to ``payload``.
-
-    For the engine's stateless path (same-length edits of a flow without state).
-    """
-    pieces: list[bytes] = []
-    pos = 0
-    for start, end, repl in edits:
-        pieces.append(payload[pos:start])
-        pieces.append(repl)
-        pos = end
-    pieces.append(payload[pos:])
-    return b"".join(pieces)
 
 
 def _unwrap(value: int, ref: int) -> int:
@@ -519,7 +496,7 @@ class Flow:
         if not same:
             return payload
         events.append("stateless")
-        return apply_edits(payload, same)
+        return splice(payload, same)
 
     def _record_fresh(
         self, way: _Way, s: int, payload: bytes, find_edits: FindEdits, events: list[str]

@@ -58,7 +58,6 @@ from nfrewrite.kernel.ruletext import (
     render,
     restore_text,
 )
-from nfrewrite.kernel.ruletext import FLOW_MARK as FLOW_MARK  # kernel.queue takes it from here
 
 Variant = Literal["nft", "legacy"]
 

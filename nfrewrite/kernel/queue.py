@@ -43,7 +43,7 @@ stops the loop: that packet is accepted unmodified, the exception type is logged
 stderr) and counted in ``stats.errors_by_kind``. A payload cut short by the copy range
 (NetfilterQueue's own is 4016 bytes, ours 65,535) is never modified, since a verdict with a
 payload replaces the whole packet. A payload handed back may be at most 65,531 bytes
-(:data:`~nfrewrite.core.packet.MAX_VERDICT_PACKET`: it rides in a netlink attribute whose 16-bit
+(:data:`~nfrewrite.core.constants.MAX_VERDICT_PACKET`: it rides in a netlink attribute whose 16-bit
 length counts its own header); the kernel would take a longer one's verdict without the payload
 and send the original packet, so such a packet is dropped instead (``VerdictTooLong``).
 
@@ -74,12 +74,10 @@ from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
 
-from nfrewrite.core.packet import MAX_VERDICT_PACKET
+from nfrewrite.core.constants import ACCEPT, DROP, FLOW_MARK, MAX_VERDICT_PACKET
+from nfrewrite.core.fields import ip_length
 from nfrewrite.kernel import nfnl
-from nfrewrite.kernel.firewall import FLOW_MARK
 
-DROP = 0
-ACCEPT = 1
 #: OR into ACCEPT: mark this packet's flow so every later packet of it comes to the queue.
 TRACK_FLOW = 0x100
 VERDICT_MASK = 0xFF
@@ -149,18 +147,6 @@ class QueueStats:
 
 class QueueError(RuntimeError):
     """Binding or configuring the queue failed; the message says what to check."""
-
-
-def _ip_total_length(payload: bytes) -> int | None:
-    """Length the IP header claims, to detect a copy cut short; None if unparseable."""
-    if len(payload) < 1:
-        return None
-    version = payload[0] >> 4
-    if version == 4 and len(payload) >= 4:
-        return int.from_bytes(payload[2:4], "big")
-    if version == 6 and len(payload) >= 6:
-        return 40 + int.from_bytes(payload[4:6], "big")
-    return None
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:
@@ -409,7 +395,7 @@ class QueueWorker:
             return
         if new is not None:
             new = bytes(new)
-            claimed = _ip_total_length(payload)
+            claimed = ip_length(payload)  # more than was copied: the copy range cut it
             if claimed is None or claimed > len(payload):
                 st.truncated += 1
                 self._error("TruncatedCopy", f"{len(payload)} of {claimed} bytes copied")

@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nfrewrite.config.ifname import ifname_problem
+from nfrewrite.core.constants import FLOW_MARK, FLOW_MARK_MASK
 
 CHAIN = "NFREWRITE"
 POST_CHAIN = "NFREWRITE_POST"
@@ -86,9 +87,6 @@ TABLE = "mangle"
 FORWARD_JUMP = f"-A FORWARD -j {CHAIN}"
 POST_JUMP = f"-A POSTROUTING -j {POST_CHAIN}"
 
-#: The one packet/conntrack mark bit meaning "this flow carries a sequence offset".
-FLOW_MARK = 0x01000000
-FLOW_MARK_MASK = 0x01000000
 
 #: xt_string's limit (XT_STRING_MAX_PATTERN_SIZE).
 MAX_LITERAL = 128

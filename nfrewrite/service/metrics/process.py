@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, cast
 
 from nfrewrite import __version__
-from nfrewrite.core.engine import DROP
+from nfrewrite.core.constants import DROP
 from nfrewrite.core.packet import REASONS
 from nfrewrite.service.metrics.kernelqueue import NFQUEUE_PROC, KernelQueueCollector
 from nfrewrite.service.metrics.table import (

@@ -306,13 +306,9 @@ class _Loader:
 
     def ports(self, doc: TomlFile, kp: KeyPath, value: object) -> PortRanges | None:
         what = str(kp[-1])
-        if isinstance(value, list):
-            if not value:
-                doc.error(kp, f"{what} is an empty list (it would match nothing)")
-                return None
-            items = [(kp + (i,), v) for i, v in enumerate(value)]
-        else:
-            items = [(kp, value)]
+        items = _one_or_list(doc, kp, value, what)
+        if items is None:
+            return None
         ranges: list[tuple[int, int]] = []
         for ikp, item in items:
             r = self.port_range(doc, ikp, item, what)
@@ -351,13 +347,9 @@ class _Loader:
 
     def networks(self, doc: TomlFile, kp: KeyPath, value: object) -> tuple[Network, ...] | None:
         what = str(kp[-1])
-        if isinstance(value, list):
-            if not value:
-                doc.error(kp, f"{what} is an empty list (it would match nothing)")
-                return None
-            items = [(kp + (i,), v) for i, v in enumerate(value)]
-        else:
-            items = [(kp, value)]
+        items = _one_or_list(doc, kp, value, what)
+        if items is None:
+            return None
         nets: list[Network] = []
         for ikp, item in items:
             text = doc.want_str(ikp, item, f"{what} (a CIDR like \"192.0.2.0/24\")")
@@ -408,12 +400,7 @@ class _Loader:
             return ()
         out: list[Replace] = []
         finds: set[bytes] = set()
-        for i, entry in enumerate(value):
-            ekp = kp + (i,)
-            table = doc.want_table(ekp, entry, "a replace entry")
-            if table is None:
-                continue
-            doc.check_keys(ekp, table, REPLACE_KEYS, "a replace entry")
+        for ekp, table in doc.tables_in(kp, value, "a replace entry", REPLACE_KEYS):
             find = self.bytes_of(doc, ekp, table, "find", "find_hex")
             with_ = self.bytes_of(doc, ekp, table, "with", "with_hex")
             if find is None or with_ is None:
@@ -521,12 +508,7 @@ class _Loader:
                           "output = \"...\" } ]")
             return ()
         out: list[Example] = []
-        for i, entry in enumerate(value):
-            ekp = kp + (i,)
-            table = doc.want_table(ekp, entry, "an example")
-            if table is None:
-                continue
-            doc.check_keys(ekp, table, EXAMPLE_KEYS, "an example")
+        for ekp, table in doc.tables_in(kp, value, "an example", EXAMPLE_KEYS):
             given = self.bytes_of(doc, ekp, table, "input", "input_hex")
             expected = self.bytes_of(doc, ekp, table, "output", "output_hex")
             if given is None or expected is None:
@@ -534,6 +516,18 @@ class _Loader:
             line, col = doc.at(ekp)
             out.append(Example(given, expected, line, col, _line(doc, line)))
         return tuple(out)
+
+
+def _one_or_list(
+    doc: TomlFile, kp: KeyPath, value: object, what: str
+) -> list[tuple[KeyPath, object]] | None:
+    """A match key's value as (key path, item) pairs: one value, or each of a non-empty list."""
+    if not isinstance(value, list):
+        return [(kp, value)]
+    if not value:
+        doc.error(kp, f"{what} is an empty list (it would match nothing)")
+        return None
+    return [(kp + (i,), v) for i, v in enumerate(value)]
 
 
 def _line(doc: TomlFile, line: int) -> str:

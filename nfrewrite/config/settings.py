@@ -296,12 +296,7 @@ def _bridges(  # noqa: C901 - each entry's checks fill the tables the cross-entr
     bridges: list[Bridge] = []
     names: dict[str, KeyPath] = {}
     port_owner: dict[str, str] = {}
-    for i, entry in enumerate(value):
-        bkp = kp + (i,)
-        table = doc.want_table(bkp, entry, "a bridge")
-        if table is None:
-            continue
-        doc.check_keys(bkp, table, BRIDGE_KEYS, "a bridge")
+    for bkp, table in doc.tables_in(kp, value, "a bridge", BRIDGE_KEYS):
         name: str | None = None
         if "name" not in table:
             doc.error(bkp, 'bridge has no name (add name = "br0")')

@@ -27,7 +27,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nfrewrite.config.diagnostics import Diagnostic, Severity, type_name
@@ -216,6 +216,18 @@ class TomlFile:
             return value
         self.error(path, f"{what} must be a table, not {type_name(value)}")
         return None
+
+    def tables_in(
+        self, path: KeyPath, entries: Sequence[object], what: str, allowed: Sequence[str]
+    ) -> Iterator[tuple[KeyPath, dict[str, object]]]:
+        """Each entry of an array that is a table, with its key path, its keys checked against
+        ``allowed``; an entry that is not a table is an error and skipped."""
+        for i, entry in enumerate(entries):
+            epath = path + (i,)
+            table = self.want_table(epath, entry, what)
+            if table is not None:
+                self.check_keys(epath, table, allowed, what)
+                yield epath, table
 
     def want_str(self, path: KeyPath, value: object, what: str) -> str | None:
         if isinstance(value, str):

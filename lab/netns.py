@@ -480,7 +480,7 @@ def tcp_exchange(
             server.kill()
             _, err = server.communicate(timeout=5)
             why = err.decode(errors="replace")
-            raise LabError(f"lab_peer server did not start: {line!r} {why}")
+            raise LabError(f"lab peer server did not start: {line!r} {why}")
         cli_argv = [
             sys.executable, "-m", "lab.peer", "client",
             "--connect", lab.addr("server", family), "--port", str(port),

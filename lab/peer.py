@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             conn.settimeout(max(0.1, deadline - time.monotonic()))
             got = _exchange(conn, data, args.chunk, deadline)
     except (OSError, TimeoutError) as e:
-        sys.stderr.write(f"lab_peer {args.role}: {type(e).__name__}: {e}\n")
+        sys.stderr.write(f"lab peer {args.role}: {type(e).__name__}: {e}\n")
         return 1
     sys.stdout.write(json.dumps({"received": got.hex()}) + "\n")
     return 0

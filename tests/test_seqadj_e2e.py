@@ -96,7 +96,7 @@ def _exchange_and_check(lab: Lab, family: int, size: int, seed: int,
     total_down = sum(down.count(p) for p in S2C)
     assert rewritten_count(got.server_received, C2S) > min_rewritten * total_up
     assert rewritten_count(got.client_received, S2C) > min_rewritten * total_down
-    assert rsts == []  # both ends closed with FIN (lab_peer also requires a clean EOF)
+    assert rsts == []  # both ends closed with FIN (lab.peer also requires a clean EOF)
 
 
 @pytest.mark.parametrize("family", [4, 6])

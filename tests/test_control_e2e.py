@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -238,3 +239,62 @@ def test_a_user_without_access_gets_permission_denied_and_the_group_gets_in(
         assert member.returncode == 0, member.stderr
         assert json.loads(member.stdout)["rules"][0]["name"] == "word"
 
+
+
+def test_status_shows_a_failed_reload_and_a_trace_goes_on_across_a_worker_restart(
+        lab: Lab, workdir: str) -> None:
+    config = write_lab_config(workdir, {"10.toml": RULES}, metrics_port=METRICS_PORT)
+    rule_file = os.path.join(workdir, "rules", "10.toml")
+    with running(lab, config) as daemon:
+        lab.wait_reachable()
+        with open(rule_file, "w") as f:
+            f.write(RULES.replace('with = "APPLE"', 'wiht = "APPLE"'))
+        assert "reload failed" in daemon.reload()
+        status = json.loads(nfrewrite(config, "status", "--json").stdout)
+        reload = status["last_reload"]
+        assert reload["ok"] is False and reload["reloads"] == 1
+        assert reload["error"].startswith(f"{rule_file}:5:"), reload
+        assert [r["name"] for r in status["rules"]] == ["word", "shorter"]  # still in force
+        text = nfrewrite(config, "status").stdout
+        assert f"FAILED: {rule_file}:5:" in text and "1 reload(s) since start" in text
+
+        trace = start_trace(config)
+        lines = LineReader(trace)
+        (worker,) = [int(x.split()[2]) for x in daemon.log().splitlines() if " bound queue " in x]
+        mark = len(daemon.log())
+        exchange_until_lines(lab, lines, 1)
+        os.kill(worker, signal.SIGKILL)
+        daemon.wait_log(" bound queue 0 ", after=mark, timeout=20)
+        before = len(lines.lines)
+        exchange_until_lines(lab, lines, before + 1)  # the new worker traces at once
+        trace.send_signal(signal.SIGINT)  # Ctrl-C
+        assert trace.wait(10) == 0
+        lines.thread.join(5)
+        assert lines.lines and all(" word " in line for line in lines.lines)
+        assert trace.stderr is not None
+        assert trace.stderr.read().splitlines()[-1] == (
+            f"nfrewrite trace: {len(lines.lines)} packets traced")
+
+
+class LineReader:
+    """A trace's stdout lines, collected by a thread as they come."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.lines: list[str] = []
+        self._stdout = proc.stdout
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            self.lines.append(line)
+
+
+def exchange_until_lines(lab: Lab, reader: LineReader, n: int) -> None:
+    """Connections with the pattern until the trace printed ``n`` lines in all."""
+    deadline = time.monotonic() + 30
+    while len(reader.lines) < n:
+        assert time.monotonic() < deadline, "no trace line"
+        tcp_exchange(lab, b"an apple", b"ok", port=8080)
+        time.sleep(0.1)

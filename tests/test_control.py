@@ -613,3 +613,27 @@ def test_the_trace_bench_runs_the_worker_handler_with_and_without_the_hook() -> 
     r = bench_trace.measure(bench_trace.WIRE, 20, rounds=2)
     assert r["records"] > 0  # "on" traced
     assert r["none_ns"] > 0 and r["off_ns"] > 0 and r["noise"] >= 0
+
+
+def test_a_taken_default_socket_is_a_warning_a_configured_one_a_start_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Daemons in several network namespaces may share a runtime directory (their sysctl
+    records and locks are per namespace): the second one's default socket is taken."""
+    from nfrewrite.config.settings import Config
+    from nfrewrite.core.rules import RuleSet
+    from nfrewrite.service.daemon import StartError, Supervisor
+
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    with C.ControlServer(str(tmp_path / "control.sock"), dict, list, log=lambda line: None):
+        sup = Supervisor("n.toml", Config("n.toml"), RuleSet([]))
+        sup._start_control()
+        assert sup.control is None
+        err = capsys.readouterr().err
+        assert err == (f"nfrewrite: warning: control socket {tmp_path}/control.sock: another "
+                       "nfrewrite answers there; set [control] socket to another path; nfrewrite "
+                       "status and trace cannot reach this daemon\n")
+        configured = Config("n.toml", control=ControlConfig(str(tmp_path / "control.sock")))
+        with pytest.raises(StartError, match="another nfrewrite answers there"):
+            Supervisor("n.toml", configured, RuleSet([]))._start_control()

@@ -51,7 +51,9 @@ Processes forked while the server runs (workers, a reload's loader) close their 
 descriptors at once. On stop, trace clients get ``{"end": "stopping"}`` (written for up to
 :data:`CLOSE_FLUSH` seconds), every connection is closed and the socket file removed (if it is
 still the one bound here). A socket file left by a killed daemon is removed at the next start
-(nothing answers on it); one on which something answers is left alone and the start fails.
+(nothing answers on it); one on which something answers is left alone (:class:`ControlError`: the
+supervisor then fails to start if the path was configured, else runs without a control socket,
+as a second daemon in another network namespace sharing the runtime directory would).
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ firewall or the network set-up.
 Start (each step only after the previous one succeeded)::
 
     config + rules valid -> this network namespace's lock -> metrics dir + HTTP
-    -> bridges/ports/offloads -> workers bound (fail-open set) -> firewall rules installed
-    -> READY=1
+    -> control socket -> bridges/ports/offloads -> workers bound (fail-open set)
+    -> firewall rules installed -> READY=1
 
 so that no packet is queued before a worker is there to take it (and if one were, the rules'
-``--queue-bypass`` would let it pass). Stop is the reverse: STOPPING=1, firewall rules removed
+``--queue-bypass`` would let it pass). Stop is the reverse: STOPPING=1, control socket closed
+(a running ``nfrewrite trace`` is told, the socket file removed), firewall rules removed
 (new packets stay in the kernel), workers told to stop (they verdict what is waiting and unbind),
 HTTP closed, sysctls put back, lock released, metrics dir removed. Bridges stay up so traffic
 keeps flowing without us. The sysctls (br_netfilter's switches, conntrack's liberal TCP mode) are
@@ -36,7 +37,13 @@ and counted.
 Each worker talks to the supervisor over one pipe: "bound" once its queue is configured, a
 heartbeat from its packet loop at least twice a second, and it receives new compiled rule sets.
 The supervisor sends ``WATCHDOG=1`` only while every worker's heartbeat is fresh, so a stuck packet
-loop makes systemd restart the service.
+loop makes systemd restart the service. The same pipe carries what to trace (a ``("trace", spec)``
+message, sent by the main loop when the control server's wish changed, and to a worker that
+starts during a trace); trace records come back on a second channel per worker, a socket pair
+whose supervisor end the control server reads (:mod:`nfrewrite.service.control`,
+:mod:`nfrewrite.service.trace`), so records never wait behind heartbeats or block a worker. The
+control server answers ``nfrewrite status`` from its own thread with a snapshot of the
+supervisor's state and the metrics.
 
 SIGHUP (``systemctl reload``): RELOADING=1, re-read config and rules; on any error log every
 diagnostic (``path:line:col``) and keep the running rules; else swap the kernel prefilter
@@ -675,7 +682,12 @@ class Supervisor:
             self.control = control.ControlServer(
                 path, self._control_status, lambda: [r.name for r in self.ruleset.rules], log=log)
         except control.ControlError as e:
-            raise StartError(str(e)) from e
+            if self.config.control.socket is not None:  # asked for: a start failure
+                raise StartError(str(e)) from e
+            # the default, taken (say by a daemon in another network namespace sharing the
+            # runtime directory, which worked before there was a socket): run without one
+            log(f"warning: {e}; nfrewrite status and trace cannot reach this daemon")
+            return
         log(f"control socket {path}")
 
     def _stop_control(self) -> None:

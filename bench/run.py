@@ -40,6 +40,11 @@ plus wire packets/s with small segments (MSS 100, from goodput) for 3 and 4, and
 ping-pong round trip (1 byte each way; p50/p99) for 1, 2, 3 and 4 (for 3 and 4 the client ->
 server half is queued; 2 is the daemon running with the flow kept in the kernel).
 
+Micro-benchmarks before the rows: the packet core against scapy, rule matching with 1 and 1000
+rules, and the trace hook (``bench/bench_trace.py``): row 4's packets through the worker's own
+packet handler with and without the hook, side by side; its goal is that the hook, while nobody
+traces, costs no more than the noise between two identical handlers.
+
 It must clean up after itself on any exit: the lab (its namespaces and every process in them)
 goes on Ctrl-C and SIGTERM too.
 """
@@ -184,6 +189,11 @@ def summarize(by_key: dict[str, Case], micro: dict[str, dict[str, float]]) -> tu
         Goal("micro: match 1000 rules / 1 rule", micro["match"]["ratio"], "<= 1.2",
              micro["match"]["ratio"] <= 1.2),
     ]
+    trace = micro.get("trace") or {}
+    if trace:  # the hook while nobody traces, on row 4's packets: within the noise
+        limit = 1 + trace["super_noise"]
+        goals.append(Goal("micro: trace hook off / no hook (row 4)", trace["super_off_ratio"],
+                          f"<= {limit:.3f}", trace["super_off_ratio"] <= limit))
     return med, goals
 
 
@@ -248,10 +258,19 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
         f"micro: packet core {p['packet_nfrewrite_ns'] / 1000:.2f} us vs scapy "
         f"{p['packet_scapy_ns'] / 1000:.1f} us; match {mm['match_1_rule_ns']:.0f} ns (1 rule) vs "
         f"{mm['match_1000_rules_ns']:.0f} ns (1000 rules)",
+        *(f"micro: {line}" for line in _trace_lines(micro.get("trace") or {})),
         f"workers: 8 flows from {', '.join(split['sources'])}; --queue-balance hashes the "
         f"address pair only; packets per queue in 7b: {split['per_queue']}",
     ]
     return "\n".join(lines)
+
+
+def _trace_lines(trace: dict[str, float]) -> list[str]:
+    if not trace:
+        return []
+    from bench.bench_trace import describe
+
+    return describe(trace)
 
 
 def _loadavg(load: tuple[float, float, float]) -> str:
@@ -303,12 +322,14 @@ def main(argv: list[str] | None = None) -> int:
             micro = {"packet": {"packet_speedup": float("nan"), "packet_nfrewrite_ns": 0,
                                 "packet_scapy_ns": 0},
                      "match": {"ratio": float("nan"), "match_1_rule_ns": 0,
-                               "match_1000_rules_ns": 0}}
+                               "match_1000_rules_ns": 0},
+                     "trace": {}}
         else:
-            from bench import bench_match, bench_packet
+            from bench import bench_match, bench_packet, bench_trace
 
-            log("micro-benchmarks: packet core, rule matching")
-            micro = {"packet": bench_packet.run(), "match": bench_match.run()}
+            log("micro-benchmarks: packet core, rule matching, trace hook")
+            micro = {"packet": bench_packet.run(), "match": bench_match.run(),
+                     "trace": bench_trace.run(rounds=10 if args.quick else bench_trace.ROUNDS)}
         with lb.bench_lab() as bench:
             log(f"lab {bench.lab.tag} up; finding client addresses for both queues")
             sources, where = bench.balanced_sources()

@@ -1,4 +1,4 @@
-"""The ``nfrewrite`` command: ``check``, ``run``, ``replay``.
+"""The ``nfrewrite`` command: ``check``, ``run``, ``replay``, ``status``, ``trace``.
 
 Theory of operation
 -------------------
@@ -10,7 +10,10 @@ parser from the registry, runs the chosen function and turns failures into exit 
     0  success
     1  invalid config or rules (diagnostics on stderr: ``path:line:col: error: text``, line, caret)
     2  usage error (argparse)
-    4  runtime failure (one line on stderr; set NFREWRITE_DEBUG=1 for the traceback)
+    3  ``status``/``trace``: the daemon does not answer (not running, a socket left by a killed
+       one, no reply in time), one line on stderr
+    4  runtime failure (one line on stderr; set NFREWRITE_DEBUG=1 for the traceback);
+       ``status``/``trace``: also "permission denied" on the control socket
     5  replay: the input capture is damaged part way (one line on stderr saying where; the output
        holds the packets before the damage, their summary goes to stdout)
 
@@ -20,6 +23,7 @@ Diagnostics and warnings go to stderr; a command's result (``check``'s summary l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +37,7 @@ from nfrewrite.config.settings import load_all
 __all__ = [
     "EXIT_DAMAGED_INPUT",
     "EXIT_INVALID",
+    "EXIT_NOT_RUNNING",
     "EXIT_OK",
     "EXIT_RUNTIME",
     "EXIT_USAGE",
@@ -44,6 +49,7 @@ __all__ = [
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3  # status, trace: as ``systemctl is-active`` says of a stopped unit
 EXIT_RUNTIME = 4
 EXIT_DAMAGED_INPUT = 5
 
@@ -195,6 +201,162 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     print(summary.format())
     return EXIT_OK
+
+
+# -- watching the running daemon: status, trace ------------------------------------------------
+
+
+def _control_socket(config: str) -> tuple[str, str | None]:
+    from nfrewrite.service.control import socket_path_from_file
+
+    return socket_path_from_file(config)
+
+
+def _control_failed(command: str, exc: Exception) -> int:
+    """One line for a control socket that cannot be used; the exit code it means."""
+    from nfrewrite.service.control import NotRunning
+
+    print(f"nfrewrite {command}: {exc}", file=sys.stderr)
+    # NoAccess: the daemon may well run, we cannot tell (as a refusal from the daemon): 4
+    return EXIT_NOT_RUNNING if isinstance(exc, NotRunning) else EXIT_RUNTIME
+
+
+@command(
+    "status",
+    "what the running daemon does: uptime, last reload, bridges, queues and workers, rules in "
+    "force with their hit counts (exit 0 it answered, 3 it does not)",
+    CONFIG_ARG,
+    arg("--json", action="store_true", help="print the status as one JSON object"),
+)
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from nfrewrite.service.control import ControlError, ask_status, format_status
+
+    path, note = _control_socket(args.config)
+    try:
+        status = ask_status(path, note=note)
+    except ControlError as exc:
+        return _control_failed("status", exc)
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive number")
+    return n
+
+
+@command(
+    "trace",
+    "live: one line per packet a rule changed or dropped (time, queue, addresses, rules, length "
+    "before -> after, sequence offset); ends on Ctrl-C, --count, or when the daemon stops",
+    CONFIG_ARG,
+    arg("--rule", metavar="NAME", action="append", default=None,
+        help="only packets this rule acted on (repeat for several)"),
+    arg("--count", metavar="N", type=_positive, default=None, help="stop after N packets"),
+    arg("--json", action="store_true", help="one JSON object per packet"),
+)
+def cmd_trace(args: argparse.Namespace) -> int:
+    from nfrewrite.service.control import ControlError, connect, trace_request
+
+    path, note = _control_socket(args.config)
+    try:
+        sock = connect(path, note=note)
+    except ControlError as exc:
+        return _control_failed("trace", exc)
+    with sock:
+        return _trace(sock, path, trace_request(args.rule, args.count), args.count, args.json)
+
+
+def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
+           as_json: bool) -> int:
+    """Read a trace until it ends; Ctrl-C and a closed stdout end it cleanly too."""
+    import json
+
+    from nfrewrite.service.control import (
+        READY_TIMEOUT,
+        REPLY_TIMEOUT,
+        Lines,
+        format_trace,
+        send_request,
+    )
+    from nfrewrite.service.trace import MAX_RECORDS_PER_SECOND
+
+    def say(text: str) -> None:
+        print(f"nfrewrite trace: {text}", file=sys.stderr, flush=True)
+
+    lines = Lines(sock)
+    packets = dropped = 0
+    end: dict[str, Any] | None = None
+    try:
+        send_request(sock, request)
+        first = lines.next(REPLY_TIMEOUT)
+        if first is None:
+            say(f"no answer from {path}: the connection closed")
+            return EXIT_NOT_RUNNING
+        if not first.get("ok"):
+            say(f"error: {first.get('error', 'refused')}")
+            return EXIT_RUNTIME
+        # "ready" comes within READY_TIMEOUT; then packets whenever a rule acts on one
+        timeout: float | None = READY_TIMEOUT + REPLY_TIMEOUT
+        while count is None or packets < count:
+            message = lines.next(timeout)
+            if message is None:
+                break
+            if "packet" in message:
+                record = message["packet"]
+                line = json.dumps(record) if as_json else format_trace(record)
+                print(line, flush=True)
+                packets += 1
+            elif "ready" in message:
+                timeout = None
+                ready = message["ready"]
+                queues = ", ".join(map(str, ready.get("queues", []))) or "none"
+                late = ready.get("unconfirmed") or []
+                say(f"tracing queue(s) {queues}" + (
+                    f" (not confirmed yet: {', '.join(map(str, late))})" if late else "")
+                    + "; Ctrl-C to stop")
+            elif "end" not in message and message.get("dropped", 0) > dropped:
+                dropped = message["dropped"]
+                say(f"{dropped} trace lines dropped so far (each worker sends at most "
+                    f"{MAX_RECORDS_PER_SECOND} per second; a slow reader loses lines too)")
+            if "end" in message:
+                end = message
+                break
+    except KeyboardInterrupt:
+        say(f"{packets} packets traced" + (f", {dropped} lines dropped" if dropped else ""))
+        return EXIT_OK
+    except TimeoutError:
+        say(f"no answer from {path} in time")
+        return EXIT_NOT_RUNNING
+    except BrokenPipeError:  # stdout closed (| head): the trace is over
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (ConnectionError, ValueError) as exc:
+        say(f"the connection to {path} broke: {exc}")
+        return EXIT_NOT_RUNNING
+    if end is not None:
+        dropped = max(dropped, int(end.get("dropped", 0)))
+    summary = f"{packets} packets traced" + (f", {dropped} lines dropped" if dropped else "")
+    if count is not None and packets >= count:
+        if dropped:
+            say(summary)
+        return EXIT_OK
+    if end is not None and end.get("end") == "stopping":
+        say(f"the daemon stopped; {summary}")
+    else:
+        say(f"the daemon closed the trace; {summary}")
+    return EXIT_NOT_RUNNING
 
 
 # -- plumbing ----------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ Schema (defaults in brackets)::
     [flows]
     max          = 65536           # [65536] tracked flows, 1..2**31-1
     idle_timeout = 300             # [300] seconds (integer or float) > 0, at most a week
+    [control]
+    socket   = "/run/nfrewrite/control.sock"  # [$RUNTIME_DIRECTORY/control.sock, else this]
+                                   # the UNIX socket of ``nfrewrite status``/``trace``; a
+                                   # relative path is taken from this file's directory
     [security]
     strict_permissions = true      # [true] false: a rule file or the rules directory that is
                                    # writable by group/others or owned by another user is only
@@ -63,6 +67,7 @@ from nfrewrite.core.rules import RuleSet
 __all__ = [
     "Bridge",
     "Config",
+    "ControlConfig",
     "Diagnostic",
     "FlowsConfig",
     "MetricsConfig",
@@ -73,7 +78,7 @@ __all__ = [
     "load_config",
 ]
 
-TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security")
+TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security", "control")
 BRIDGE_KEYS = ("name", "ports", "offloads")
 # the offload features a bridge port may set: the one list (nfrewrite.kernel.netsetup maps each to
 # its ethtool name and reads them all back; the metrics label values come from there)
@@ -82,6 +87,9 @@ QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)
 FLOWS_KEYS = ("max", "idle_timeout")
 SECURITY_KEYS = ("strict_permissions",)
+CONTROL_KEYS = ("socket",)
+#: Longest path a UNIX socket can be bound at (``sun_path`` holds 108 bytes with the final NUL).
+MAX_SOCKET_PATH = 107
 
 INT31 = 2**31 - 1
 WEEK = 7 * 24 * 3600
@@ -147,6 +155,15 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """``[control]``: ``socket`` is the path as configured (resolved against the config file's
+    directory), or None when not set: then the daemon's runtime directory decides (see
+    :mod:`nfrewrite.service.control`)."""
+
+    socket: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str  # the config file as given
     rules_dir: str = "rules"  # resolved against the config file's directory
@@ -155,6 +172,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     flows: FlowsConfig = field(default_factory=FlowsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     @property
     def bridge_ports(self) -> tuple[str, ...]:
@@ -277,10 +295,11 @@ def _build(doc: TomlFile, data: dict[str, object]) -> Config | None:
             kp: KeyPath = ("security", "strict_permissions")
             strict = doc.want_bool(kp, table["strict_permissions"], "security.strict_permissions")
             security = SecurityConfig(strict if strict is not None else True)
+    control = _control(doc, data["control"]) if "control" in data else ControlConfig()
     if has_errors(doc.diagnostics):
         return None
     return Config(doc.path, _resolve(doc.path, rules_dir), bridges, queue, metrics, flows,
-                  security)
+                  security, control)
 
 
 def _bridges(  # noqa: C901 - each entry's checks fill the tables the cross-entry checks read
@@ -444,3 +463,30 @@ def _flows(doc: TomlFile, value: object) -> FlowsConfig:
         else:
             idle = float(raw)
     return FlowsConfig(max_flows, idle)
+
+
+def _control(doc: TomlFile, value: object) -> ControlConfig:
+    table = _table(doc, "control", value, CONTROL_KEYS)
+    if "socket" not in table:
+        return ControlConfig()
+    kp: KeyPath = ("control", "socket")
+    text = doc.want_str(kp, table["socket"], "control.socket")
+    if text is None:
+        return ControlConfig()
+    if not text:
+        doc.error(kp, "control.socket must not be empty (leave it out for the default)")
+        return ControlConfig()
+    if "\0" in text:
+        doc.error(kp, "control.socket must not contain a NUL character")
+        return ControlConfig()
+    path = _resolve(doc.path, text)
+    if text.endswith("/"):
+        doc.error(kp, f"control.socket {text!r} names a directory; name the socket file in it, "
+                      f"e.g. {text.rstrip('/') + '/control.sock'!r}")
+        return ControlConfig()
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        doc.error(kp, f"control.socket {path!r} is {size} bytes long; a UNIX socket path can "
+                      f"have at most {MAX_SOCKET_PATH}")
+        return ControlConfig()
+    return ControlConfig(path)

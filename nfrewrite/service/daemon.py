@@ -9,11 +9,12 @@ firewall or the network set-up.
 Start (each step only after the previous one succeeded)::
 
     config + rules valid -> this network namespace's lock -> metrics dir + HTTP
-    -> bridges/ports/offloads -> workers bound (fail-open set) -> firewall rules installed
-    -> READY=1
+    -> control socket -> bridges/ports/offloads -> workers bound (fail-open set)
+    -> firewall rules installed -> READY=1
 
 so that no packet is queued before a worker is there to take it (and if one were, the rules'
-``--queue-bypass`` would let it pass). Stop is the reverse: STOPPING=1, firewall rules removed
+``--queue-bypass`` would let it pass). Stop is the reverse: STOPPING=1, control socket closed
+(a running ``nfrewrite trace`` is told, the socket file removed), firewall rules removed
 (new packets stay in the kernel), workers told to stop (they verdict what is waiting and unbind),
 HTTP closed, sysctls put back, lock released, metrics dir removed. Bridges stay up so traffic
 keeps flowing without us. The sysctls (br_netfilter's switches, conntrack's liberal TCP mode) are
@@ -36,7 +37,13 @@ and counted.
 Each worker talks to the supervisor over one pipe: "bound" once its queue is configured, a
 heartbeat from its packet loop at least twice a second, and it receives new compiled rule sets.
 The supervisor sends ``WATCHDOG=1`` only while every worker's heartbeat is fresh, so a stuck packet
-loop makes systemd restart the service.
+loop makes systemd restart the service. The same pipe carries what to trace (a ``("trace", spec)``
+message, sent by the main loop when the control server's wish changed, and to a worker that
+starts during a trace); trace records come back on a second channel per worker, a socket pair
+whose supervisor end the control server reads (:mod:`nfrewrite.service.control`,
+:mod:`nfrewrite.service.trace`), so records never wait behind heartbeats or block a worker. The
+control server answers ``nfrewrite status`` from its own thread with a snapshot of the
+supervisor's state and the metrics.
 
 SIGHUP (``systemctl reload``): RELOADING=1, re-read config and rules; on any error log every
 diagnostic (``path:line:col``) and keep the running rules; else swap the kernel prefilter
@@ -69,6 +76,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -82,6 +90,7 @@ from nfrewrite.core.rules import RuleSet
 from nfrewrite.kernel import netsetup
 from nfrewrite.service import metrics
 from nfrewrite.service.fdreserve import FdReserve
+from nfrewrite.service.trace import WorkerTracer
 
 if TYPE_CHECKING:
     from nfrewrite.kernel.ruletext import Plan
@@ -147,8 +156,15 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connection) -> None:
-    """A worker process: one queue, one engine, until SIGTERM."""
+def worker_main(
+    queue_num: int,
+    config: Config,
+    ruleset: RuleSet,
+    conn: Connection,
+    trace_sock: socket.socket | None = None,
+) -> None:
+    """A worker process: one queue, one engine, until SIGTERM. ``trace_sock``: its end of the
+    trace channel (see :mod:`nfrewrite.service.trace`), if the supervisor made one."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -161,6 +177,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
     flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout)
     engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu())
     wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
+    tracer = WorkerTracer(queue_num, trace_sock, flows)
     observe = wm.observe
     process = engine.process
 
@@ -180,6 +197,8 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
             observe(PASS, perf_counter() - t0)
             raise  # the queue accepts the packet unmodified and logs once per kind
         observe(res, perf_counter() - t0)
+        if tracer.active:  # trace hook: the one test per packet while nobody traces
+            tracer.packet(payload, meta, res)
         if res.track:
             return res.verdict | TRACK_FLOW, res.packet
         return res.verdict, res.packet
@@ -194,6 +213,9 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
                 engine.ruleset = new
                 wm.set_rules([r.name for r in new.rules])
                 conn.send(("rules-ok",))
+            elif msg[0] == "trace":
+                tracer.configure(msg[1])
+        tracer.idle()
 
     qw = QueueWorker(
         queue_num,
@@ -215,6 +237,7 @@ def worker_main(queue_num: int, config: Config, ruleset: RuleSet, conn: Connecti
         qw.run()
     finally:
         qw.unbind()
+        tracer.close()
 
 
 # -- loader side (one reload) ------------------------------------------------------------------
@@ -265,6 +288,12 @@ class Supervisor:
     _stop: bool = False
     _reloading: Reload | None = None  # the loader at work, if any
     _reload_again: bool = False  # a SIGHUP came during that reload: one more follows it
+    control: Any = None  # the control socket's server (nfrewrite.service.control), once up
+    _trace_sent: dict[str, Any] | None = None  # the trace spec the workers were last sent
+    _started: float = 0.0  # time.time() at start
+    _last_reload: Any = None  # control.ReloadState of the load at start or the last reload
+    _reloads: int = 0  # reloads tried since the start
+    _reload_errors: list[str] = field(default_factory=list)  # the failed reload's first errors
 
     def __post_init__(self) -> None:
         from nfrewrite.service.sdnotify import Notifier
@@ -285,6 +314,7 @@ class Supervisor:
 
         cfg = self.config
         queues = list(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
+        self._started = time.time()
         self.sysctls = netsetup.SysctlKeeper()
         try:  # first: a second daemon here must leave the running one's state alone
             self.sysctls.lock(wait=LOCK_WAIT)
@@ -302,6 +332,7 @@ class Supervisor:
             self.sup = metrics.SupervisorMetrics(queues, ports=cfg.bridge_ports)
             server = metrics.serve((cfg.metrics.host, cfg.metrics.port), self.sup.registry)
             log(f"metrics on http://{cfg.metrics.listen}/metrics")
+            self._start_control()
             self._setup_network()
             self._ensure_liberal_conntrack(self.ruleset)
             for q in queues:
@@ -311,6 +342,7 @@ class Supervisor:
             self.firewall = firewall
             self.sup.rules_loaded(len(self.ruleset.rules))
             self.sup.reload(True, time.time())
+            self._note_reload(True, start=True)
             status = self._status()
             log(f"ready: {status}")
             self.notifier.ready(status)
@@ -321,6 +353,7 @@ class Supervisor:
             return 4
         finally:
             self.notifier.stopping()
+            self._stop_control()
             self._cancel_reload()
             self._fds.release()  # room for the teardown, however full the table is
             if firewall is not None:
@@ -398,13 +431,18 @@ class Supervisor:
 
     def _start_worker(self, queue_num: int) -> Worker:
         parent, child = self._ctx.Pipe()
+        trace_end = self._trace_channel(queue_num)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(queue_num, self.config, self.ruleset, child),
+            args=(queue_num, self.config, self.ruleset, child, trace_end),
             name=f"nfrewrite-q{queue_num}",
             daemon=True,
         )
-        proc.start()
+        try:
+            proc.start()
+        finally:
+            if trace_end is not None:
+                trace_end.close()
         child.close()
         if not parent.poll(BIND_TIMEOUT):
             proc.kill()
@@ -417,6 +455,9 @@ class Supervisor:
             proc.join(1)
             raise StartError(msg[1])
         log(f"worker {proc.pid} bound queue {queue_num} (fail-open)")
+        if self._trace_sent is not None:  # a trace is running: this worker joins it
+            with contextlib.suppress(OSError):
+                parent.send(("trace", self._trace_sent))
         return Worker(queue_num, proc, parent, time.monotonic())
 
     def _loop(self) -> None:
@@ -428,6 +469,7 @@ class Supervisor:
                 with self._fds.released():  # a loader is a fork and a pipe
                     self._start_reload()
             self._finish_reload()
+            self._sync_trace()
             self._ping_watchdog()
 
     def _ping_watchdog(self, *, force: bool = False) -> None:
@@ -567,6 +609,7 @@ class Supervisor:
     def _reload_failed(self, message: str) -> None:
         log(message)
         self.sup.reload(False, time.time())
+        self._note_reload(False, message)
         self.notifier.ready(f"reload failed; {self._status()}")
 
     def _apply(
@@ -586,9 +629,11 @@ class Supervisor:
         for d in diags:
             print(d.format(), file=sys.stderr, flush=True)
         if config is None or ruleset is None or has_errors(diags):
+            self._reload_errors = [d.format().splitlines()[0] for d in diags
+                                   if d.severity == "error"]
             self._reload_failed("reload failed: keeping the running rules")
             return
-        for what in ("bridges", "queue", "metrics"):
+        for what in ("bridges", "queue", "metrics", "control"):
             if getattr(config, what) != getattr(self.config, what):
                 log(f"reload: [{what}] changed; it takes effect at the next restart")
         self._ping_watchdog(force=True)
@@ -623,9 +668,98 @@ class Supervisor:
             log(f"reload: {len(pending)} worker(s) did not confirm the new rules in time")
         self.sup.rules_loaded(len(ruleset.rules))
         self.sup.reload(True, time.time())
+        self._note_reload(True)
         status = self._status()
         log(f"reload done: {status}")
         self.notifier.ready(status)
+
+    # -- the control socket (nfrewrite status, nfrewrite trace) -----------------------------------
+    def _start_control(self) -> None:
+        from nfrewrite.service import control
+
+        path = control.socket_path(self.config)
+        try:
+            self.control = control.ControlServer(
+                path, self._control_status, lambda: [r.name for r in self.ruleset.rules], log=log)
+        except control.ControlError as e:
+            if self.config.control.socket is not None:  # asked for: a start failure
+                raise StartError(str(e)) from e
+            # the default, taken (say by a daemon in another network namespace sharing the
+            # runtime directory, which worked before there was a socket): run without one
+            log(f"warning: {e}; nfrewrite status and trace cannot reach this daemon")
+            return
+        log(f"control socket {path}")
+
+    def _stop_control(self) -> None:
+        """Stopping: trace clients are told, the socket file removed."""
+        if self.control is not None:
+            self.control.close("stopping")
+
+    def _trace_channel(self, queue_num: int) -> socket.socket | None:
+        """A trace socket pair for a worker about to start: the supervisor's end goes to the
+        control server, the worker's end is returned (None: no tracing for this worker)."""
+        if self.control is None:
+            return None
+        from nfrewrite.service.trace import socket_pair
+
+        try:
+            ours, theirs = socket_pair()
+        except OSError as e:  # out of descriptors: the worker runs, untraceable
+            log(f"worker for queue {queue_num}: no trace channel ({e.strerror}); "
+                "it cannot be traced")
+            return None
+        self.control.attach(queue_num, ours)
+        return theirs
+
+    def _sync_trace(self) -> None:
+        """Send the workers what to trace when the control server's wish changed."""
+        if self.control is None:
+            return
+        spec = self.control.trace_spec()
+        if spec == self._trace_sent:
+            return
+        self._trace_sent = spec
+        for w in self.workers:
+            if w.conn is not None:
+                with contextlib.suppress(OSError):
+                    w.conn.send(("trace", spec))
+
+    def _note_reload(self, ok: bool, message: str | None = None, *, start: bool = False) -> None:
+        """Remember the outcome of the load at start or a reload, for ``status``."""
+        from nfrewrite.service.control import ReloadState
+
+        if not start:
+            self._reloads += 1
+        error = None
+        if not ok:
+            error = message or "reload failed"
+            if self._reload_errors:
+                more = len(self._reload_errors) - 1
+                error = self._reload_errors[0] + (f" (and {more} more errors)" if more else "")
+        self._reload_errors = []
+        self._last_reload = ReloadState(time.time(), ok, error, self._reloads)
+
+    def _control_status(self) -> dict[str, Any]:
+        """The answer to ``nfrewrite status`` (called in the control server's thread: reads a
+        snapshot of what the main loop keeps, never waits for it)."""
+        from nfrewrite.service import control
+
+        now = time.monotonic()
+        ruleset = self.ruleset
+        workers = [
+            control.WorkerState(
+                w.queue_num, w.process.pid if w.process is not None else None,
+                (now - w.last_beat) if w.conn is not None else None)
+            for w in list(self.workers)
+        ]
+        return control.build_status(
+            config_path=self.config_path, config=self.config,
+            rules=[(r.name, r.path, r.line) for r in ruleset.rules],
+            rule_files=len(ruleset.files), workers=workers,
+            reload=self._last_reload or control.ReloadState(self._started, True),
+            samples=control.collect_samples(self.sup.registry), started=self._started,
+            control_socket=self.control.path if self.control is not None else "",
+        )
 
     def _stop_workers(self) -> None:
         for w in self.workers:

@@ -212,9 +212,9 @@ def example_packet(match: Match, payload: bytes) -> bytes:
         ip[10:12] = cs.fold_field(cs.ones_sum(ip)).to_bytes(2, "big")
     else:
         ip = bytearray(struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src, dst))
-    pseudo = cs.ones_sum(src) + cs.ones_sum(dst) + 6 + len(tcp)
-    tcp[16:18] = cs.fold_field(pseudo + cs.ones_sum(tcp)).to_bytes(2, "big")
-    return bytes(ip + tcp)
+    pkt = parse(ip + tcp, csum_partial=True)  # the TCP checksum is written by finish()
+    assert isinstance(pkt, TcpPacket)
+    return pkt.finish()
 
 
 def _address_in(

@@ -14,6 +14,7 @@ from nfrewrite.core.seqadj import (
     Edit,
     FindEdits,
     Flow,
+    FlowKey,
     FlowTable,
     SegmentPlan,
     apply_edits,
@@ -24,16 +25,14 @@ M32 = 1 << 32
 
 
 def matcher(*rules: tuple[bytes, bytes]) -> FindEdits:
-    """A literal matcher like the engine's: search the whole payload, keep starts >= fresh_from."""
+    """A literal matcher like the engine's: every match in the whole payload, tagged with its
+    pattern."""
     table = dict(rules)
     pattern = re.compile(b"|".join(re.escape(f) for f, _ in rules))
 
-    def find(payload: bytes, fresh_from: int) -> list[Edit]:
-        return [
-            (m.start(), m.end(), table[m.group()])
-            for m in pattern.finditer(payload)
-            if m.start() >= fresh_from
-        ]
+    def find(payload: bytes) -> list[Edit]:
+        return [(m.start(), m.end(), table[m.group()], m.group())
+                for m in pattern.finditer(payload)]
 
     return find
 
@@ -57,6 +56,12 @@ def seg(
     find: FindEdits = BOTH,
 ) -> SegmentPlan:
     return flow.rewrite(direction, seq % M32, ack, flags, payload, sack or [], now, find)
+
+
+def created(table: FlowTable, key: FlowKey, now: float) -> Flow:
+    flow = table.create(key, now)
+    assert flow is not None
+    return flow
 
 
 def out(plan: SegmentPlan, payload: bytes) -> bytes:
@@ -97,7 +102,7 @@ def test_many_edits_accumulate_grow_and_shrink() -> None:
     f = Flow(None, 0.0)
     p = seg(f, 0, 0, b"AB..CDEF..AB")  # +3 -3 +3
     assert p.payload == b"xxxxx..c..xxxxx" and p.fresh_edits == (0, 1, 2)
-    assert p.applied == ((0, 2, b"xxxxx"), (4, 8, b"c"), (10, 12, b"xxxxx"))
+    assert p.applied == ((0, 2, b"xxxxx", b"AB"), (4, 8, b"c", b"CDEF"), (10, 12, b"xxxxx", b"AB"))
     assert seg(f, 0, 12, b"z").new_seq == 15
     assert seg(f, 0, 13, b"CDEF").payload == b"c"
     assert seg(f, 0, 17, b"z").new_seq == 17
@@ -197,7 +202,7 @@ def test_what_the_other_side_acknowledged_before_we_saw_its_data_is_never_fresh(
     seg(f, 0, 0, b"AB", ack=500)  # creates the flow; host 0 has received stream 1 up to 500
     p = seg(f, 1, 480, b"..........AB........AB..")  # AB at 490 passed before; AB at 500 is new
     assert p.new_seq == 480 and p.payload == b"..........AB........xxxxx.."
-    assert p.applied == ((20, 22, b"xxxxx"),)
+    assert p.applied == ((20, 22, b"xxxxx", b"AB"),)
 
 
 def test_bytes_before_the_flow_began_get_same_length_edits_as_the_stateless_path_gave() -> None:
@@ -296,24 +301,19 @@ def test_a_fin_retransmitted_with_acked_data_keeps_its_place() -> None:
     assert p.action == "send_empty" and p.new_seq == 7
 
 
-def test_a_direction_keeps_at_most_max_edits_and_refusals_are_counted() -> None:
-    table = FlowTable(max_edits=2)
-    f = table.create(flow_key(b"\1\1\1\1", 1, b"\2\2\2\2", 2)[0], 0.0)
-    p = seg(f, 0, 0, b"AB.AB.AB")
-    assert p.payload is None and p.fresh_edits == () and "refused" in p.events
-    assert table.edits_refused == 3
-    assert seg(f, 0, 8, b"AB").fresh_edits == (0,)
-
-
 def test_a_matcher_that_breaks_its_contract_is_an_error() -> None:
     f = Flow(None, 0.0)
     seg(f, 0, 0, b"....")
 
-    def bad(payload: bytes, fresh_from: int) -> list[Edit]:
-        return [(0, 2, b"x")]
+    def overlapping(payload: bytes) -> list[Edit]:
+        return [(0, 2, b"x", None), (1, 3, b"y", None)]
 
-    with pytest.raises(ValueError):
-        seg(f, 0, 2, b"..zz", find=bad)
+    def outside(payload: bytes) -> list[Edit]:
+        return [(3, 9, b"x", None)]
+
+    for bad in (overlapping, outside):
+        with pytest.raises(ValueError):
+            seg(f, 0, 4, b"..zz", find=bad)
 
 
 # -- lifecycle ----------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ KEY = flow_key(b"\x0a\0\0\1", 1234, b"\x0a\0\0\2", 80)[0]
 
 def test_fin_in_both_directions_each_acked_ends_the_flow_after_the_grace_period() -> None:
     table = FlowTable(close_grace=10.0)
-    f = table.create(KEY, 0.0)
+    f = created(table, KEY, 0.0)
     seg(f, 0, 100, b"AB", now=1.0)
     seg(f, 1, 500, b"", ack=105, now=1.0)
     seg(f, 0, 102, b"", flags=ACK | FIN, ack=500, now=2.0)  # FIN at original 102
@@ -338,7 +338,7 @@ def test_fin_in_both_directions_each_acked_ends_the_flow_after_the_grace_period(
 
 def test_rst_ends_the_flow_after_the_grace_period() -> None:
     table = FlowTable(close_grace=5.0)
-    f = table.create(KEY, 0.0)
+    f = created(table, KEY, 0.0)
     seg(f, 0, 100, b"AB", now=1.0)
     p = seg(f, 0, 102, b"", flags=RST, now=2.0)
     assert "rst" in p.events and f.ended
@@ -349,7 +349,7 @@ def test_rst_ends_the_flow_after_the_grace_period() -> None:
 
 def test_idle_flows_expire() -> None:
     table = FlowTable(idle_timeout=300.0)
-    a = table.create(KEY, 0.0)
+    a = created(table, KEY, 0.0)
     other = flow_key(b"\x0a\0\0\3", 1, b"\x0a\0\0\4", 2)[0]
     table.create(other, 100.0)
     seg(a, 0, 0, b"AB", now=200.0)  # activity keeps a flow alive
@@ -358,12 +358,21 @@ def test_idle_flows_expire() -> None:
     assert table.flows_expired == 1
 
 
+def confirmed(table: FlowTable, key: FlowKey, now: float) -> Flow:
+    """A flow the other side has answered: data one way, its ACK the other."""
+    flow = created(table, key, now)
+    seg(flow, 0, 0, b"AB", ack=0, now=now)
+    seg(flow, 1, 0, ack=5, now=now)
+    assert not flow.probation
+    return flow
+
+
 def test_a_full_table_evicts_the_least_recently_used_flow_and_counts_it() -> None:
     table = FlowTable(max_flows=2)
     keys = [flow_key(bytes([10, 0, 0, i]), 1, b"\x0a\0\0\xff", 2)[0] for i in range(3)]
-    f0 = table.create(keys[0], 0.0)
-    table.create(keys[1], 1.0)
-    seg(f0, 0, 0, b"AB", now=2.0)  # keys[0] used more recently than keys[1]
+    f0 = confirmed(table, keys[0], 0.0)
+    confirmed(table, keys[1], 1.0)
+    seg(f0, 0, 2, b"AB", now=2.0)  # keys[0] used more recently than keys[1]
     table.create(keys[2], 3.0)
     assert table.flows_evicted == 1 and table.get(keys[1]) is None and table.get(keys[0]) is f0
     assert table.create(keys[0], 4.0) is f0  # create on an existing key returns it
@@ -376,7 +385,7 @@ def test_a_full_table_evicts_the_least_recently_used_flow_and_counts_it() -> Non
 
 def test_a_new_syn_on_an_ended_flow_starts_over() -> None:
     table = FlowTable()
-    f = table.create(KEY, 0.0)
+    f = created(table, KEY, 0.0)
     seg(f, 0, 100, b"AB", flags=SYN, now=1.0)
     seg(f, 0, 103, b"", flags=RST, now=2.0)
     p = seg(f, 0, 9000, b"", flags=SYN, now=3.0)

@@ -235,8 +235,12 @@ SEQADJ_EVICTIONS = MetricSpec(
     "Flows with a sequence offset evicted because the flow table was full.", ("queue",))
 SEQADJ_REFUSED = MetricSpec(
     "nfrewrite_seqadj_edits_refused_total", "counter",
-    "Length-changing edits not made because their flow already kept max_edits unacknowledged "
-    "ones (their bytes passed unedited).", ("queue",))
+    "Length-changing edits not made because the flow table's memory budget ([flows] memory) "
+    "was used up (their bytes passed unedited).", ("queue",))
+SEQADJ_MEMORY = MetricSpec(
+    "nfrewrite_seqadj_memory_bytes", "gauge",
+    "Estimated bytes the sequence records hold (bounded by [flows] memory per worker).",
+    ("queue",), mode="livesum")
 SEQADJ_CUTS = MetricSpec(
     "nfrewrite_seqadj_segments_cut_total", "counter",
     "Segments cut because edits grew them past the MTU (or a super-packet past 65,531 bytes); "
@@ -276,6 +280,7 @@ METRICS: tuple[MetricSpec, ...] = (
     SEQADJ_EVICTIONS,
     SEQADJ_REFUSED,
     SEQADJ_CUTS,
+    SEQADJ_MEMORY,
     RULES_LOADED,
     RELOAD_SUCCESSFUL,
     RELOAD_TIMESTAMP,
@@ -506,6 +511,7 @@ class WorkerMetrics:
         ]
         self._table_last: dict[str, int] = {}
         self._flows.set(0)
+        self._memory = m.gauge(SEQADJ_MEMORY).labels(q)
         self.set_rules(rules)
 
     def set_rules(self, names: Iterable[str]) -> None:
@@ -545,12 +551,14 @@ class WorkerMetrics:
 
     def set_flows(self, active: int, totals: Mapping[str, int]) -> None:
         """Copy the FlowTable's figures: flows active now, and its running counts since it was
-        made (``FlowTable.stats()``: ``flows_evicted``, ``edits_refused``, ``segments_cut``).
+        made (``FlowTable.stats()``: ``flows_evicted``, ``edits_refused``, ``segments_cut``),
+        and the estimated bytes its records hold now (``memory_bytes``, a gauge).
 
         Each counter advances by the difference from last time; a smaller value means a new
         table (counting from 0).
         """
         self._flows.set(active)
+        self._memory.set(totals.get("memory_bytes", 0))
         last = self._table_last
         for counter, name in self._table_counters:
             total = totals.get(name, 0)

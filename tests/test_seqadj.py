@@ -580,3 +580,13 @@ def test_a_table_without_room_for_a_new_flow_refuses_it() -> None:
     flows = [confirmed(table, k, 0.0) for k in keys(8)]
     assert all(table.get(f.key) is f for f in flows if f.key is not None)
     assert table.create(KEY, 1.0) is None and table.stats()["flows_refused"] == 1
+
+
+def test_a_young_flow_on_probation_is_kept_and_the_newcomer_refused_a_stale_one_evicted() -> None:
+    table = FlowTable(max_flows=8)  # one flow on probation at a time
+    young = created(table, KEY, 0.0)
+    seg(young, 0, 0, b"AB", ack=0, now=0.0)  # it carries an offset already
+    assert table.create(keys(1)[0], 1.0) is None and table.get(KEY) is young
+    assert table.stats()["flows_refused"] == 1
+    newcomer = table.create(keys(1)[0], 2.5)  # 2.5 s without an answer: taken for spoofed
+    assert newcomer is not None and table.get(KEY) is None and table.flows_evicted == 1

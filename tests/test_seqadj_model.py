@@ -426,7 +426,8 @@ def test_the_flow_table_stays_bounded_and_accounts_for_every_flow(
         flow = table.get(keys[i])
         if op == "create":
             flow = table.create(keys[i], now)
-            assert flow is not None and table.get(keys[i]) is flow
+            # None: the table is full of flows still waiting for their first answer
+            assert table.get(keys[i]) is flow or (flow is None and table.get(keys[i]) is None)
         elif flow is not None and op == "data":
             flow.rewrite(0, 1, None, ACK, b"AB", [], now, find_edits)
         elif flow is not None and op == "rst":
@@ -444,6 +445,7 @@ def test_the_flow_table_stays_bounded_and_accounts_for_every_flow(
                 assert f is None or f.last_seen + 60.0 > now
                 assert f is None or f.ended_at is None or f.ended_at + 10.0 > now
         assert table.flows_active <= max_flows
+        assert table.flows_on_probation <= max(1, max_flows // 8)
         s = table.stats()
         assert s["flows_created"] == (
             s["flows_active"] + s["flows_evicted"] + s["flows_expired"] + s["flows_ended"]

@@ -142,16 +142,19 @@ or collapsed-not-yet-compacted).  There is no cap per flow: a flow records every
 budget has room.  New flows start on probation: a flow is confirmed when the other side
 acknowledges bytes (or a SYN) that went through it, which a spoofed one-packet flow never gets
 (its receiver answers with a RST, which does not count).  Flows on probation may hold together
-at most 1/8 of the flows (``max_flows``) and 1/8 of the budget; past that the oldest of them is
-evicted, so a flood of spoofed flows with a matching payload churns within its share and never
-evicts a confirmed flow.  When the budget is short, room is made by evicting flows on probation
-(oldest first) and ended flows in their grace period; a confirmed, live flow is never evicted for
-memory (that would break its connection), only (as before) when ``max_flows`` is reached and no
-flow is on probation.  When that is not enough, the segment's length-changing edits are refused
-(its bytes pass unedited, counted as ``edits_refused``; same-length ones are still made), and a
-flow that could not be created is counted as ``flows_refused``.  Fairness: above 7/8 of the budget
-a flow that holds more than its share (budget / flows) is refused new edits, so the rest goes to
-the smaller ones.
+at most 1/8 of the flows (``max_flows``) and 1/8 of the budget (at least room for two flows).
+A flow on probation that has waited ``PROBATION_TIMEOUT`` (2 s) without an answer is stale: it
+is the first to be evicted; one that has not waited that long may be real and may already carry
+an offset, so when probation is full of those the newcomer is refused instead (it has no offset
+yet; its next segment tries again).  A flood of spoofed flows with a matching payload thus churns
+within its share and never evicts a confirmed flow.  When the budget is short, room is made by
+evicting stale flows on probation and ended flows in their grace period; a confirmed, live flow
+is never evicted for memory (that would break its connection), only (as before) when
+``max_flows`` is reached and no stale flow is on probation.  When that is not enough, the
+segment's length-changing edits are refused (its bytes pass unedited, counted as
+``edits_refused``; same-length ones are still made), and a flow that could not be created is
+counted as ``flows_refused``.  Fairness: above 7/8 of the budget a flow that holds more than its
+share (budget / flows) is refused new edits, so the rest goes to the smaller ones.
 
 SYN and FIN each consume one sequence number; a SYN's payload starts at ISN + 1.  A flow ends
 after a FIN in both directions, each acknowledged, or on RST; it is kept ``close_grace`` seconds
@@ -167,8 +170,8 @@ API (what the engine calls)
 ``FlowTable(max_flows=65536, idle_timeout=300.0, close_grace=10.0, memory=DEFAULT_MEMORY)``:
 ``get(key) -> Flow | None``; ``create(key, now) -> Flow | None`` (returns the existing flow if
 there is one; a new one starts on probation; when full, first drops expired flows, then evicts
-the oldest flow on probation, or, with none, the least recently used, counted; None when the
-memory budget leaves no room, counted as ``flows_refused``);
+a stale flow on probation, or, with none, the least recently used if confirmed, counted; None
+when that is not possible or the memory budget leaves no room, counted as ``flows_refused``);
 ``expire(now) -> int`` (drops ended flows past their grace and idle flows; returns how many);
 ``retract(key)`` (takes a creation back: the flow's first segment could not be emitted);
 ``len(table)``; counters ``flows_active`` and ``flows_on_probation`` (properties),
@@ -245,6 +248,9 @@ FLOW_BYTES = 1800
 DEFAULT_MEMORY = 256 << 20
 #: Share of the budget (and of ``max_flows``) that flows still on probation may hold together.
 PROBATION_SHARE = 8
+#: Seconds a flow on probation is protected: its peer's first ACK comes within a round trip and
+#: a delayed ACK; a flow still unanswered after that is taken for spoofed and may be evicted.
+PROBATION_TIMEOUT = 2.0
 #: Above this fraction of the budget, a flow that already holds more than its fair share
 #: (budget / flows) gets no new edits, so the last of the budget goes to the smaller ones.
 FAIR_ABOVE = 7 / 8
@@ -517,8 +523,8 @@ def _columns(found: Sequence[Edit], size: int) -> _Columns:
 class Flow:
     """Sequence-adjustment state of one TCP connection (both directions).  See module doc."""
 
-    __slots__ = ("key", "ways", "last_seen", "ended_at", "_table", "_new_syn", "probation",
-                 "cost", "listed")
+    __slots__ = ("key", "ways", "created", "last_seen", "ended_at", "_table", "_new_syn",
+                 "probation", "cost", "listed")
 
     def __init__(
         self,
@@ -528,6 +534,7 @@ class Flow:
     ) -> None:
         self.key = key
         self.ways = (_Way(), _Way())
+        self.created = now
         self.last_seen = now
         self.ended_at: float | None = None
         self._table = table
@@ -1040,13 +1047,23 @@ class FlowTable:
                 or self.probation_used + FLOW_BYTES > self.probation_memory):
             self.expire(now)
         probation = self._probation
-        while probation and (len(probation) >= self.probation_flows
-                             or self.probation_used + FLOW_BYTES > self.probation_memory):
-            self._evict(next(iter(probation)))
+        while (len(probation) >= self.probation_flows
+               or self.probation_used + FLOW_BYTES > self.probation_memory):
+            if not self._evict_stale(now, None):
+                # probation is full of flows still waiting for their first answer: one of them
+                # may be real and already carry an offset; the newcomer has none yet
+                self.flows_refused += 1
+                return None
         while len(self._flows) >= self.max_flows:
-            # a full table: the oldest unconfirmed flow goes first; only when there is none, the
-            # least recently used confirmed one (a flood fills probation, never reaches these)
-            self._evict(next(iter(probation or self._flows)))
+            # a full table: a stale unconfirmed flow goes first, else the least recently used,
+            # if it is confirmed (a flood fills probation, never reaches these)
+            if self._evict_stale(now, None):
+                continue
+            oldest = next(iter(self._flows.values()))
+            if oldest.probation or oldest.key is None:
+                self.flows_refused += 1
+                return None
+            self._evict(oldest.key)
         if not self._free(FLOW_BYTES, None, now):
             self.flows_refused += 1
             return None
@@ -1066,12 +1083,9 @@ class FlowTable:
         if not flow.listed:
             return True
         if flow.probation:
-            probation = self._probation
             while self.probation_used + extra > self.probation_memory:
-                victim = next(iter(probation))
-                if victim == flow.key:
-                    return False  # the oldest itself: nothing older to make room
-                self._evict(victim)
+                if not self._evict_stale(now, flow):
+                    return False
         if not self._free(extra, flow, now):
             return False
         flows = len(self._flows)
@@ -1079,16 +1093,14 @@ class FlowTable:
                     and flow.cost + extra > self.memory // flows)
 
     def _free(self, extra: int, keep: Flow | None, now: float) -> bool:
-        """Make ``extra`` bytes of room within the budget, evicting flows on probation (oldest
-        first) and then ended ones; never ``keep``.  False if that is not enough."""
+        """Make ``extra`` bytes of room within the budget, evicting stale flows on probation
+        (least recently active first) and then ended ones; never ``keep``.  False if that is not
+        enough."""
         if self.memory_used + extra <= self.memory:
             return True
         self.expire(now)
-        for key in list(self._probation):
-            if self.memory_used + extra <= self.memory:
-                return True
-            if self._probation[key] is not keep:
-                self._evict(key)
+        while self.memory_used + extra > self.memory and self._evict_stale(now, keep):
+            pass
         for _ended_at, key, flow in list(self._closing):
             if self.memory_used + extra <= self.memory:
                 return True
@@ -1096,6 +1108,18 @@ class FlowTable:
                 self._remove(key, flow)
                 self.flows_ended += 1
         return self.memory_used + extra <= self.memory
+
+    def _evict_stale(self, now: float, keep: Flow | None) -> bool:
+        """Evict the least recently active flow on probation if it has waited longer than
+        ``PROBATION_TIMEOUT`` for an answer (and is not ``keep``); True if one went."""
+        probation = self._probation
+        if not probation:
+            return False
+        key, flow = next(iter(probation.items()))
+        if flow is keep or now - flow.created < PROBATION_TIMEOUT:
+            return False
+        self._evict(key)
+        return True
 
     def confirm(self, flow: Flow) -> None:
         """Take ``flow`` off probation: the other side answered it."""

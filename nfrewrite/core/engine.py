@@ -22,7 +22,9 @@ segment is
    :class:`~nfrewrite.core.seqadj.FlowTable`; from then on every segment of that connection, in both
    directions, goes through the flow's sequence adjuster, which decides which edits apply (by
    original stream position, so retransmissions get the same edits) and maps seq/ack/SACK
-   numbers.
+   numbers; a pure ACK (no payload, SYN, FIN or RST) only has those mapped. When the table has
+   no room for a new flow (its memory budget), the length-changing edits of that packet are
+   refused (counted) and the same-length ones made.
 5. SYNs of a connection whose segments some rule will grow get a lower MSS, leaving room for the
    growth; a segment that still grows past the MTU is cut by the sequence adjuster. A packet
    longer than the MTU (the largest of the namespace's links) is a GSO/GRO super-packet, which
@@ -214,7 +216,8 @@ class Engine:
             found = _fitting(pkt, found, sel.max_growth)
         if not found:
             return None, 0
-        if self.flows is None or not _changes_length(found):
+        same = [edit for edit in found if _keeps_length(edit)]
+        if self.flows is None or len(same) == len(found):
             pkt.apply_edits([(s, e, n) for s, e, n, _ in found])
             fired.extend(rule.name for _, _, _, rule in found)
             return None, 0
@@ -223,11 +226,10 @@ class Engine:
         if flow is None:
             # the table's memory budget has no room for another flow: the length-changing edits
             # are refused (counted), the same-length ones made as for any flow without state
-            same = [(s, e, n) for s, e, n, _ in found if e - s == len(n)]
             self.flows.edits_refused += len(found) - len(same)
             if same:
-                pkt.apply_edits(same)
-                fired.extend(rule.name for s, e, n, rule in found if e - s == len(n))
+                pkt.apply_edits([(s, e, n) for s, e, n, _ in same])
+                fired.extend(rule.name for _, _, _, rule in same)
             return None, 0
         if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now, segmented,
                                        first=found):
@@ -303,9 +305,11 @@ def _no_edits(payload: bytes) -> Found:
     return []
 
 
-def _changes_length(found: Found) -> bool:
-    """Whether any of the edits found changes the payload's length."""
-    return any(end - start != len(new) for start, end, new, _ in found)
+def _keeps_length(edit: Edit) -> bool:
+    """Whether an edit found leaves the payload's length as it is (the one place this is asked
+    of a single edit; a whole selection answers it once, as ``Selection.same_length``)."""
+    start, end, new, _ = edit
+    return end - start == len(new)
 
 
 def _fitting(pkt: TcpPacket, found: Found, max_growth: int) -> Found:
@@ -318,7 +322,7 @@ def _fitting(pkt: TcpPacket, found: Found, max_growth: int) -> Found:
         return found
     if sum(len(new) - (end - start) for start, end, new, _ in found) <= pkt.room:
         return found
-    return [f for f in found if len(f[2]) == f[1] - f[0]]
+    return [edit for edit in found if _keeps_length(edit)]
 
 
 def _apply_plan(pkt: TcpPacket, plan: SegmentPlan) -> None:

@@ -35,10 +35,10 @@ far.  Both mappings are one ``bisect`` each:
 
 Retransmissions.  An edit is a function of original stream position, never of arrival order.
 Bytes below ``hi`` are "seen": they get exactly the recorded edits and are never matched again
-(``find_edits`` is told ``fresh_from``, the number of leading seen bytes, and only matches starting
-there are taken).  Bytes below the first segment a flow saw in a direction (the flow is created at
-the first length change) map with offset 0 and are treated as the engine's stateless path treated
-them before the flow existed: same-length edits found inside that part are applied (not recorded),
+(of the matches ``find_edits`` returns, only those starting at or beyond ``hi`` are taken).
+Bytes below the first segment a flow saw in a direction (the flow is created at the first length
+change) map with offset 0 and are treated as the engine's stateless path treated them before the
+flow existed: same-length edits found inside that part are applied (not recorded),
 length-changing ones are not.  A gap (a segment beyond ``hi``, the bytes in between never seen) is
 simply not edited when those bytes show up later.
 
@@ -109,7 +109,7 @@ Phases.  ``Flow.rewrite`` works in the order the kernel's ``nf_ct_seq_adjust`` /
 window checks below), the payload (record the fresh edits, replay the recorded ones), the ACK
 (checked, mapped, collapsing), the SACK blocks, then FIN and RST.  A pure ACK (no payload, no
 SYN, FIN or RST) of a direction already started takes a short path: its seq mapped (one addition
-when nothing is kept), its ACK checked and mapped, its SACK blocks mapped; no segment plan.
+when nothing is kept), its ACK checked and mapped, its SACK blocks mapped; no payload step.
 
 What a blind attacker cannot move.  The appliance sees every segment of a tracked connection but
 conntrack's window check is off (the shifted numbers would look invalid to it), so the record

@@ -27,7 +27,7 @@ Schema (DESIGN §2; defaults in brackets)::
     [flows]
     max          = 65536           # [65536] tracked flows, 1..2**31-1
     idle_timeout = 300             # [300] seconds (integer or float) > 0, at most a week
-    memory       = "256M"          # ["256M"] memory budget of all sequence records together:
+    memory       = "256M"          # ["256M"] memory budget of each worker's sequence records:
                                    # bytes, or a string with K, M or G (powers of 1024),
                                    # 64K..1T; when it is used up, new length-changing edits are
                                    # refused (counted; see nfrewrite.core.seqadj)

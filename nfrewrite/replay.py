@@ -825,7 +825,8 @@ def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), i
     summary.drop_rules = frozenset(r.name for r in ruleset.rules if r.verdict == "drop")
     summary.rewritten = {r.name: 0 for r in ruleset.rules}
     summary.dropped_by = {r.name: 0 for r in ruleset.rules}
-    table = FlowTable(max_flows=flows_cfg.max, idle_timeout=flows_cfg.idle_timeout)
+    table = FlowTable(max_flows=flows_cfg.max, idle_timeout=flows_cfg.idle_timeout,
+                      memory=flows_cfg.memory)
     engine = Engine(ruleset, table, mtu=mtu)
     process = engine.process
     partial_all = csum_mode == "yes"

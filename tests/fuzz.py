@@ -587,7 +587,7 @@ def crafted(rng: random.Random) -> bytes:
         headers = len(build(net, 1, 1, 0, 0, 0, b"", opts))
         most = 0xFFFF - (headers if net.version == 4 else headers - 40)
         size = rng.choice((rng.randint(300, most), most - rng.randint(0, 40)))
-        payload = bytearray(b"x" * size)  # a few patterns, not thousands (max_edits)
+        payload = bytearray(b"x" * size)  # a few patterns, not thousands
         for _ in range(rng.randint(1, 3)):
             pattern = rng.choice(PATTERNS)
             at = rng.randrange(size - len(pattern))
@@ -817,9 +817,9 @@ def run(  # noqa: C901 - one loop whose state every step reads (connections, rec
 ) -> Report:
     """Feed ``count`` packets through one Engine; check every invariant on every packet."""
     rng = random.Random(seed)
-    # a small table (evictions); odd seeds also cap the kept edits low (refusals)
+    # a small table (evictions); odd seeds also give it a tiny memory budget (refusals)
     flows = FlowTable(max_flows=128, idle_timeout=30.0, close_grace=2.0,
-                      max_edits=16 if seed % 2 else 512)
+                      memory=64 << 10 if seed % 2 else 64 << 20)
     engine = Engine(load_fuzz_rules(), flows)
     stats = Stats()
     violations: list[Violation] = []

@@ -180,3 +180,38 @@ def test_every_offload_key_the_config_accepts_is_one_netsetup_can_set() -> None:
     from nfrewrite.kernel import netsetup
 
     assert set(netsetup.OFFLOAD_NAMES) == set(config.OFFLOAD_KEYS)
+
+
+
+@pytest.mark.parametrize("text,size", [
+    ('"256M"', 256 << 20), ('"1G"', 1 << 30), ('"65536K"', 64 << 20), ('"64k"', 64 << 10),
+    ("1048576", 1 << 20), ('"2097152"', 2 << 20),
+])
+def test_flows_memory_takes_a_size_with_k_m_g(tmp_path: Path, text: str, size: int) -> None:
+    config, diags = load_config(write(tmp_path, f"[flows]\nmemory = {text}\n"))
+    assert diags == [] and config is not None
+    assert config.flows.memory == size
+
+
+def test_flows_memory_defaults_to_256_mib(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, "[flows]\nmax = 10\n"))
+    assert config is not None and config.flows.memory == 256 << 20
+
+
+@pytest.mark.parametrize("text,message", [
+    ('"256MB"', "flows.memory '256MB' is not a size"),
+    ('"M"', "flows.memory 'M' is not a size"),
+    ('"1.5G"', "flows.memory '1.5G' is not a size"),
+    ('"-1M"', "flows.memory '-1M' is not a size"),
+    ('"²M"', "flows.memory '²M' is not a size"),
+    ('"1K"', "flows.memory '1K' is out of range (64K..1T)"),
+    ('"2048G"', "flows.memory '2048G' is out of range (64K..1T)"),
+    ("true", "flows.memory must be a size"),
+    ("1.5", "flows.memory must be a size"),
+])
+def test_a_bad_flows_memory_is_an_error_at_its_value(tmp_path: Path, text: str,
+                                                     message: str) -> None:
+    config, diags = load_config(write(tmp_path, f"[flows]\nmemory = {text}\n"))
+    assert config is None
+    assert [(d.line, d.col, d.severity) for d in diags] == [(2, 10, "error")]
+    assert diags[0].message.startswith(message)

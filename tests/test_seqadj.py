@@ -8,9 +8,12 @@ import pytest
 
 from nfrewrite.core.constants import ACK, FIN, RST, SYN
 from nfrewrite.core.seqadj import (
+    EDIT_BYTES,
+    FLOW_BYTES,
     Edit,
     FindEdits,
     Flow,
+    FlowKey,
     FlowTable,
     SegmentPlan,
     flow_key,
@@ -20,16 +23,14 @@ M32 = 1 << 32
 
 
 def matcher(*rules: tuple[bytes, bytes]) -> FindEdits:
-    """A literal matcher like the engine's: search the whole payload, keep starts >= fresh_from."""
+    """A literal matcher like the engine's: every match in the whole payload, tagged with its
+    pattern."""
     table = dict(rules)
     pattern = re.compile(b"|".join(re.escape(f) for f, _ in rules))
 
-    def find(payload: bytes, fresh_from: int) -> list[Edit]:
-        return [
-            (m.start(), m.end(), table[m.group()])
-            for m in pattern.finditer(payload)
-            if m.start() >= fresh_from
-        ]
+    def find(payload: bytes) -> list[Edit]:
+        return [(m.start(), m.end(), table[m.group()], m.group())
+                for m in pattern.finditer(payload)]
 
     return find
 
@@ -51,8 +52,17 @@ def seg(
     sack: list[tuple[int, int]] | None = None,
     now: float = 0.0,
     find: FindEdits = BOTH,
+    window: int | None = None,
+    wscale: int | None = None,
 ) -> SegmentPlan:
-    return flow.rewrite(direction, seq % M32, ack, flags, payload, sack or [], now, find)
+    return flow.rewrite(direction, seq % M32, ack, flags, payload, sack or [], now, find,
+                        window=window, wscale=wscale)
+
+
+def created(table: FlowTable, key: FlowKey, now: float) -> Flow:
+    flow = table.create(key, now)
+    assert flow is not None
+    return flow
 
 
 def out(plan: SegmentPlan, payload: bytes) -> bytes:
@@ -89,7 +99,7 @@ def test_many_edits_accumulate_grow_and_shrink() -> None:
     f = Flow(None, 0.0)
     p = seg(f, 0, 0, b"AB..CDEF..AB")  # +3 -3 +3
     assert p.payload == b"xxxxx..c..xxxxx" and p.fresh_edits == (0, 1, 2)
-    assert p.applied == ((0, 2, b"xxxxx"), (4, 8, b"c"), (10, 12, b"xxxxx"))
+    assert p.applied == ((0, 2, b"xxxxx", b"AB"), (4, 8, b"c", b"CDEF"), (10, 12, b"xxxxx", b"AB"))
     assert seg(f, 0, 12, b"z").new_seq == 15
     assert seg(f, 0, 13, b"CDEF").payload == b"c"
     assert seg(f, 0, 17, b"z").new_seq == 17
@@ -189,7 +199,7 @@ def test_what_the_other_side_acknowledged_before_we_saw_its_data_is_never_fresh(
     seg(f, 0, 0, b"AB", ack=500)  # creates the flow; host 0 has received stream 1 up to 500
     p = seg(f, 1, 480, b"..........AB........AB..")  # AB at 490 passed before; AB at 500 is new
     assert p.new_seq == 480 and p.payload == b"..........AB........xxxxx.."
-    assert p.applied == ((20, 22, b"xxxxx"),)
+    assert p.applied == ((20, 22, b"xxxxx", b"AB"),)
 
 
 def test_bytes_before_the_flow_began_get_same_length_edits_as_the_stateless_path_gave() -> None:
@@ -288,24 +298,19 @@ def test_a_fin_retransmitted_with_acked_data_keeps_its_place() -> None:
     assert p.action == "send_empty" and p.new_seq == 7
 
 
-def test_a_direction_keeps_at_most_max_edits_and_refusals_are_counted() -> None:
-    table = FlowTable(max_edits=2)
-    f = table.create(flow_key(b"\1\1\1\1", 1, b"\2\2\2\2", 2)[0], 0.0)
-    p = seg(f, 0, 0, b"AB.AB.AB")
-    assert p.payload is None and p.fresh_edits == () and "refused" in p.events
-    assert table.edits_refused == 3
-    assert seg(f, 0, 8, b"AB").fresh_edits == (0,)
-
-
 def test_a_matcher_that_breaks_its_contract_is_an_error() -> None:
     f = Flow(None, 0.0)
     seg(f, 0, 0, b"....")
 
-    def bad(payload: bytes, fresh_from: int) -> list[Edit]:
-        return [(0, 2, b"x")]
+    def overlapping(payload: bytes) -> list[Edit]:
+        return [(0, 2, b"x", None), (1, 3, b"y", None)]
 
-    with pytest.raises(ValueError):
-        seg(f, 0, 2, b"..zz", find=bad)
+    def outside(payload: bytes) -> list[Edit]:
+        return [(3, 9, b"x", None)]
+
+    for bad in (overlapping, outside):
+        with pytest.raises(ValueError):
+            seg(f, 0, 4, b"..zz", find=bad)
 
 
 # -- lifecycle ----------------------------------------------------------------------------------
@@ -315,7 +320,7 @@ KEY = flow_key(b"\x0a\0\0\1", 1234, b"\x0a\0\0\2", 80)[0]
 
 def test_fin_in_both_directions_each_acked_ends_the_flow_after_the_grace_period() -> None:
     table = FlowTable(close_grace=10.0)
-    f = table.create(KEY, 0.0)
+    f = created(table, KEY, 0.0)
     seg(f, 0, 100, b"AB", now=1.0)
     seg(f, 1, 500, b"", ack=105, now=1.0)
     seg(f, 0, 102, b"", flags=ACK | FIN, ack=500, now=2.0)  # FIN at original 102
@@ -330,7 +335,7 @@ def test_fin_in_both_directions_each_acked_ends_the_flow_after_the_grace_period(
 
 def test_rst_ends_the_flow_after_the_grace_period() -> None:
     table = FlowTable(close_grace=5.0)
-    f = table.create(KEY, 0.0)
+    f = created(table, KEY, 0.0)
     seg(f, 0, 100, b"AB", now=1.0)
     p = seg(f, 0, 102, b"", flags=RST, now=2.0)
     assert "rst" in p.events and f.ended
@@ -341,7 +346,7 @@ def test_rst_ends_the_flow_after_the_grace_period() -> None:
 
 def test_idle_flows_expire() -> None:
     table = FlowTable(idle_timeout=300.0)
-    a = table.create(KEY, 0.0)
+    a = created(table, KEY, 0.0)
     other = flow_key(b"\x0a\0\0\3", 1, b"\x0a\0\0\4", 2)[0]
     table.create(other, 100.0)
     seg(a, 0, 0, b"AB", now=200.0)  # activity keeps a flow alive
@@ -350,12 +355,21 @@ def test_idle_flows_expire() -> None:
     assert table.flows_expired == 1
 
 
+def confirmed(table: FlowTable, key: FlowKey, now: float) -> Flow:
+    """A flow the other side has answered: data one way, its ACK the other."""
+    flow = created(table, key, now)
+    seg(flow, 0, 0, b"AB", ack=0, now=now)
+    seg(flow, 1, 0, ack=5, now=now)
+    assert not flow.probation
+    return flow
+
+
 def test_a_full_table_evicts_the_least_recently_used_flow_and_counts_it() -> None:
     table = FlowTable(max_flows=2)
     keys = [flow_key(bytes([10, 0, 0, i]), 1, b"\x0a\0\0\xff", 2)[0] for i in range(3)]
-    f0 = table.create(keys[0], 0.0)
-    table.create(keys[1], 1.0)
-    seg(f0, 0, 0, b"AB", now=2.0)  # keys[0] used more recently than keys[1]
+    f0 = confirmed(table, keys[0], 0.0)
+    confirmed(table, keys[1], 1.0)
+    seg(f0, 0, 2, b"AB", now=2.0)  # keys[0] used more recently than keys[1]
     table.create(keys[2], 3.0)
     assert table.flows_evicted == 1 and table.get(keys[1]) is None and table.get(keys[0]) is f0
     assert table.create(keys[0], 4.0) is f0  # create on an existing key returns it
@@ -368,7 +382,7 @@ def test_a_full_table_evicts_the_least_recently_used_flow_and_counts_it() -> Non
 
 def test_a_new_syn_on_an_ended_flow_starts_over() -> None:
     table = FlowTable()
-    f = table.create(KEY, 0.0)
+    f = created(table, KEY, 0.0)
     seg(f, 0, 100, b"AB", flags=SYN, now=1.0)
     seg(f, 0, 103, b"", flags=RST, now=2.0)
     p = seg(f, 0, 9000, b"", flags=SYN, now=3.0)
@@ -404,3 +418,167 @@ def test_a_flow_without_edits_changes_nothing() -> None:
     f = Flow(None, 0.0)
     p = seg(f, 0, 5, b"hello", ack=77, sack=[(80, 90)], find=NONE)
     assert (p.action, p.new_seq, p.new_ack, p.payload, p.sack) == ("send", 5, 77, None, None)
+
+
+# -- what a blind attacker cannot move ----------------------------------------------------------
+
+
+def live_flow() -> Flow:
+    """A connection with offsets both ways, paused: everything sent is acknowledged."""
+    f = Flow(None, 0.0)
+    seg(f, 0, 1000, b"..AB..", ack=5000, window=1000)  # +3: 1000..1006 -> 1000..1009
+    seg(f, 1, 5000, b"CDEF..", ack=1009, window=1000)  # -3: 5000..5006 -> 5000..5003
+    seg(f, 0, 1006, b"", ack=5003, window=1000)
+    return f
+
+
+def still_consistent(f: Flow) -> None:
+    """The record is intact: new data is matched and mapped, real ACKs map back exactly."""
+    p = seg(f, 0, 1006, b"AB", ack=5003)
+    assert p.new_seq == 1009 and p.payload == b"xxxxx" and p.fresh_edits == (0,)
+    assert seg(f, 1, 5006, b"CDEF", ack=1014).new_ack == 1008
+    assert seg(f, 0, 1008, b"", ack=5004).new_ack == 5010
+    assert not f.ended
+
+
+@pytest.mark.parametrize("seq", [1006 + 10**6, 1006 + (1 << 30), 1006 - 10**6, 3, 1006 - 1])
+def test_a_rst_not_where_its_sender_stands_is_passed_but_ends_nothing(seq: int) -> None:
+    f = live_flow()
+    p = seg(f, 0, seq, b"", flags=RST)
+    assert p.events == ("rst_ignored",) and not f.ended and p.action == "send"
+    still_consistent(f)
+
+
+def test_a_rst_at_the_senders_place_ends_the_flow() -> None:
+    f = live_flow()
+    assert "rst" in seg(f, 1, 5006, b"", flags=RST | ACK, ack=1009).events and f.ended
+
+
+def test_an_ack_for_data_never_sent_collapses_nothing() -> None:
+    f = live_flow()
+    seg(f, 0, 1006, b"AB..AB", ack=5003)  # two edits in flight
+    assert f.edit_count(0) == 2
+    p = seg(f, 1, 5006, b"", ack=(1021 + 10**6) % M32)
+    assert "ack_unsent" in p.events and f.edit_count(0) == 2
+    # the real ACKs that follow still map exactly
+    assert seg(f, 1, 5006, b"", ack=1014).new_ack == 1008
+    assert seg(f, 1, 5006, b"", ack=1021).new_ack == 1012 and f.edit_count(0) == 0
+
+
+@pytest.mark.parametrize("ahead", [(1 << 31) - 1, 1 << 31, (1 << 31) + 7, 10**8])
+def test_a_data_segment_far_ahead_is_dropped_and_moves_nothing(ahead: int) -> None:
+    f = live_flow()
+    p = seg(f, 0, 1006 + ahead, b"..AB..AB..", ack=5003)
+    assert p.action == "drop" and "out_of_window" in p.events and p.applied == ()
+    still_consistent(f)
+
+
+def test_data_beyond_the_announced_window_is_dropped_and_within_it_is_taken() -> None:
+    f = live_flow()  # the receiver announced 1000 bytes (scale unknown: up to 1000 << 14)
+    assert seg(f, 0, 1006 + (1000 << 14) + (1 << 17), b"AB").action == "drop"
+    p = seg(f, 0, 1006 + 5000, b"AB")  # after a gap (bytes lost before the appliance)
+    assert p.action == "send" and p.fresh_edits == (0,)
+
+
+def test_with_both_syns_seen_the_window_scale_is_known() -> None:
+    f = Flow(None, 0.0)
+    seg(f, 0, 100, b"", flags=SYN, wscale=2)
+    seg(f, 1, 700, b"", flags=SYN | ACK, ack=101, wscale=3)
+    seg(f, 0, 101, b"AB", ack=701, window=100)
+    seg(f, 1, 701, b"", ack=106, window=100)  # right edge: 103 + (100 << 3)
+    assert seg(f, 0, 103 + 800 + (1 << 16) + 1, b"AB").action == "drop"
+    assert seg(f, 0, 103 + 800, b"AB").action == "send"
+
+
+def test_a_fin_far_from_the_end_of_the_data_is_not_recorded() -> None:
+    f = live_flow()
+    assert "fin_ignored" in seg(f, 0, 900, b"", flags=FIN | ACK, ack=5003).events
+    assert f.ways[0].fin is None
+    still_consistent(f)
+
+
+# -- memory budget, probation, fairness ----------------------------------------------------------
+
+
+def keys(n: int, first: int = 0) -> list[FlowKey]:
+    return [flow_key((first + i).to_bytes(4, "big"), 1000 + i % 60000, b"\xc6\x12\0\2", 80)[0]
+            for i in range(n)]
+
+
+def test_a_flood_of_one_packet_flows_stays_on_probation_and_never_evicts_a_confirmed_flow(
+) -> None:
+    table = FlowTable(max_flows=64, memory=1 << 20)
+    real = confirmed(table, KEY, 0.0)
+    for i, key in enumerate(keys(10_000)):
+        spoofed = table.create(key, 1.0 + i * 1e-4)
+        if spoofed is not None:
+            seg(spoofed, 0, 77_000 + i, b"..AB..CDEF", ack=99, now=1.0 + i * 1e-4)
+        assert table.flows_on_probation <= 64 // 8
+        assert table.memory_used <= table.memory
+    assert table.get(KEY) is real and not real.probation
+    assert table.flows_active <= 1 + 64 // 8
+    s = table.stats()
+    assert s["flows_created"] == (
+        s["flows_active"] + s["flows_evicted"] + s["flows_expired"] + s["flows_ended"]
+    )
+
+
+def test_a_flow_is_confirmed_when_the_other_side_acknowledges_its_bytes_not_by_a_rst() -> None:
+    table = FlowTable()
+    f = created(table, KEY, 0.0)
+    seg(f, 0, 100, b"AB", ack=500)
+    seg(f, 1, 500, b"", flags=RST | ACK, ack=105)  # what a host with no such socket answers
+    assert f.probation and table.flows_on_probation == 1
+    g = created(table, flow_key(b"\x0a\0\0\x09", 9, b"\x0a\0\0\2", 80)[0], 0.0)
+    seg(g, 0, 100, b"AB", ack=500)
+    seg(g, 1, 500, b"", ack=105)
+    assert not g.probation and table.flows_on_probation == 1
+
+
+def test_memory_is_counted_per_edit_and_per_flow_and_given_back() -> None:
+    table = FlowTable(memory=1 << 20)
+    f = confirmed(table, KEY, 0.0)
+    before = table.memory_used
+    seg(f, 0, 2, b"AB" * 100, ack=0)
+    assert table.memory_used == before + 100 * EDIT_BYTES
+    seg(f, 1, 0, ack=5 + 300 + 200)  # everything acknowledged
+    assert f.edit_count(0) == 0 and table.memory_used == FLOW_BYTES
+    table.retract(KEY)
+    assert table.memory_used == 0
+
+
+def test_an_exhausted_budget_refuses_edits_and_counts_them_but_makes_same_length_ones() -> None:
+    table = FlowTable(memory=16 * FLOW_BYTES)  # room for ~670 edits
+    f = confirmed(table, KEY, 0.0)
+    p = seg(f, 0, 2, b"AB" * 700 + b"KL", ack=0)
+    assert "refused" in p.events and table.edits_refused == 700
+    assert p.payload == b"AB" * 700 + b"kl"  # the same-length edit is made all the same
+    assert table.memory_used <= table.memory
+    assert seg(f, 0, 1404, b"AB" * 600, ack=0).fresh_edits  # what fits is taken
+
+
+def test_near_the_budget_a_flow_past_its_fair_share_is_refused_and_a_small_one_is_not() -> None:
+    table = FlowTable(memory=4 * FLOW_BYTES + 100 * EDIT_BYTES)  # fair share: half each
+    big = confirmed(table, KEY, 0.0)
+    small = confirmed(table, flow_key(b"\x0a\0\0\x09", 9, b"\x0a\0\0\2", 80)[0], 0.0)
+    assert seg(big, 0, 2, b"AB" * 100, ack=0).fresh_edits  # below 7/8 of the budget: taken
+    p = seg(big, 0, 202, b"AB" * 60, ack=0)  # past 7/8, and past its share: refused
+    assert "refused" in p.events and table.memory_used + 60 * EDIT_BYTES <= table.memory
+    assert seg(small, 0, 2, b"AB" * 55, ack=0).fresh_edits  # past 7/8, within its share
+
+
+def test_a_table_without_room_for_a_new_flow_refuses_it() -> None:
+    table = FlowTable(memory=FLOW_BYTES * 8 + 8 * EDIT_BYTES)
+    flows = [confirmed(table, k, 0.0) for k in keys(8)]
+    assert all(table.get(f.key) is f for f in flows if f.key is not None)
+    assert table.create(KEY, 1.0) is None and table.stats()["flows_refused"] == 1
+
+
+def test_a_young_flow_on_probation_is_kept_and_the_newcomer_refused_a_stale_one_evicted() -> None:
+    table = FlowTable(max_flows=8)  # one flow on probation at a time
+    young = created(table, KEY, 0.0)
+    seg(young, 0, 0, b"AB", ack=0, now=0.0)  # it carries an offset already
+    assert table.create(keys(1)[0], 1.0) is None and table.get(KEY) is young
+    assert table.stats()["flows_refused"] == 1
+    newcomer = table.create(keys(1)[0], 2.5)  # 2.5 s without an answer: taken for spoofed
+    assert newcomer is not None and table.get(KEY) is None and table.flows_evicted == 1

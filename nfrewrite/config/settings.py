@@ -27,6 +27,10 @@ Schema (defaults in brackets)::
     [flows]
     max          = 65536           # [65536] tracked flows, 1..2**31-1
     idle_timeout = 300             # [300] seconds (integer or float) > 0, at most a week
+    memory       = "256M"          # ["256M"] memory budget of each worker's sequence records:
+                                   # bytes, or a string with K, M or G (powers of 1024),
+                                   # 64K..1T; when it is used up, new length-changing edits are
+                                   # refused (counted; see nfrewrite.core.seqadj)
     [control]
     socket   = "/run/nfrewrite/control.sock"  # [$RUNTIME_DIRECTORY/control.sock, else this]
                                    # the UNIX socket of ``nfrewrite status``/``trace``; a
@@ -85,7 +89,7 @@ BRIDGE_KEYS = ("name", "ports", "offloads")
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)
-FLOWS_KEYS = ("max", "idle_timeout")
+FLOWS_KEYS = ("max", "idle_timeout", "memory")
 SECURITY_KEYS = ("strict_permissions",)
 CONTROL_KEYS = ("socket",)
 #: Longest path a UNIX socket can be bound at (``sun_path`` holds 108 bytes with the final NUL).
@@ -93,6 +97,9 @@ MAX_SOCKET_PATH = 107
 
 INT31 = 2**31 - 1
 WEEK = 7 * 24 * 3600
+MEMORY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+MEMORY_MIN = 64 << 10
+MEMORY_MAX = 1 << 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +154,7 @@ class MetricsConfig:
 class FlowsConfig:
     max: int = 65536
     idle_timeout: float = 300.0
+    memory: int = 256 << 20  # bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,7 +470,34 @@ def _flows(doc: TomlFile, value: object) -> FlowsConfig:
             doc.error(kp, f"flows.idle_timeout {raw} is out of range (more than 0, at most {WEEK})")
         else:
             idle = float(raw)
-    return FlowsConfig(max_flows, idle)
+    memory = flows.memory
+    if "memory" in table:
+        memory = _memory(doc, ("flows", "memory"), table["memory"]) or memory
+    return FlowsConfig(max_flows, idle, memory)
+
+
+def _memory(doc: TomlFile, kp: KeyPath, raw: object) -> int | None:
+    """A byte count: an integer, or a string of digits with an optional K, M or G (powers of
+    1024); None (after an error) if it is not one or out of range."""
+    name = ".".join(str(k) for k in kp)
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        doc.error(kp, f'{name} must be a size like "256M" or a number of bytes, '
+                      f"not {type_name(raw)}")
+        return None
+    if isinstance(raw, int):
+        value = raw
+    else:
+        text = raw.strip()
+        unit = text[-1:].upper() if text[-1:].isalpha() else ""
+        digits = text[: len(text) - len(unit)]
+        if unit not in MEMORY_UNITS or not (digits.isascii() and digits.isdigit()):
+            doc.error(kp, f'{name} {raw!r} is not a size (write e.g. "256M", "1G", "65536K")')
+            return None
+        value = int(digits) * MEMORY_UNITS[unit]
+    if not MEMORY_MIN <= value <= MEMORY_MAX:
+        doc.error(kp, f"{name} {raw!r} is out of range (64K..1T)")
+        return None
+    return value
 
 
 def _control(doc: TomlFile, value: object) -> ControlConfig:

@@ -22,7 +22,9 @@ segment is
    :class:`~nfrewrite.core.seqadj.FlowTable`; from then on every segment of that connection, in both
    directions, goes through the flow's sequence adjuster, which decides which edits apply (by
    original stream position, so retransmissions get the same edits) and maps seq/ack/SACK
-   numbers.
+   numbers; a pure ACK (no payload, SYN, FIN or RST) only has those mapped. When the table has
+   no room for a new flow (its memory budget), the length-changing edits of that packet are
+   refused (counted) and the same-length ones made.
 5. SYNs of a connection whose segments some rule will grow get a lower MSS, leaving room for the
    growth; a segment that still grows past the MTU is cut by the sequence adjuster. A packet
    longer than the MTU (the largest of the namespace's links) is a GSO/GRO super-packet, which
@@ -47,10 +49,11 @@ reload (assigning ``engine.ruleset`` is atomic).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
-from nfrewrite.core.constants import ACCEPT, ACK, DROP, FIN, MAX_VERDICT_PACKET, SYN
+from nfrewrite.core.constants import ACCEPT, ACK, DROP, FIN, MAX_VERDICT_PACKET, RST, SYN
 from nfrewrite.core.packet import TcpPacket, parse
-from nfrewrite.core.rules import Rule, RuleSet, Selection
+from nfrewrite.core.rules import Edit, Rule, RuleSet, Selection
 from nfrewrite.core.seqadj import Flow, FlowTable, SegmentPlan, flow_key
 
 EXPIRE_EVERY = 1.0  # seconds between sweeps of the flow table
@@ -65,8 +68,7 @@ MIN_MSS = 536
 #: A longer packet can only be a GSO/GRO super-packet, which the kernel segments itself.
 DEFAULT_MTU = 1500
 
-Edit = tuple[int, int, bytes]
-Found = list[tuple[int, int, bytes, Rule]]
+Found = list[Edit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,12 +218,21 @@ class Engine:
             found = _fitting(pkt, found, sel.max_growth)
         if not found:
             return None, 0
-        if self.flows is None or all(end - start == len(new) for start, end, new, _ in found):
+        same = [edit for edit in found if _keeps_length(edit)]
+        if self.flows is None or len(same) == len(found):
             pkt.apply_edits([(s, e, n) for s, e, n, _ in found])
             fired.extend(rule.name for _, _, _, rule in found)
             return None, 0
         key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
         flow = self.flows.create(key, now)
+        if flow is None:
+            # the table's memory budget has no room for another flow: the length-changing edits
+            # are refused (counted), the same-length ones made as for any flow without state
+            self.flows.edits_refused += len(found) - len(same)
+            if same:
+                pkt.apply_edits([(s, e, n) for s, e, n, _ in same])
+                fired.extend(rule.name for _, _, _, rule in same)
+            return None, 0
         if not self._rewrite_with_flow(pkt, flow, direction, sel, fired, now, segmented,
                                        first=found):
             # Nothing it would become fits a verdict and it cannot be cut (a SYN; a packet that
@@ -242,33 +253,40 @@ class Engine:
         first: Found | None = None,
     ) -> bool:
         """Run the segment through its flow's sequence adjuster. False: drop the packet."""
-        found: Found = []
-        searched = False
-
-        def find_edits(payload: bytes, fresh_from: int) -> list[Edit]:
-            # The adjuster may ask twice for one segment (the part from before the flow began,
-            # then the fresh part): search the payload once, filter per call.
-            nonlocal searched
-            if not searched:
-                found.extend(first if first is not None else sel.find_edits(payload))
-                searched = True
-            return [(s, e, n) for s, e, n, _ in found if s >= fresh_from]
-
         flags = pkt.flags
+        ack = pkt.ack if flags & ACK else None
+        sack = pkt.sack_blocks() if pkt.doff > 20 else ()
+        if not pkt.payload_len and not flags & (SYN | FIN | RST):
+            # a pure ACK: its seq, ACK and SACK edges mapped, nothing else to plan
+            plan = flow.rewrite(direction, pkt.seq, ack, flags, b"", sack, now, _no_edits,
+                                window=pkt.window)
+            _apply_plan(pkt, plan)
+            return True
+        if first is not None:
+            found = first
+
+            def find_edits(payload: bytes) -> Found:
+                return found
+        elif pkt.payload_len and sel.has_replaces:
+            find_edits = sel.find_edits
+        else:
+            find_edits = _no_edits
         plan = flow.rewrite(
             direction,
             pkt.seq,
-            pkt.ack if flags & ACK else None,
+            ack,
             flags,
             pkt.payload,
-            pkt.sack_blocks(),
+            sack,
             now,
-            find_edits if pkt.payload_len and sel.has_replaces else _no_edits,
+            find_edits,
             # bytes after the datagram (link padding) stay after it: they count against the MTU.
             # A packet longer than the MTU is a GSO/GRO super-packet that the kernel will cut
             # into wire segments itself: it may grow up to what a verdict carries back.
             (self.mtu if pkt.end <= self.mtu and not segmented else MAX_VERDICT_PACKET)
             - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff,
+            pkt.window,
+            pkt.wscale if flags & SYN else None,
         )
         if plan.action == "drop":
             return False
@@ -281,13 +299,19 @@ class Engine:
             if len(sel.rules) == 1:
                 fired.append(sel.rules[0].name)
             else:
-                by_span = {(s, e): rule.name for s, e, _, rule in found}
-                fired.extend(by_span[(s, e)] for s, e, _ in plan.applied)
+                fired.extend(cast(Rule, tag).name for _, _, _, tag in plan.applied)
         return True
 
 
-def _no_edits(payload: bytes, fresh_from: int) -> list[Edit]:
+def _no_edits(payload: bytes) -> Found:
     return []
+
+
+def _keeps_length(edit: Edit) -> bool:
+    """Whether an edit found leaves the payload's length as it is (the one place this is asked
+    of a single edit; a whole selection answers it once, as ``Selection.same_length``)."""
+    start, end, new, _ = edit
+    return end - start == len(new)
 
 
 def _fitting(pkt: TcpPacket, found: Found, max_growth: int) -> Found:
@@ -300,7 +324,7 @@ def _fitting(pkt: TcpPacket, found: Found, max_growth: int) -> Found:
         return found
     if sum(len(new) - (end - start) for start, end, new, _ in found) <= pkt.room:
         return found
-    return [f for f in found if len(f[2]) == f[1] - f[0]]
+    return [edit for edit in found if _keeps_length(edit)]
 
 
 def _apply_plan(pkt: TcpPacket, plan: SegmentPlan) -> None:

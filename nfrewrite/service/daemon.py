@@ -174,7 +174,8 @@ def worker_main(
     from nfrewrite.core.seqadj import FlowTable
     from nfrewrite.kernel.queue import TRACK_FLOW, PacketMeta, QueueWorker
 
-    flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout)
+    flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout,
+                      memory=config.flows.memory)
     engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu())
     wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
     tracer = WorkerTracer(queue_num, trace_sock, flows)

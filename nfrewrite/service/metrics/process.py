@@ -78,6 +78,7 @@ from nfrewrite.service.metrics.table import (
     SEQADJ_CUTS,
     SEQADJ_EVICTIONS,
     SEQADJ_FLOWS,
+    SEQADJ_MEMORY,
     SEQADJ_REFUSED,
     WORKER_RESTARTS,
     MetricSpec,
@@ -307,6 +308,7 @@ class WorkerMetrics:
         ]
         self._table_last: dict[str, int] = {}
         self._flows.set(0)
+        self._memory = m.gauge(SEQADJ_MEMORY).labels(q)
         self.set_rules(rules)
 
     def set_rules(self, names: Iterable[str]) -> None:
@@ -346,12 +348,14 @@ class WorkerMetrics:
 
     def set_flows(self, active: int, totals: Mapping[str, int]) -> None:
         """Copy the FlowTable's figures: flows active now, and its running counts since it was
-        made (``FlowTable.stats()``: ``flows_evicted``, ``edits_refused``, ``segments_cut``).
+        made (``FlowTable.stats()``: ``flows_evicted``, ``edits_refused``, ``segments_cut``),
+        and the estimated bytes its records hold now (``memory_bytes``, a gauge).
 
         Each counter advances by the difference from last time; a smaller value means a new
         table (counting from 0).
         """
         self._flows.set(active)
+        self._memory.set(totals.get("memory_bytes", 0))
         last = self._table_last
         for counter, name in self._table_counters:
             total = totals.get(name, 0)

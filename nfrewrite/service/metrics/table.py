@@ -85,8 +85,12 @@ SEQADJ_EVICTIONS = MetricSpec(
     "Flows with a sequence offset evicted because the flow table was full.", ("queue",))
 SEQADJ_REFUSED = MetricSpec(
     "nfrewrite_seqadj_edits_refused_total", "counter",
-    "Length-changing edits not made because their flow already kept max_edits unacknowledged "
-    "ones (their bytes passed unedited).", ("queue",))
+    "Length-changing edits not made because the flow table's memory budget ([flows] memory) "
+    "was used up (their bytes passed unedited).", ("queue",))
+SEQADJ_MEMORY = MetricSpec(
+    "nfrewrite_seqadj_memory_bytes", "gauge",
+    "Estimated bytes the sequence records hold (bounded by [flows] memory per worker).",
+    ("queue",), mode="livesum")
 SEQADJ_CUTS = MetricSpec(
     "nfrewrite_seqadj_segments_cut_total", "counter",
     "Segments cut because edits grew them past the MTU (or a super-packet past 65,531 bytes); "
@@ -126,6 +130,7 @@ METRICS: tuple[MetricSpec, ...] = (
     SEQADJ_EVICTIONS,
     SEQADJ_REFUSED,
     SEQADJ_CUTS,
+    SEQADJ_MEMORY,
     RULES_LOADED,
     RELOAD_SUCCESSFUL,
     RELOAD_TIMESTAMP,

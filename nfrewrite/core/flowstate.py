@@ -177,11 +177,13 @@ def encode_flow(flow: Flow) -> bytes:
     return _frame(b"".join(out))
 
 
-def encode_table(table: FlowTable, digest: bytes) -> bytes:
-    """A complete snapshot of ``table``: header, every flow (least recently used first), end."""
-    parts = [encode_header(digest, complete=True)]
+def encode_table(table: FlowTable, digest: bytes, *, complete: bool = True) -> bytes:
+    """A complete snapshot of ``table``: header, every flow (least recently used first), end;
+    or (``complete`` False) the start of a journal: the same without the end."""
+    parts = [encode_header(digest, complete=complete)]
     parts.extend(encode_flow(flow) for flow in table._flows.values())
-    parts.append(encode_end(len(parts) - 1))
+    if complete:
+        parts.append(encode_end(len(parts) - 1))
     return b"".join(parts)
 
 

@@ -104,12 +104,15 @@ class FlowStore:
     def load(self, ruleset: RuleSet) -> int:
         """Restore the records in the file, if it is fresh enough and readable; returns how
         many flows were restored (also in ``table.flows_restored``)."""
+        where = f"queue {self.queue_num}: sequence records {self.path}"
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return 0
+        except OSError as e:
+            self.log(f"{where}: cannot be read ({e.strerror}); starting with no records")
+            return 0
         age = time.time() - st.st_mtime
-        where = f"queue {self.queue_num}: sequence records {self.path}"
         if age > self.max_age:
             self.log(f"{where}: {age:.0f} s old (more than flows.state_max_age "
                      f"{self.max_age:g} s): ignored")
@@ -142,8 +145,9 @@ class FlowStore:
         """Start the journal: a snapshot of the table as it is, then changes appended."""
         self._replace(flowstate.encode_table(self.table, self.digest, complete=False),
                       complete=False)
-        self.table.changed = {}
-        self.table.urgent = False
+        if self._fd >= 0:
+            self.table.changed = {}
+            self.table.urgent = False
 
     # -- running ----------------------------------------------------------------------------------
 

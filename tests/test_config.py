@@ -215,3 +215,29 @@ def test_a_bad_flows_memory_is_an_error_at_its_value(tmp_path: Path, text: str,
     assert config is None
     assert [(d.line, d.col, d.severity) for d in diags] == [(2, 10, "error")]
     assert diags[0].message.startswith(message)
+
+
+@pytest.mark.parametrize("text,seconds", [("60", 60.0), ("0", 0.0), ("2.5", 2.5)])
+def test_flows_state_max_age_takes_seconds(tmp_path: Path, text: str, seconds: float) -> None:
+    config, diags = load_config(write(tmp_path, f"[flows]\nstate_max_age = {text}\n"))
+    assert diags == [] and config is not None
+    assert config.flows.state_max_age == seconds
+
+
+def test_flows_state_max_age_defaults_to_a_minute(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, "[flows]\nmax = 10\n"))
+    assert config is not None and config.flows.state_max_age == 60.0
+
+
+@pytest.mark.parametrize("text,message", [
+    ("-1", "flows.state_max_age -1 is out of range (0 to 604800)"),
+    ("604801", "flows.state_max_age 604801 is out of range (0 to 604800)"),
+    ("true", "flows.state_max_age must be a number of seconds, not boolean"),
+    ('"60"', "flows.state_max_age must be a number of seconds, not string"),
+])
+def test_a_bad_flows_state_max_age_is_an_error_at_its_value(tmp_path: Path, text: str,
+                                                            message: str) -> None:
+    config, diags = load_config(write(tmp_path, f"[flows]\nstate_max_age = {text}\n"))
+    assert config is None
+    assert [(d.line, d.col, d.severity) for d in diags] == [(2, 17, "error")]
+    assert diags[0].message.startswith(message)

@@ -31,6 +31,10 @@ Schema (defaults in brackets)::
                                    # bytes, or a string with K, M or G (powers of 1024),
                                    # 64K..1T; when it is used up, new length-changing edits are
                                    # refused (counted; see nfrewrite.core.seqadj)
+    state_max_age = 60             # [60] seconds (integer or float), 0..a week: the sequence
+                                   # records are kept in the runtime directory (a journal that
+                                   # outlives a worker, a snapshot at stop) and a start loads
+                                   # them if they are at most this old; 0: neither kept nor loaded
     [control]
     socket   = "/run/nfrewrite/control.sock"  # [$RUNTIME_DIRECTORY/control.sock, else this]
                                    # the UNIX socket of ``nfrewrite status``/``trace``; a
@@ -89,7 +93,7 @@ BRIDGE_KEYS = ("name", "ports", "offloads")
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)
-FLOWS_KEYS = ("max", "idle_timeout", "memory")
+FLOWS_KEYS = ("max", "idle_timeout", "memory", "state_max_age")
 SECURITY_KEYS = ("strict_permissions",)
 CONTROL_KEYS = ("socket",)
 #: Longest path a UNIX socket can be bound at (``sun_path`` holds 108 bytes with the final NUL).
@@ -155,6 +159,7 @@ class FlowsConfig:
     max: int = 65536
     idle_timeout: float = 300.0
     memory: int = 256 << 20  # bytes
+    state_max_age: float = 60.0  # seconds; 0: the records are not kept across a restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,7 +478,17 @@ def _flows(doc: TomlFile, value: object) -> FlowsConfig:
     memory = flows.memory
     if "memory" in table:
         memory = _memory(doc, ("flows", "memory"), table["memory"]) or memory
-    return FlowsConfig(max_flows, idle, memory)
+    max_age = flows.state_max_age
+    if "state_max_age" in table:
+        kp = ("flows", "state_max_age")
+        raw = table["state_max_age"]
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            doc.error(kp, f"flows.state_max_age must be a number of seconds, not {type_name(raw)}")
+        elif not 0 <= raw <= WEEK:
+            doc.error(kp, f"flows.state_max_age {raw} is out of range (0 to {WEEK})")
+        else:
+            max_age = float(raw)
+    return FlowsConfig(max_flows, idle, memory, max_age)
 
 
 def _memory(doc: TomlFile, kp: KeyPath, raw: object) -> int | None:

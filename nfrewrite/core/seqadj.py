@@ -176,8 +176,14 @@ when that is not possible or the memory budget leaves no room, counted as ``flow
 ``retract(key)`` (takes a creation back: the flow's first segment could not be emitted);
 ``len(table)``; counters ``flows_active`` and ``flows_on_probation`` (properties),
 ``flows_created``, ``flows_evicted``, ``flows_expired``, ``flows_ended``, ``flows_refused``,
-``edits_refused``, ``segments_cut``, ``memory_used`` (estimated bytes); ``stats() -> dict``.
-Invariant: created == active + evicted + expired + ended.
+``edits_refused``, ``segments_cut``, ``flows_restored``, ``memory_used`` (estimated bytes);
+``stats() -> dict``.  Invariant: created == active + evicted + expired + ended.
+
+Saving and restoring (:mod:`nfrewrite.core.flowstate` reads and writes the records as bytes):
+``adopt(flow) -> bool`` lists a restored flow (counted as created and as ``flows_restored``).
+``changed``: None, or a dict that collects every flow touched since its owner last emptied it
+(None for a flow removed), and ``urgent`` is set when one recorded an edit or began anew: what
+must be written before that segment is let go for a crash not to lose it.
 
 ``Flow.rewrite(direction, seq, ack, flags, payload, sack, now, find_edits, max_payload=None,
 window=None, wscale=None) -> SegmentPlan``: ``seq``/``ack``/SACK edges are the raw 32-bit header
@@ -778,6 +784,7 @@ class Flow:
         way.record(s, starts, ends, repls)
         if table is not None:
             self._account()
+            table.urgent = True
         applied = tuple(found[first:]) if in_order else tuple(found[k] for k in order)
         new_payload = _splice(payload, starts, ends, repls) if not fresh_from else None
         return order, applied, new_payload
@@ -926,6 +933,8 @@ class Flow:
             table._flows.move_to_end(self.key)
             if self.probation:
                 table._probation.move_to_end(self.key)
+            if table.changed is not None:
+                table.changed[self.key] = self
 
     def _account(self) -> None:
         """Bring the table's byte count up to date with this flow's record."""
@@ -945,6 +954,8 @@ class Flow:
         self.ended_at = None
         self._new_syn = None
         self._account()
+        if self._table is not None:
+            self._table.urgent = True
         events.append("restarted")
 
 
@@ -981,6 +992,12 @@ class FlowTable:
         self.flows_refused = 0
         self.edits_refused = 0
         self.segments_cut = 0
+        self.flows_restored = 0  # flows taken from a saved record (``adopt``)
+        #: Journaling (the service's store of the records): None, off; else every flow whose
+        #: record changed since the store last took them (None: it is gone).  ``urgent``: one of
+        #: them recorded an edit or began anew, a change to be written before its packet goes.
+        self.changed: dict[FlowKey, Flow | None] | None = None
+        self.urgent = False
 
     @property
     def flows_active(self) -> int:
@@ -1007,6 +1024,7 @@ class FlowTable:
             "flows_refused": self.flows_refused,
             "edits_refused": self.edits_refused,
             "segments_cut": self.segments_cut,
+            "flows_restored": self.flows_restored,
             "memory_bytes": self.memory_used,
         }
 
@@ -1119,10 +1137,44 @@ class FlowTable:
             self.probation_used -= flow.cost
         self.memory_used -= flow.cost
         flow.listed = False
+        if self.changed is not None:
+            self.changed[key] = None
 
     def _evict(self, key: FlowKey) -> None:
         self._remove(key, self._flows[key])
         self.flows_evicted += 1
+
+    def adopt(self, flow: Flow) -> bool:
+        """List a flow restored from a saved record (:mod:`nfrewrite.core.flowstate`) as the most
+        recently used, counted as created and restored; False (not taken) when its key is listed
+        already or the flow count, the memory budget or (for one on probation) its share leaves
+        no room."""
+        key = flow.key
+        if key is None or key in self._flows or len(self._flows) >= self.max_flows:
+            return False
+        ways = flow.ways
+        cost = FLOW_BYTES + EDIT_BYTES * (len(ways[0].starts) + len(ways[1].starts))
+        if self.memory_used + cost > self.memory or flow.probation and (
+                len(self._probation) >= self.probation_flows
+                or self.probation_used + cost > self.probation_memory):
+            return False
+        flow._table = self
+        flow.cost = cost
+        flow.listed = True
+        self._flows[key] = flow
+        self.memory_used += cost
+        if flow.probation:
+            self._probation[key] = flow
+            self.probation_used += cost
+        if flow.ended_at is not None:
+            entry = (flow.ended_at, key, flow)
+            if self._closing and self._closing[-1][0] > flow.ended_at:
+                self._closing = deque(sorted([*self._closing, entry], key=lambda e: e[0]))
+            else:
+                self._closing.append(entry)
+        self.flows_created += 1
+        self.flows_restored += 1
+        return True
 
     def retract(self, key: FlowKey) -> None:
         """Take back the creation of a flow whose first segment could not be emitted: it never

@@ -173,9 +173,11 @@ def worker_main(
     from nfrewrite.core.engine import PASS, Engine
     from nfrewrite.core.seqadj import FlowTable
     from nfrewrite.kernel.queue import TRACK_FLOW, PacketMeta, QueueWorker
+    from nfrewrite.service.flowstore import open_store
 
     flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout,
                       memory=config.flows.memory)
+    store = open_store(queue_num, config, ruleset, flows, log)  # records restored, journal on
     engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu())
     wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
     tracer = WorkerTracer(queue_num, trace_sock, flows)
@@ -201,17 +203,23 @@ def worker_main(
         if tracer.active:  # trace hook: the one test per packet while nobody traces
             tracer.packet(payload, meta, res)
         if res.track:
+            if store is not None and flows.urgent:  # a new edit: on record before it leaves
+                store.write_changed()
             return res.verdict | TRACK_FLOW, res.packet
         return res.verdict, res.packet
 
     def on_idle() -> None:
         conn.send(("hb",))
+        if store is not None:
+            store.idle()
         wm.set_flows(flows.flows_active, flows.stats())
         while conn.poll():
             msg = conn.recv()
             if msg[0] == "rules":
                 new: RuleSet = msg[1]
                 engine.ruleset = new
+                if store is not None:
+                    store.set_rules(new)
                 wm.set_rules([r.name for r in new.rules])
                 conn.send(("rules-ok",))
             elif msg[0] == "trace":
@@ -239,6 +247,8 @@ def worker_main(
     finally:
         qw.unbind()
         tracer.close()
+        if store is not None:
+            log(f"queue {queue_num}: {store.save()} flows' sequence records saved")
 
 
 # -- loader side (one reload) ------------------------------------------------------------------

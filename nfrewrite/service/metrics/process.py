@@ -80,6 +80,7 @@ from nfrewrite.service.metrics.table import (
     SEQADJ_FLOWS,
     SEQADJ_MEMORY,
     SEQADJ_REFUSED,
+    SEQADJ_RESTORED,
     WORKER_RESTARTS,
     MetricSpec,
     check_queue_num,
@@ -304,7 +305,8 @@ class WorkerMetrics:
         self._table_counters = [
             (m.counter(spec).labels(q), name)
             for spec, name in ((SEQADJ_EVICTIONS, "flows_evicted"),
-                               (SEQADJ_REFUSED, "edits_refused"), (SEQADJ_CUTS, "segments_cut"))
+                               (SEQADJ_REFUSED, "edits_refused"), (SEQADJ_CUTS, "segments_cut"),
+                               (SEQADJ_RESTORED, "flows_restored"))
         ]
         self._table_last: dict[str, int] = {}
         self._flows.set(0)

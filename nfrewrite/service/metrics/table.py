@@ -95,6 +95,10 @@ SEQADJ_CUTS = MetricSpec(
     "nfrewrite_seqadj_segments_cut_total", "counter",
     "Segments cut because edits grew them past the MTU (or a super-packet past 65,531 bytes); "
     "the sender retransmits each cut's tail.", ("queue",))
+SEQADJ_RESTORED = MetricSpec(
+    "nfrewrite_seqadj_flows_restored_total", "counter",
+    "Flows whose sequence records a worker restored at its start (from its predecessor's journal "
+    "or the snapshot of a clean stop).", ("queue",))
 RULES_LOADED = MetricSpec(
     "nfrewrite_rules_loaded", "gauge",
     "Rules in the rule set in force.", mode="mostrecent")
@@ -130,6 +134,7 @@ METRICS: tuple[MetricSpec, ...] = (
     SEQADJ_EVICTIONS,
     SEQADJ_REFUSED,
     SEQADJ_CUTS,
+    SEQADJ_RESTORED,
     SEQADJ_MEMORY,
     RULES_LOADED,
     RELOAD_SUCCESSFUL,

@@ -250,7 +250,7 @@ class Rule:
 class Selection:
     """The rules that match one kind of packet, with their replace patterns ready to search."""
 
-    __slots__ = ("_patterns", "has_replaces", "max_growth", "rules", "same_length")
+    __slots__ = ("_patterns", "_prefixes", "has_replaces", "max_growth", "rules", "same_length")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
@@ -271,6 +271,7 @@ class Selection:
         self.has_replaces = bool(patterns)
         self.same_length = same_length  # no replace of these rules changes a length
         self.max_growth = growth  # the most one replace adds to a payload (0: none grows)
+        self._prefixes: tuple[int, frozenset[bytes]] | None = None  # built on first use
 
     def __repr__(self) -> str:
         return f"Selection({[r.name for r in self.rules]!r})"
@@ -279,6 +280,33 @@ class Selection:
     def single_pattern(self) -> tuple[bytes, bytes, Rule] | None:
         """(find, with, rule) when the selection searches for exactly one pattern, else None."""
         return self._patterns[0] if len(self._patterns) == 1 else None
+
+    def pending_from(self, payload: bytes) -> int:
+        """Where the undecided tail of a stream that ends with ``payload`` begins: the earliest
+        position from which the rest is a proper prefix of some pattern (a match may begin
+        there and end in bytes still to come) and that no match found before it reaches past;
+        ``len(payload)`` when there is none. Matches that begin before it are final: more bytes
+        cannot make an earlier match begin, so leftmost-first picks them whatever follows.
+
+        Costs one set lookup per length up to the longest pattern's (the proper prefixes of
+        all patterns are built on first use: the stream matcher's memory, per Selection).
+        """
+        n = len(payload)
+        prefixes = self._prefixes
+        if prefixes is None:
+            longest = max((len(p[0]) for p in self._patterns), default=1) - 1
+            found_prefixes = frozenset(p[0][:k] for p in self._patterns
+                                       for k in range(1, len(p[0])))
+            prefixes = self._prefixes = (longest, found_prefixes)
+        longest, table = prefixes
+        candidates = [n - k for k in range(min(longest, n), 0, -1) if payload[n - k:] in table]
+        if not candidates:
+            return n
+        found = self.find_edits(payload)
+        for at in candidates:
+            if all(end <= at for start, end, _, _ in found if start < at):
+                return at
+        return n
 
     def find_edits(self, payload: bytes | bytearray) -> list[Edit]:
         """Every replace of the selected rules in ``payload``: (start, end, replacement, rule).

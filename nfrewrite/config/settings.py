@@ -31,6 +31,9 @@ Schema (defaults in brackets)::
                                    # bytes, or a string with K, M or G (powers of 1024),
                                    # 64K..1T; when it is used up, new length-changing edits are
                                    # refused (counted; see nfrewrite.core.seqadj)
+    hold_ms      = 5               # [5] milliseconds a segment that ends in the beginning of a
+                                   # pattern waits for the next one of its direction, 0..1000
+                                   # (0: never held; see nfrewrite.core.stream)
     [control]
     socket   = "/run/nfrewrite/control.sock"  # [$RUNTIME_DIRECTORY/control.sock, else this]
                                    # the UNIX socket of ``nfrewrite status``/``trace``; a
@@ -89,7 +92,7 @@ BRIDGE_KEYS = ("name", "ports", "offloads")
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)
-FLOWS_KEYS = ("max", "idle_timeout", "memory")
+FLOWS_KEYS = ("max", "idle_timeout", "memory", "hold_ms")
 SECURITY_KEYS = ("strict_permissions",)
 CONTROL_KEYS = ("socket",)
 #: Longest path a UNIX socket can be bound at (``sun_path`` holds 108 bytes with the final NUL).
@@ -155,6 +158,7 @@ class FlowsConfig:
     max: int = 65536
     idle_timeout: float = 300.0
     memory: int = 256 << 20  # bytes
+    hold: float = 0.005  # seconds a segment ending in a pattern's beginning may be held
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,7 +477,12 @@ def _flows(doc: TomlFile, value: object) -> FlowsConfig:
     memory = flows.memory
     if "memory" in table:
         memory = _memory(doc, ("flows", "memory"), table["memory"]) or memory
-    return FlowsConfig(max_flows, idle, memory)
+    hold = flows.hold
+    if "hold_ms" in table:
+        ms = doc.want_int(("flows", "hold_ms"), table["hold_ms"], "flows.hold_ms", 0, 1000)
+        if ms is not None:
+            hold = ms / 1000
+    return FlowsConfig(max_flows, idle, memory, hold)
 
 
 def _memory(doc: TomlFile, kp: KeyPath, raw: object) -> int | None:

@@ -288,7 +288,8 @@ class Engine:
                 holds.take(gkey)
                 this = Held(None, pkt, segmented, _header_sets(pkt, sel), pkt.seq, now)
                 results = self._emit_group([*group.members, this], sel, gkey, now)
-                pairs = tuple((m.token, r) for m, r in zip(group.members, results[:-1], strict=True))
+                pairs = tuple((m.token, r)
+                              for m, r in zip(group.members, results[:-1], strict=True))
                 return replace(results[-1], released=pairs)
             holds.take(gkey)
             holds.flushed += 1

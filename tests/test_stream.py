@@ -140,3 +140,31 @@ def test_bounds_refuse() -> None:
     rx = feed(engine, [b"S", b"E", b"C", b"R", b"ET-TOKEN-7f3a9c"], 4)
     assert engine.holds.refused == 1
     assert rx.stream(ISN) == b"SECRET-TOKEN-7f3a9c"  # cut after two held: passes, counted
+
+
+def test_hyperscan_search_finds_what_the_pure_search_finds() -> None:
+    """Several patterns are searched by Hyperscan when it is installed: the same edits
+    (leftmost-first, first pattern on ties, non-overlapping) as the merged bytes.find search."""
+    import random
+
+    from nfrewrite.core import rules as rules_module
+    from nfrewrite.core.rules import Selection
+
+    if rules_module._hs is None:
+        pytest.skip("hyperscan not installed")
+    rng = random.Random(3)
+    for _ in range(500):
+        pats = list(dict.fromkeys(bytes(rng.choice(b"ab\x00") for _ in range(rng.randint(1, 4)))
+                                  for _ in range(rng.randint(2, 6))))
+        if len(pats) < 2:
+            continue
+        rule = Rule("r", 0, "r", 1, 1, Match(), tuple(Replace(p, b"Z", 1, 1) for p in pats),
+                    HeaderSet(), "accept", ())
+        data = bytes(rng.choice(b"ab\x00c") for _ in range(rng.randint(0, 40)))
+        fast = Selection((rule,)).find_edits(data)
+        saved, rules_module._hs = rules_module._hs, None
+        try:
+            pure = Selection((rule,)).find_edits(data)
+        finally:
+            rules_module._hs = saved
+        assert [e[:2] for e in fast] == [e[:2] for e in pure], (pats, data)

@@ -41,7 +41,7 @@ from scapy.packet import Raw
 
 from bench.lab_bench import BULK_PORT, PATTERN, PERIOD, SAME, rule_same
 from nfrewrite.config.rulefiles import load_rules
-from nfrewrite.config.settings import Config
+from nfrewrite.config.settings import Config, FlowsConfig
 from nfrewrite.core.rules import RuleSet
 from nfrewrite.kernel.queue import PacketMeta
 from nfrewrite.service import daemon
@@ -120,6 +120,7 @@ def with_workers(mains: Sequence[tuple[Callable[..., None], socket.socket | None
     class StandInQueue:
         def __init__(self, queue_num: int, handler: Handler, **kw: Any) -> None:
             self.handler, self.on_idle = handler, kw["on_idle"]
+            self.packet_id: int | None = None  # no packet is ever held here
 
         def bind(self) -> None: ...
         def unbind(self) -> None: ...
@@ -136,7 +137,8 @@ def with_workers(mains: Sequence[tuple[Callable[..., None], socket.socket | None
 
     def start(i: int) -> None:
         main, sock = mains[i]
-        main(i, Config("bench.toml"), ruleset, pipes[i], sock)
+        no_journal = Config("bench.toml", flows=FlowsConfig(state_max_age=0))
+        main(i, no_journal, ruleset, pipes[i], sock)
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
     real_queue, real_die = queue_module.QueueWorker, daemon._die_with_parent

@@ -303,6 +303,7 @@ def test_label_values_come_only_from_fixed_sets_rule_names_and_configured_ports(
         "feature": {"gro", "gso"},
         "le": {repr(float(b)) for b in M.TIME_BUCKETS} | {"+Inf"},
         "version": {nfrewrite.__version__},
+        "outcome": set(M.HOLD_OUTCOMES),
         "python": {platform.python_version()},
     }
     got = samples(scrape_text(sup))

@@ -35,6 +35,9 @@ Schema (defaults in brackets)::
                                    # records are kept in the runtime directory (a journal that
                                    # outlives a worker, a snapshot at stop) and a start loads
                                    # them if they are at most this old; 0: neither kept nor loaded
+    hold_ms      = 5               # [5] milliseconds a segment that ends in the beginning of a
+                                   # pattern waits for the next one of its direction, 0..1000
+                                   # (0: never held; see nfrewrite.core.stream)
     [control]
     socket   = "/run/nfrewrite/control.sock"  # [$RUNTIME_DIRECTORY/control.sock, else this]
                                    # the UNIX socket of ``nfrewrite status``/``trace``; a
@@ -93,7 +96,7 @@ BRIDGE_KEYS = ("name", "ports", "offloads")
 OFFLOAD_KEYS = ("rx", "tx", "tso", "gso", "gro", "lro")
 QUEUE_KEYS = ("num", "workers", "maxlen", "sock_buf", "gso")
 METRICS_KEYS = ("listen",)
-FLOWS_KEYS = ("max", "idle_timeout", "memory", "state_max_age")
+FLOWS_KEYS = ("max", "idle_timeout", "memory", "state_max_age", "hold_ms")
 SECURITY_KEYS = ("strict_permissions",)
 CONTROL_KEYS = ("socket",)
 #: Longest path a UNIX socket can be bound at (``sun_path`` holds 108 bytes with the final NUL).
@@ -160,6 +163,7 @@ class FlowsConfig:
     idle_timeout: float = 300.0
     memory: int = 256 << 20  # bytes
     state_max_age: float = 60.0  # seconds; 0: the records are not kept across a restart
+    hold: float = 0.005  # seconds a segment ending in a pattern's beginning may be held
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,7 +492,12 @@ def _flows(doc: TomlFile, value: object) -> FlowsConfig:
             doc.error(kp, f"flows.state_max_age {raw} is out of range (0 to {WEEK})")
         else:
             max_age = float(raw)
-    return FlowsConfig(max_flows, idle, memory, max_age)
+    hold = flows.hold
+    if "hold_ms" in table:
+        ms = doc.want_int(("flows", "hold_ms"), table["hold_ms"], "flows.hold_ms", 0, 1000)
+        if ms is not None:
+            hold = ms / 1000
+    return FlowsConfig(max_flows, idle, memory, max_age, hold)
 
 
 def _memory(doc: TomlFile, kp: KeyPath, raw: object) -> int | None:

@@ -15,6 +15,10 @@ from __future__ import annotations
 # -- verdicts: what Engine.process decides and the queue loop gives the kernel ---------------------
 DROP = 0
 ACCEPT = 1
+#: Not a netfilter verdict: "no verdict yet". The engine held the packet (its payload ends in
+#: the beginning of a pattern); the shell keeps it queued and gives its verdict when the engine
+#: releases it (see :mod:`nfrewrite.core.stream`). Never sent to the kernel.
+HOLD = 0x7F
 
 #: The packet-mark bit that says "this flow has a sequence offset: queue all of it". The queue
 #: loop sets it in the verdict; the firewall copies it into the conntrack mark and back, and

@@ -48,13 +48,25 @@ reload (assigning ``engine.ruleset`` is atomic).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import cast
 
-from nfrewrite.core.constants import ACCEPT, ACK, DROP, FIN, MAX_VERDICT_PACKET, RST, SYN
+from nfrewrite.core.constants import (
+    ACCEPT,
+    ACK,
+    DROP,
+    FIN,
+    HOLD,
+    MAX_VERDICT_PACKET,
+    RST,
+    SYN,
+    URG,
+)
 from nfrewrite.core.packet import TcpPacket, parse
 from nfrewrite.core.rules import Edit, Rule, RuleSet, Selection
 from nfrewrite.core.seqadj import Flow, FlowTable, SegmentPlan, flow_key
+from nfrewrite.core.stream import Group, Held, HoldLimits, Holds, cut_points, fit, to_new
 
 EXPIRE_EVERY = 1.0  # seconds between sweeps of the flow table
 #: MSS lowering on SYNs of connections whose replies rules grow: room for growth in each segment,
@@ -80,6 +92,9 @@ class Result:
     ``rules`` are the names of the rules that changed or dropped it (for per-rule counters).
     ``track`` is True while the packet's connection carries a sequence offset: the kernel side
     must then queue every packet of that connection in both directions (connmark).
+    ``verdict`` may be :data:`~.constants.HOLD` (only for a packet given with a ``hold`` token):
+    no verdict yet. ``released``: ``(token, Result)`` of packets held earlier whose verdicts are
+    due now, in stream order, to be given before this packet's (see :mod:`~.core.stream`).
     """
 
     verdict: int
@@ -87,6 +102,7 @@ class Result:
     unparsed: str | None = None
     rules: tuple[str, ...] = ()
     track: bool = False
+    released: tuple[tuple[object, Result], ...] = ()
 
 
 PASS = Result(ACCEPT)
@@ -103,12 +119,16 @@ class Engine:
     """
 
     def __init__(
-        self, ruleset: RuleSet, flows: FlowTable | None = None, *, mtu: int = DEFAULT_MTU
+        self, ruleset: RuleSet, flows: FlowTable | None = None, *, mtu: int = DEFAULT_MTU,
+        hold_limits: HoldLimits | None = None,
     ) -> None:
         self.ruleset = ruleset
         self.flows = flows
         self.mtu = mtu
         self._next_expire = 0.0
+        #: segments held back because they end in the beginning of a pattern (only packets
+        #: given with a ``hold`` token, and only with a flow table)
+        self.holds = Holds(hold_limits)
 
     def _leave_room_for_growth(
         self, pkt: TcpPacket, in_port: str | None, out_port: str | None
@@ -135,10 +155,13 @@ class Engine:
         now: float = 0.0,
         csum_partial: bool | None = False,
         gso: bool | None = None,
+        hold: object = None,
     ) -> Result:
         """One packet: ``csum_partial`` says whether its TCP checksum field holds only the
         pseudo-header seed (None: recognise it by value); ``gso`` whether it is a GSO skb (the
-        kernel's NFQA_SKB_GSO; None: not told, a packet longer than the MTU is taken for one)."""
+        kernel's NFQA_SKB_GSO; None: not told, a packet longer than the MTU is taken for one).
+        ``hold``: a token, when the caller can keep this packet and give its verdict later; the
+        engine may then answer :data:`~.constants.HOLD` (see :mod:`nfrewrite.core.stream`)."""
         segmented = gso is True
         # A changed GSO skb is handed back as CHECKSUM_NONE, and the kernel then segments it in
         # software and initialises every segment's checksum itself: its checksum field is never
@@ -158,9 +181,26 @@ class Engine:
                 flows.expire(now)
             key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
             flow = flows.get(key)
-        rules = sel.rules
         if pkt.flags & SYN and pkt.doff > 20:
             self._leave_room_for_growth(pkt, in_port, out_port)
+        holds = self.holds
+        if holds.groups or (hold is not None and sel.has_replaces and pkt.payload_len
+                            and flows is not None and holds.limits.deadline > 0):
+            outcome = self._stream(pkt, sel, hold, now, segmented)
+            if isinstance(outcome, Result):
+                return outcome
+            if outcome:
+                if flows is not None and len(flows):
+                    key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
+                    flow = flows.get(key)
+                return replace(self._one(pkt, sel, flow, direction, now, segmented),
+                               released=outcome)
+        return self._one(pkt, sel, flow, direction, now, segmented)
+
+    def _one(self, pkt: TcpPacket, sel: Selection, flow: Flow | None, direction: int,
+             now: float, segmented: bool) -> Result:
+        """A packet that is not held: its rules, its edits, its verdict."""
+        rules = sel.rules
         if not rules and flow is None:
             if pkt.modified:
                 return Result(ACCEPT, pkt.finish())
@@ -189,6 +229,184 @@ class Engine:
             # connection has offsets; then the sender must retransmit it.
             return Result(DROP, track=True) if track else PASS
         return Result(ACCEPT, pkt.finish(kernel_segments=segmented), rules=names, track=track)
+
+    # -- holding back a prefix (see nfrewrite.core.stream) ------------------------------------
+    def next_deadline(self) -> float | None:
+        """When :meth:`release_due` must be called next (None: nothing is held)."""
+        return self.holds.next_deadline()
+
+    def release_due(self, now: float) -> list[tuple[object, Result]]:
+        """The held packets whose deadline has come by ``now``, emitted as they are (with the
+        edits found within them): ``(token, Result)`` in stream order. ``now=math.inf``
+        releases everything (before the queue is unbound)."""
+        holds = self.holds
+        out: list[tuple[object, Result]] = []
+        for gkey in holds.due(now):
+            group = holds.take(gkey)
+            holds.expired += 1
+            out.extend(self._release(group, gkey, now))
+        return out
+
+    def _release(self, group: Group, gkey: tuple[object, int],
+                 now: float) -> list[tuple[object, Result]]:
+        sel = group.selection
+        assert sel is not None
+        results = self._emit_group(group.members, sel, gkey, now)
+        return [(m.token, r) for m, r in zip(group.members, results, strict=True)]
+
+    def _holdable(self, pkt: TcpPacket, sel: Selection) -> bool:
+        """Whether ``pkt`` may wait for the next segment at all (see the stream module)."""
+        flags = pkt.flags
+        if flags & (SYN | FIN | RST | URG) or not flags & ACK or pkt.room < 0:
+            return False
+        if pkt.doff > 20 and pkt.sack_blocks():
+            return False
+        return all(rule.verdict != "drop" for rule in sel.rules)
+
+    def _stream(
+        self, pkt: TcpPacket, sel: Selection, hold: object, now: float, segmented: bool
+    ) -> Result | tuple[tuple[object, Result], ...]:
+        """Hold ``pkt``, join it to the segments held before it, or release those first.
+        Returns the packet's Result when it is settled here, else what was released (its
+        verdicts due before this packet's, which then takes the usual path)."""
+        holds = self.holds
+        key, direction = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        gkey = (key, direction)
+        group = holds.groups.get(gkey)
+        released: tuple[tuple[object, Result], ...] = ()
+        if group is not None:
+            if (hold is not None and pkt.seq == group.next_seq and pkt.payload_len
+                    and sel.has_replaces and self._holdable(pkt, sel)):
+                joined = b"".join([m.pkt.payload for m in group.members] + [pkt.payload])
+                if sel.pending_from(joined) < len(joined):
+                    if holds.room(group, pkt):
+                        self._hold(gkey, group, pkt, sel, hold, now, segmented)
+                        return Result(HOLD)
+                    holds.refused += 1
+                else:
+                    holds.joined += 1
+                holds.take(gkey)
+                this = Held(None, pkt, segmented, _header_sets(pkt, sel), pkt.seq, now)
+                results = self._emit_group([*group.members, this], sel, gkey, now)
+                pairs = tuple((m.token, r)
+                              for m, r in zip(group.members, results[:-1], strict=True))
+                return replace(results[-1], released=pairs)
+            holds.take(gkey)
+            holds.flushed += 1
+            released = tuple(self._release(group, gkey, now))
+        if (hold is None or not pkt.payload_len or not sel.has_replaces
+                or holds.limits.deadline <= 0 or self.flows is None):
+            return released
+        payload = pkt.payload
+        if sel.pending_from(payload) == len(payload) or not self._holdable(pkt, sel):
+            return released
+        flow = self.flows.get(key)
+        if flow is not None:
+            way = flow.ways[direction]
+            if flow.ended or (way.started and pkt.seq != way.hi % (1 << 32)):
+                return released  # not new bytes in order: nothing to wait for
+        if not holds.room(None, pkt):
+            holds.refused += 1
+            return released
+        self._hold(gkey, None, pkt, sel, hold, now, segmented)
+        return Result(HOLD, released=released)
+
+    def _hold(self, gkey: tuple[object, int], group: Group | None, pkt: TcpPacket,
+              sel: Selection, hold: object, now: float, segmented: bool) -> None:
+        held = Held(hold, pkt, segmented, _header_sets(pkt, sel), pkt.seq, now)
+        group = self.holds.add(gkey, group, held, now)
+        group.selection = sel
+
+    def _emit_group(self, members: list[Held], sel: Selection, gkey: tuple[object, int],
+                    now: float) -> list[Result]:
+        """Emit contiguous segments of one direction as one piece of stream (see the stream
+        module): one Result per member, in order."""
+        pkts = [m.pkt for m in members]
+        payloads = [p.payload for p in pkts]
+        joined = b"".join(payloads)
+        bounds = list(accumulate(len(p) for p in payloads[:-1]))
+        found = sel.find_edits(joined) if sel.has_replaces else []
+        key, direction = gkey
+        flows = self.flows
+        assert flows is not None and isinstance(key, tuple)
+        flow = flows.get(key)
+        if flow is None and any(not _keeps_length(e) for e in found):
+            flow = flows.create(key, now)
+            if flow is None:  # no room for another flow: only the same-length edits
+                same = [e for e in found if _keeps_length(e)]
+                flows.edits_refused += len(found) - len(same)
+                found = same
+        if flow is None:
+            return self._emit_same_length(members, bounds, found)
+        last = pkts[-1]
+        plan = flow.rewrite(
+            direction, pkts[0].seq, last.ack, last.flags, joined,
+            last.sack_blocks() if last.doff > 20 else (), now, lambda _payload: found,
+            None, last.window, None,
+        )
+        if plan.action == "drop":
+            return [Result(DROP, track=True) for _ in pkts]
+        new_payload = b"" if plan.action == "send_empty" else (
+            plan.payload if plan.payload is not None else joined)
+        applied = sorted((s, e, len(r)) for s, e, r, _ in plan.applied)
+        cuts = cut_points(bounds, [(s, e) for s, e, _ in applied])
+        new_cuts = [0, *(to_new(c, applied) for c in cuts), len(new_payload)]
+        spans = [(to_new(s, applied), to_new(s, applied) + n) for s, _, n in applied]
+        if plan.action == "send_empty":
+            new_cuts = [0] * (len(pkts) + 1)
+        results: list[Result] = []
+        for i, (member, pkt) in enumerate(zip(members, pkts, strict=True)):
+            lo, hi = new_cuts[i], new_cuts[i + 1]
+            final = i == len(pkts) - 1
+            if lo == hi and not final:
+                results.append(Result(DROP, track=True))  # its bytes travel in the next one
+                continue
+            piece = new_payload[lo:hi]
+            limit = ((self.mtu if pkt.end <= self.mtu and not member.segmented
+                      else MAX_VERDICT_PACKET) - (len(pkt.buf) - pkt.end) - pkt.l4 - pkt.doff)
+            keep = fit(lo, piece, limit, spans)
+            if keep < len(piece):
+                if keep == 0:
+                    results.append(Result(DROP, track=True))
+                    continue
+                piece = piece[:keep]
+                flows.segments_cut += 1
+            if piece != payloads[i]:
+                pkt.replace_payload(piece)
+            seq = plan.new_seq if plan.action == "send_empty" else plan.new_seq + lo
+            pkt.set_seq(seq % (1 << 32))
+            if plan.new_ack is not None:
+                pkt.set_ack(plan.new_ack)
+            if final and plan.sack is not None:
+                pkt.set_sack_blocks(plan.sack)
+            start = 0 if i == 0 else cuts[i - 1]
+            end = len(joined) if final else cuts[i]
+            names = member.fired + [cast(Rule, t).name for s, _, _, t in plan.applied
+                                    if start <= s < end]
+            results.append(_settled(pkt, names, True, member.segmented))
+        return results
+
+    def _emit_same_length(self, members: list[Held], bounds: list[int],
+                          found: list[Edit]) -> list[Result]:
+        """A group without sequence state: same-length edits, each packet's share in place."""
+        starts = [0, *bounds]
+        results: list[Result] = []
+        for i, member in enumerate(members):
+            pkt = member.pkt
+            lo = starts[i]
+            hi = lo + pkt.payload_len
+            local: list[tuple[int, int, bytes]] = []
+            names = list(member.fired)
+            for s, e, r, tag in found:
+                if s < hi and e > lo:
+                    a, b = max(s, lo), min(e, hi)
+                    local.append((a - lo, b - lo, r[a - s:b - s]))
+                    if s >= lo:
+                        names.append(tag.name)
+            if local:
+                pkt.apply_edits(local)
+            results.append(_settled(pkt, names, False, member.segmented))
+        return results
 
     # -- payload -------------------------------------------------------------------------------
     def _rewrite_stateless(
@@ -301,6 +519,21 @@ class Engine:
             else:
                 fired.extend(cast(Rule, tag).name for _, _, _, tag in plan.applied)
         return True
+
+
+def _header_sets(pkt: TcpPacket, sel: Selection) -> list[str]:
+    """Apply the selected rules' ``set`` tables; the names of the rules that changed a field."""
+    return [rule.name for rule in sel.rules if _apply_header_set(pkt, rule)]
+
+
+def _settled(pkt: TcpPacket, names: list[str], track: bool, segmented: bool) -> Result:
+    """The Result of a packet whose edits are all made."""
+    rules = tuple(dict.fromkeys(names))
+    if not pkt.modified:
+        return Result(ACCEPT, rules=rules, track=track)
+    if pkt.room < 0:
+        return Result(DROP, track=True) if track else PASS
+    return Result(ACCEPT, pkt.finish(kernel_segments=segmented), rules=rules, track=track)
 
 
 def _no_edits(payload: bytes) -> Found:

@@ -5,7 +5,11 @@ Theory of operation
 Each rule's ``match`` becomes one :class:`~nfrewrite.kernel.ruletext.QueueMatch` (protocol TCP,
 ports, addresses, bridge ports). A rule whose only action is a *same-length* literal ``replace`` (no
 header ``set``, not ``drop``) also gets its ``find`` bytes as an xt ``string`` match, one kernel
-rule per pattern, so a packet without the pattern stays in the kernel. This is sound because a
+rule per pattern, so a packet without the pattern stays in the kernel -- but only when asked
+(``literals=True``): the engine matches per direction of a connection (a pattern split across
+two segments is in neither, and the segment that ends in its beginning must be seen to be held,
+:mod:`nfrewrite.core.stream`), so by default such a rule queues its whole port match like any
+other. With ``literals=True`` (per-packet matching only) this is sound because a
 pattern the kernel does not see in the packet cannot be in its TCP payload either (the string
 match scans the whole packet, headers included: it can only over-approximate), and a same-length
 edit leaves every other packet of the connection valid as it is.
@@ -44,7 +48,7 @@ from nfrewrite.core.rules import Rule, RuleSet
 from nfrewrite.kernel.ruletext import MAX_LITERAL, Plan, QueueMatch, TooManyRules, plan
 
 
-def _matches_of(rule: Rule) -> list[QueueMatch]:
+def _matches_of(rule: Rule, literals: bool = False) -> list[QueueMatch]:
     m = rule.match
     versions = m.versions
     base = {
@@ -58,7 +62,8 @@ def _matches_of(rule: Rule) -> list[QueueMatch]:
         "origin": (rule.path, rule.line, rule.col),
     }
     literal_only = (
-        rule.verdict != "drop"
+        literals
+        and rule.verdict != "drop"
         and rule.set.empty
         and rule.replaces
         and all(len(r.find) <= MAX_LITERAL and len(r.find) == len(r.with_) for r in rule.replaces)
@@ -89,12 +94,15 @@ def _matches_of(rule: Rule) -> list[QueueMatch]:
     return [QueueMatch(**base, literal=f) for f in finds]  # type: ignore[arg-type]
 
 
-def compile_prefilter(ruleset: RuleSet) -> tuple[list[QueueMatch], list[QueueMatch]]:
-    """The IPv4 and IPv6 prefilters for ``ruleset`` (duplicates removed, rule order kept)."""
+def compile_prefilter(
+    ruleset: RuleSet, literals: bool = False
+) -> tuple[list[QueueMatch], list[QueueMatch]]:
+    """The IPv4 and IPv6 prefilters for ``ruleset`` (duplicates removed, rule order kept);
+    ``literals``: string matches for same-length literal rules (see the module doc)."""
     v4: dict[QueueMatch, None] = {}
     v6: dict[QueueMatch, None] = {}
     for rule in ruleset.rules:
-        for qm in _matches_of(rule):
+        for qm in _matches_of(rule, literals):
             if qm.version in (None, 4):
                 v4[qm] = None
             if qm.version in (None, 6):

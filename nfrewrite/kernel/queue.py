@@ -54,6 +54,15 @@ supervisor sends ``WATCHDOG=1`` only while every heartbeat is fresh) and ``stop(
 milliseconds. Datagrams are pulled with ``MSG_DONTWAIT`` through ``NetfilterQueue.run_socket`` in
 batches of ``batch`` so that a flood cannot starve the idle hook.
 
+Delayed verdicts. A handler may answer ``HOLD`` (the engine holds a segment that ends in the
+beginning of a pattern, :mod:`nfrewrite.core.stream`): the packet then stays queued in the kernel,
+kept here by its id (``packet_id`` is the id of the packet the handler is called for), until
+``release(packet_id, verdict, new)`` gives its verdict, checked as any other. ``timer(now)``
+(optional) is called after every batch and whenever the time it last asked for comes; it
+returns the next such time (None: nothing pending), which shortens the loop's poll. Before the
+queue is unbound, ``timer(math.inf)`` releases everything, and whatever is still held is
+accepted as it is.
+
 What it must not do: block forever, let one bad packet stop the queue, leave a packet without a
 verdict, or touch rules (``nfrewrite.kernel.firewall`` owns them).
 """
@@ -62,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import select
 import socket
@@ -74,7 +84,7 @@ from typing import Any, Protocol
 
 from netfilterqueue import NetfilterQueue
 
-from nfrewrite.core.constants import ACCEPT, DROP, FLOW_MARK, MAX_VERDICT_PACKET
+from nfrewrite.core.constants import ACCEPT, DROP, FLOW_MARK, HOLD, MAX_VERDICT_PACKET
 from nfrewrite.core.fields import ip_length
 from nfrewrite.kernel import nfnl
 
@@ -213,6 +223,7 @@ class QueueWorker:
         idle_interval: float = 0.5,
         batch: int = 64,
         log: Callable[[str], None] | None = None,
+        timer: Callable[[float], float | None] | None = None,
     ) -> None:
         self.queue_num = queue_num
         self.handler = handler
@@ -239,6 +250,12 @@ class QueueWorker:
         self._wake_r, self._wake_w = -1, -1
         self._stopping = False
         self._seq = int(time.time()) & 0xFFFFFF
+        #: delayed verdicts (see the module doc): the id of the packet being handled, the held
+        #: packets by id (with their payload and mark), the handler's timer and when it is due
+        self.packet_id = 0
+        self.held: dict[int, tuple[_Packet, bytes, int]] = {}
+        self.timer = timer
+        self._timer_at: float | None = None
 
     # -- setup ----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -384,7 +401,11 @@ class QueueWorker:
             self._verdict(pkt, ACCEPT, None, 0)
             return
         try:
+            self.packet_id = pkt.id
             verdict, new = self.handler(payload, meta)
+            if verdict == HOLD:
+                self.held[pkt.id] = (pkt, payload, mark)
+                return
             if not isinstance(verdict, int) or (verdict & VERDICT_MASK) not in (ACCEPT, DROP):
                 raise TypeError(f"handler returned verdict {verdict!r}")
             if new is not None and not isinstance(new, bytes | bytearray | memoryview):
@@ -428,6 +449,40 @@ class QueueWorker:
         except Exception as e:  # noqa: BLE001 - e.g. queue unbound meanwhile
             self._error("VerdictFailed", f"{type(e).__name__}: {e}")
 
+    def release(self, packet_id: int, verdict: int, new: bytes | None) -> None:
+        """Give the verdict of a packet the handler held (unknown ids are ignored)."""
+        entry = self.held.pop(packet_id, None)
+        if entry is None:
+            return
+        pkt, payload, mark = entry
+        if new is not None:
+            claimed = ip_length(payload)
+            if claimed is None or claimed > len(payload):
+                self.stats.truncated += 1
+                new = None
+            elif new == payload:
+                new = None
+            elif len(new) > MAX_VERDICT_PACKET:
+                self._error("VerdictTooLong", f"handler returned {len(new)} bytes, a verdict "
+                            f"carries at most {MAX_VERDICT_PACKET}", "packet dropped")
+                verdict, new = DROP, None
+        self._verdict(pkt, verdict, new, mark)
+
+    def _run_timer(self, now: float) -> None:
+        if self.timer is None:
+            return
+        try:
+            self._timer_at = self.timer(now)
+        except Exception as e:  # noqa: BLE001 - the contract: never stop the loop
+            self._error("TimerFailed", f"{type(e).__name__}: {e}")
+            self._timer_at = None
+
+    def _release_all(self) -> None:
+        """Before unbinding: the handler releases what it holds; the rest passes as it is."""
+        self._run_timer(math.inf)
+        for packet_id in list(self.held):
+            self.release(packet_id, ACCEPT, None)
+
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> None:
         """Serve packets until ``stop()``; calls ``on_idle`` at least every ``idle_interval``."""
@@ -439,7 +494,8 @@ class QueueWorker:
         next_idle = time.monotonic() + self.idle_interval
         self._drain(budget=self.batch)  # anything that arrived while we configured
         while not self._stopping:
-            wait_ms = max(0, int((next_idle - time.monotonic()) * 1000))
+            wake = next_idle if self._timer_at is None else min(next_idle, self._timer_at)
+            wait_ms = max(0, math.ceil((wake - time.monotonic()) * 1000))
             try:
                 events = poller.poll(wait_ms)
             except InterruptedError:
@@ -451,6 +507,9 @@ class QueueWorker:
                 else:
                     self._drain(budget=self.batch)
             now = time.monotonic()
+            if self.timer is not None and (events or (self._timer_at is not None
+                                                      and now >= self._timer_at)):
+                self._run_timer(now)
             if now >= next_idle:
                 next_idle = now + self.idle_interval
                 self._idle(now)
@@ -487,6 +546,7 @@ class QueueWorker:
             deadline = time.monotonic() + 0.5
             while time.monotonic() < deadline and self._readable():
                 self._drain(budget=self.batch)
+            self._release_all()
         if self._nfq is not None:
             with contextlib.suppress(Exception):
                 self._nfq.unbind()

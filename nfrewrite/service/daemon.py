@@ -156,7 +156,7 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def worker_main(
+def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's path in one place
     queue_num: int,
     config: Config,
     ruleset: RuleSet,
@@ -170,15 +170,18 @@ def worker_main(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from time import monotonic, perf_counter
 
-    from nfrewrite.core.engine import PASS, Engine
+    from nfrewrite.core.constants import HOLD
+    from nfrewrite.core.engine import PASS, Engine, Result
     from nfrewrite.core.seqadj import FlowTable
+    from nfrewrite.core.stream import HoldLimits
     from nfrewrite.kernel.queue import TRACK_FLOW, PacketMeta, QueueWorker
     from nfrewrite.service.flowstore import open_store
 
     flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout,
                       memory=config.flows.memory)
     store = open_store(queue_num, config, ruleset, flows, log)  # records restored, journal on
-    engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu())
+    engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu(),
+                    hold_limits=HoldLimits(deadline=config.flows.hold))
     wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
     tracer = WorkerTracer(queue_num, trace_sock, flows)
     observe = wm.observe
@@ -194,25 +197,46 @@ def worker_main(
                 now=monotonic(),
                 csum_partial=meta.csum_partial,
                 gso=meta.gso,
+                hold=qw.packet_id,
             )
         except Exception as e:
             wm.error(e)
             observe(PASS, perf_counter() - t0)
             raise  # the queue accepts the packet unmodified and logs once per kind
+        if res.released:
+            release(res.released)
         observe(res, perf_counter() - t0)
         if tracer.active:  # trace hook: the one test per packet while nobody traces
             tracer.packet(payload, meta, res)
+        if res.verdict == HOLD:
+            return HOLD, None
         if res.track:
             if store is not None and flows.urgent:  # a new edit: on record before it leaves
                 store.write_changed()
             return res.verdict | TRACK_FLOW, res.packet
         return res.verdict, res.packet
 
+    def release(pairs: Sequence[tuple[object, Result]]) -> None:
+        """Verdicts of held packets, in stream order (see nfrewrite.core.stream)."""
+        if store is not None and flows.urgent:  # their edits on record before they leave
+            store.write_changed()
+        for token, held in pairs:
+            assert isinstance(token, int)
+            wm.observe_released(held)
+            qw.release(token, held.verdict | (TRACK_FLOW if held.track else 0), held.packet)
+
+    def timer(now: float) -> float | None:
+        due = engine.release_due(now)
+        if due:
+            release(due)
+        return engine.next_deadline()
+
     def on_idle() -> None:
         conn.send(("hb",))
         if store is not None:
             store.idle()
         wm.set_flows(flows.flows_active, flows.stats())
+        wm.set_holds(engine.holds.stats())
         while conn.poll():
             msg = conn.recv()
             if msg[0] == "rules":
@@ -234,6 +258,7 @@ def worker_main(
         gso=config.queue.gso,
         on_idle=on_idle,
         log=log,
+        timer=timer,
     )
     signal.signal(signal.SIGTERM, lambda *_: qw.stop())
     try:

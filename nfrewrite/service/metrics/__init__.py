@@ -90,6 +90,7 @@ from nfrewrite.service.metrics.server import (
 )
 from nfrewrite.service.metrics.table import (
     ERROR_KINDS,
+    HOLD_OUTCOMES,
     KERNEL_QUEUE_METRICS,
     METRICS,
     TIME_BUCKETS,
@@ -101,6 +102,7 @@ __all__ = [
     "ERROR_KINDS",
     "FDS_PER_REQUEST",
     "FD_RESERVE",
+    "HOLD_OUTCOMES",
     "IDLE_TIMEOUT",
     "KERNEL_QUEUE_METRICS",
     "MAX_HANDLERS",

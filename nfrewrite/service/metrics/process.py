@@ -64,6 +64,7 @@ from nfrewrite.service.metrics.table import (
     BUILD_INFO,
     ERROR_KINDS,
     HANDLER_ERRORS,
+    HOLD_OUTCOMES,
     METRICS,
     OFFLOAD_ENABLED,
     PACKETS_DROPPED,
@@ -81,6 +82,7 @@ from nfrewrite.service.metrics.table import (
     SEQADJ_MEMORY,
     SEQADJ_REFUSED,
     SEQADJ_RESTORED,
+    STREAM_HOLDS,
     WORKER_RESTARTS,
     MetricSpec,
     check_queue_num,
@@ -311,6 +313,9 @@ class WorkerMetrics:
         self._table_last: dict[str, int] = {}
         self._flows.set(0)
         self._memory = m.gauge(SEQADJ_MEMORY).labels(q)
+        holds = m.counter(STREAM_HOLDS)
+        self._holds = [(holds.labels(q, outcome), name) for outcome, name in HOLD_OUTCOMES.items()]
+        self._holds_last: dict[str, int] = {}
         self.set_rules(rules)
 
     def set_rules(self, names: Iterable[str]) -> None:
@@ -360,6 +365,32 @@ class WorkerMetrics:
         self._memory.set(totals.get("memory_bytes", 0))
         last = self._table_last
         for counter, name in self._table_counters:
+            total = totals.get(name, 0)
+            delta = total - last.get(name, 0)
+            if delta < 0:
+                delta = total
+            if delta > 0:
+                counter.inc(delta)
+            last[name] = total
+
+
+    def observe_released(self, result: Result) -> None:
+        """Count the outcome of a packet held earlier and released now (it was seen when held)."""
+        if result.verdict == DROP:
+            self._dropped()
+        elif result.packet is not None:
+            self._modified()
+        for name in result.rules:
+            inc = self._rules.get(name)
+            if inc is None:
+                self.set_rules((name,))
+                inc = self._rules[name]
+            inc()
+
+    def set_holds(self, totals: Mapping[str, int]) -> None:
+        """Copy the engine's hold counters (``Engine.holds.stats()``), as :meth:`set_flows`."""
+        last = self._holds_last
+        for counter, name in self._holds:
             total = totals.get(name, 0)
             delta = total - last.get(name, 0)
             if delta < 0:

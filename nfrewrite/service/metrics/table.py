@@ -121,6 +121,15 @@ BUILD_INFO = MetricSpec(
     mode="livemax")
 # fmt: on
 
+STREAM_HOLDS = MetricSpec(
+    "nfrewrite_stream_holds_total", "counter",
+    "Segments held back because they ended in the beginning of a pattern (outcome=held), and "
+    "how their groups ended: joined (the next segment came in time), expired (released as they "
+    "were after [flows] hold_ms), flushed (an out-of-order segment came), refused (not held: "
+    "the hold bounds were reached).", ("queue", "outcome"))
+#: the outcomes of STREAM_HOLDS, and the engine's counter behind each
+HOLD_OUTCOMES = {"held": "holds", "joined": "hold_joined", "expired": "hold_expired",
+                 "flushed": "hold_flushed", "refused": "hold_refused"}
 #: Rule 1: the set every process holds, in exposition order.
 METRICS: tuple[MetricSpec, ...] = (
     PACKETS_SEEN,
@@ -136,6 +145,7 @@ METRICS: tuple[MetricSpec, ...] = (
     SEQADJ_CUTS,
     SEQADJ_RESTORED,
     SEQADJ_MEMORY,
+    STREAM_HOLDS,
     RULES_LOADED,
     RELOAD_SUCCESSFUL,
     RELOAD_TIMESTAMP,

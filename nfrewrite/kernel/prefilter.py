@@ -23,6 +23,15 @@ A rule with a replace that grows also queues the SYNs of the opposite direction:
 announce bounds the segments this rule will grow, and the engine lowers it to leave room (so grown
 segments rarely have to be cut at the MTU).
 
+In host mode (:func:`compile_host_prefilter`) the rules that name no port go to the host chain
+and those with ``out_port = "lo"`` to the loopback chain (their port is not written: only
+packets leaving by ``lo`` enter that chain); rules naming a bridge port stay with bridged
+traffic. A length-changing rule there queues the whole reverse direction of its match instead of
+its SYNs: an edit made at INPUT (a request rewritten before the local server reads it) sets the
+flow mark on a packet that crosses no POSTROUTING, so the connmark that would catch the local
+stack's answers is never set; queueing them by match does it instead. The cost: the reverse
+direction of such a rule's match is queued also on connections it never edits.
+
 A rule whose only action is an MSS edit queues only segments with SYN set (``--tcp-flags SYN
 SYN``: SYN and SYN-ACK), the only ones that carry the option.
 

@@ -59,6 +59,26 @@ mark, and the first rule of ``NFREWRITE`` queues every packet of a flow whose co
 carries it. Only the ``FLOW_MARK`` bit is ever read or written, so the host's use of the other mark
 bits is untouched.
 
+Host mode (``[host] enabled``): the machine's own TCP crosses no FORWARD hook, so three more
+jumps, at the end of mangle ``INPUT`` and ``OUTPUT``, lead into two more chains of ours::
+
+    mangle INPUT   ... ! -i lo -j NFREWRITE_HOST   (what the machine receives, not by loopback)
+    mangle OUTPUT  ... ! -o lo -j NFREWRITE_HOST   (what it sends, not by loopback)
+    mangle OUTPUT  ...   -o lo -j NFREWRITE_LO     (what it sends itself over the loopback)
+
+``NFREWRITE_HOST`` holds the connmark rule and the prefilter of the rules that name no port;
+``NFREWRITE_LO`` the connmark rule and the prefilter of the rules with ``out_port = "lo"``, so
+turning host mode on never queues a local service's loopback traffic unless a rule says so. A
+loopback packet crosses OUTPUT and then INPUT: it is queued once, at OUTPUT (both directions of
+a loopback connection leave by ``lo``), and never at INPUT, where a second pass through a flow's
+sequence adjuster would map its numbers twice. These chains are separate from ``NFREWRITE``
+because a ``physdev-out`` match is refused in any chain OUTPUT can reach; their port buckets and
+trees are named after them (``NFREWRITE_HOST_D<k>``, ``NFREWRITE_LO_T<n>_<level>``), and the
+bound counts all chains of a family together. Locally sent packets cross POSTROUTING, so
+``NFREWRITE_POST`` saves their flow mark; a packet edited at INPUT crosses no later hook of ours,
+its mark is never saved, so in host mode a length-changing rule also queues the whole reverse
+direction of its match (see :mod:`nfrewrite.kernel.prefilter`).
+
 ``--queue-bypass`` lets packets pass while no process is bound to the queue (daemon stopped or
 killed); ``--queue-balance a:b`` spreads flows over several workers with a symmetric hash, so both
 directions of a flow reach the same worker.

@@ -1,4 +1,4 @@
-"""A three-namespace network lab: client -- appliance -- server.
+"""A namespace network lab: client -- appliance -- server (and two smaller shapes).
 
 Theory of operation
 -------------------
@@ -21,6 +21,28 @@ What it must not do: touch the host's network namespace (every command runs thro
 or leave anything behind. ``close()`` (also reached from ``__exit__`` on any exception, including
 ``KeyboardInterrupt``) kills every process still living in its namespaces (``ip netns pids``) and
 deletes them. ``cleanup_stale()`` removes leftovers of runs whose owning process has died.
+
+Two more shapes (``Lab(shape=...)``), for the daemon's host and routed modes; the bridge shape
+above stays the default and is built as it always was::
+
+    shape="host":   client ns eth0 198.18.0.1/24  <->  eth0 198.18.0.2/24  host ns
+                              2001:2::1/64                2001:2::2/64    (daemon + servers)
+
+    shape="routed": client ns eth0 198.18.0.1/24 <-> nfr0 198.18.0.254/24 [router ns] nfr1
+                                   2001:2::1/64      2001:2::fe/64         198.18.1.254/24
+                                                                           2001:2:0:1::fe/64
+                    <-> eth0 198.18.1.2/24, 2001:2:0:1::2/64 server ns
+
+In the host shape the roles "appliance" and "server" are the one host namespace (the daemon and
+the servers it rewrites run side by side), so ``Daemon`` and ``tcp_exchange`` work unchanged.
+The client's end is a NIC's wire: the host's peer (``wire0``) is bridged, in the client's
+namespace, to one more veth pair whose sending end (``wire1``) has TX checksumming off, so the
+kernel completes every checksum from the seed the host left, as a NIC would, before the client's
+``eth0`` receives the packet. (A veth alone hands a ``CHECKSUM_PARTIAL`` packet to its peer as
+it is: a capture there shows seeds, and the receiver trusts them unchecked.) What the client's
+``eth0`` captures is then what a wire would carry, and its kernel verifies every checksum. In
+the routed shape the client and the server route through the router, which forwards IPv4 and
+IPv6 (the lab turns that on, in the router's namespace: the daemon never does).
 
 The lab is test tooling, so it drives ``ip``/``ethtool`` as subprocesses (argument lists only);
 product code (``netsetup``) uses pyroute2.
@@ -50,6 +72,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 Role = Literal["client", "appliance", "server"]
+Shape = Literal["bridge", "host", "routed"]
 ROLES: tuple[Role, ...] = ("client", "appliance", "server")
 _SUFFIX: dict[Role, str] = {"client": "cli", "appliance": "app", "server": "srv"}
 
@@ -181,14 +204,24 @@ class Lab:
         client_offloads: Mapping[str, bool] | None = None,
         server_offloads: Mapping[str, bool] | None = None,
         prefix: str = DEFAULT_PREFIX,
+        shape: Shape = "bridge",
     ) -> None:
         if not prefix.isalnum():
             raise ValueError(f"prefix must be letters/digits only (it is split on '-'): {prefix!r}")
+        if shape not in ("bridge", "host", "routed"):
+            raise ValueError(f"shape must be 'bridge', 'host' or 'routed', not {shape!r}")
+        if make_bridge and shape != "bridge":
+            raise ValueError("make_bridge needs the bridge shape")
+        self.shape = shape
+        if shape == "routed":
+            self.server_v4, self.server_v6 = "198.18.1.2", "2001:2:0:1::2"
         self.make_bridge = make_bridge
         self.client_offloads = dict(client_offloads or {})
         self.server_offloads = dict(server_offloads or {})
         self.tag = f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
         self._ns: dict[Role, str] = {r: f"{self.tag}-{_SUFFIX[r]}" for r in ROLES}
+        if shape == "host":  # the daemon and the servers share the host namespace
+            self._ns["appliance"] = self._ns["server"] = f"{self.tag}-hst"
         self._created: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._closed = False
@@ -199,7 +232,7 @@ class Lab:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self._ns[r] for r in ROLES]
+        return list(dict.fromkeys(self._ns[r] for r in ROLES))
 
     def addr(self, role: Literal["client", "server"], family: int = 4) -> str:
         if family == 4:
@@ -231,30 +264,20 @@ class Lab:
 
     def _build(self) -> None:
         for role in ROLES:
+            if self._ns[role] in self._created:
+                continue
             _run_host(["ip", "netns", "add", self._ns[role]])
             self._created.append(self._ns[role])
             self.run(role, ["ip", "link", "set", "lo", "up"])
             # Inside our own namespace only: no DAD, so IPv6 works at once.
             for key in ("all", "default"):
                 self.run(role, ["sysctl", "-q", "-w", f"net.ipv6.conf.{key}.accept_dad=0"])
-        app = self._ns["appliance"]
-        p_client, p_server = self.bridge_ports
-        for port, role in ((p_client, "client"), (p_server, "server")):
-            # Created inside the appliance ns, peer moved straight into the end ns.
-            _run_host(
-                ["ip", "-n", app, "link", "add", port, "type", "veth",
-                 "peer", "name", self.peer_ifname, "netns", self._ns[role]]
-            )
-        for role, v4, v6 in (
-            ("client", self.client_v4, self.client_v6),
-            ("server", self.server_v4, self.server_v6),
-        ):
-            r: Role = role
-            self.run(r, ["ip", "addr", "add", f"{v4}/{self.prefixlen_v4}", "dev", "eth0"])
-            self.run(
-                r, ["ip", "-6", "addr", "add", f"{v6}/{self.prefixlen_v6}", "dev", "eth0", "nodad"]
-            )
-            self.run(r, ["ip", "link", "set", "eth0", "up"])
+        if self.shape == "host":
+            self._build_host()
+        elif self.shape == "routed":
+            self._build_routed()
+        else:
+            self._build_bridged()
         ends: tuple[tuple[Role, dict[str, bool]], ...] = (
             ("client", self.client_offloads), ("server", self.server_offloads))
         for role, offloads in ends:
@@ -262,6 +285,75 @@ class Lab:
                 self.set_offloads(role, "eth0", offloads)
         if self.make_bridge:
             self.add_bridge()
+
+    def _address(self, role: Role, ifname: str, v4: str, v6: str) -> None:
+        self.run(role, ["ip", "addr", "add", v4, "dev", ifname])
+        self.run(role, ["ip", "-6", "addr", "add", v6, "dev", ifname, "nodad"])
+        self.run(role, ["ip", "link", "set", ifname, "up"])
+
+    def _build_host(self) -> None:
+        """The host's eth0 and the client's eth0 on one subnet, through the client's "wire"."""
+        cli = self._ns["client"]
+        _run_host(["ip", "-n", self._ns["server"], "link", "add", self.peer_ifname, "type", "veth",
+                   "peer", "name", "wire0", "netns", cli])
+        _run_host(["ip", "-n", cli, "link", "add", "wire1", "type", "veth",
+                   "peer", "name", self.peer_ifname])
+        self.run("client", ["ip", "link", "add", "wire", "type", "bridge",
+                            "stp_state", "0", "forward_delay", "0"])
+        for port in ("wire0", "wire1"):
+            self.run("client", ["ip", "link", "set", port, "master", "wire"])
+            self.run("client", ["ip", "link", "set", port, "up"])
+        self.run("client", ["ip", "link", "set", "wire", "up"])
+        self.set_offloads("client", "wire1", {"tx": False})
+        ends: tuple[tuple[Role, str, str], ...] = (
+            ("client", self.client_v4, self.client_v6), ("server", self.server_v4, self.server_v6))
+        for role, v4, v6 in ends:
+            self._address(role, "eth0", f"{v4}/{self.prefixlen_v4}", f"{v6}/{self.prefixlen_v6}")
+
+    #: the router's addresses in the routed shape: (client side, server side), per family
+    ROUTER_V4 = ("198.18.0.254", "198.18.1.254")
+    ROUTER_V6 = ("2001:2::fe", "2001:2:0:1::fe")
+
+    def _build_routed(self) -> None:
+        """Two subnets, the router between them forwarding both families."""
+        rtr = self._ns["appliance"]
+        sides: tuple[Role, Role] = ("client", "server")
+        for port, end in zip(self.bridge_ports, sides, strict=True):
+            _run_host(["ip", "-n", rtr, "link", "add", port, "type", "veth",
+                       "peer", "name", self.peer_ifname, "netns", self._ns[end]])
+        ends: tuple[tuple[Role, str, str, int], ...] = (
+            ("client", self.client_v4, self.client_v6, 0),
+            ("server", self.server_v4, self.server_v6, 1))
+        for r, v4, v6, side in ends:
+            gw4, gw6 = self.ROUTER_V4[side], self.ROUTER_V6[side]
+            self._address(r, "eth0", f"{v4}/{self.prefixlen_v4}", f"{v6}/{self.prefixlen_v6}")
+            self._address("appliance", self.bridge_ports[side], f"{gw4}/{self.prefixlen_v4}",
+                          f"{gw6}/{self.prefixlen_v6}")
+            self.run(r, ["ip", "route", "add", "default", "via", gw4])
+            self.run(r, ["ip", "-6", "route", "add", "default", "via", gw6])
+        self.run("appliance", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        self.run("appliance", ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+
+    def _build_bridged(self) -> None:
+        app = self._ns["appliance"]
+        p_client, p_server = self.bridge_ports
+        ports: tuple[tuple[str, Role], ...] = ((p_client, "client"), (p_server, "server"))
+        for port, role in ports:
+            # Created inside the appliance ns, peer moved straight into the end ns.
+            _run_host(
+                ["ip", "-n", app, "link", "add", port, "type", "veth",
+                 "peer", "name", self.peer_ifname, "netns", self._ns[role]]
+            )
+        ends: tuple[tuple[Role, str, str], ...] = (
+            ("client", self.client_v4, self.client_v6),
+            ("server", self.server_v4, self.server_v6),
+        )
+        for r, v4, v6 in ends:
+            self.run(r, ["ip", "addr", "add", f"{v4}/{self.prefixlen_v4}", "dev", "eth0"])
+            self.run(
+                r, ["ip", "-6", "addr", "add", f"{v6}/{self.prefixlen_v6}", "dev", "eth0", "nodad"]
+            )
+            self.run(r, ["ip", "link", "set", "eth0", "up"])
 
     def add_bridge(self) -> None:
         """Create ``br0`` in the appliance ns and enslave both ports (the plain-bridge case)."""
@@ -522,11 +614,7 @@ def lab(**kw: Any) -> Iterator[Lab]:
 
 LAB_CONFIG = """\
 rules_dir = "rules"
-
-[[bridge]]
-name  = "br0"
-ports = ["nfr0", "nfr1"]
-{offloads}
+{bridge}
 [queue]
 num     = {queue_num}
 workers = {workers}
@@ -534,7 +622,12 @@ gso     = {gso}
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
-"""
+{host}"""
+LAB_BRIDGE = """
+[[bridge]]
+name  = "br0"
+ports = ["nfr0", "nfr1"]
+{offloads}"""
 
 
 def write_lab_config(
@@ -546,8 +639,11 @@ def write_lab_config(
     metrics_port: int = 9640,
     offloads: str = "",
     gso: bool = True,
+    bridge: bool = True,
+    host: bool = False,
 ) -> str:
     """Write ``nfrewrite.toml`` and ``rules/<name>`` files for the lab's bridge; returns the path.
+    ``bridge=False``: no ``[[bridge]]`` (the routed and host shapes); ``host``: ``[host] enabled``.
 
     Files are made 0600/0700 so the daemon's permission check is satisfied.
     """
@@ -560,9 +656,11 @@ def write_lab_config(
         os.chmod(path, 0o600)
     config = os.path.join(directory, "nfrewrite.toml")
     with open(config, "w") as f:
+        section = LAB_BRIDGE.format(offloads=f"offloads = {offloads}\n" if offloads else "")
         f.write(LAB_CONFIG.format(queue_num=queue_num, workers=workers,
                                   metrics_port=metrics_port, gso=str(gso).lower(),
-                                  offloads=f"offloads = {offloads}\n" if offloads else ""))
+                                  bridge=section if bridge else "",
+                                  host="\n[host]\nenabled = true\n" if host else ""))
     os.chmod(config, 0o600)
     return config
 

@@ -121,7 +121,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         diagnostics = diagnostics + check_examples(ruleset)
         # the kernel rules as start and reload compile them (the same function, the same verdict)
         queue = (config.queue.num, config.queue.workers) if config is not None else (0, 1)
-        kernel, refused = kernel_rules(ruleset, *queue)
+        host = config.host.enabled if config is not None else False
+        kernel, refused = kernel_rules(ruleset, *queue, host=host)
         diagnostics = diagnostics + refused
     print_diagnostics(diagnostics)
     errors = sum(1 for d in diagnostics if d.severity == "error")

@@ -17,6 +17,7 @@ Schema (every key but ``name`` is optional)::
                  sport = 80,       # dport/sport: int 0..65535, "lo-hi", or a non-empty list
                  dst = "10.0.0.0/8",  # src/dst: CIDR or list; IPv4/IPv6; host bits set = error
                  in_port = "eth1" }   # in_port/out_port: a port of a configured [[bridge]]
+                                   # (or out_port = "lo" in host mode: the loopback)
                                    # no match at all = every TCP packet
     replace  = [ { find = "a", with = "b" }, { find_hex = "de ad", with_hex = "" } ]
     set      = { ttl = 64 }        # ttl 1..255 (IPv4), hop_limit 1..255 (IPv6), dscp 0..63,
@@ -30,7 +31,10 @@ other way round): each side is just bytes. ``find`` must not be empty; ``with`` 
 
 Warnings (the rule still loads): a rule with no replace, no set and no drop; ``with`` equal to
 ``find``; the same ``find`` twice in a rule; ``ttl`` on an IPv6-only rule (``hop_limit`` on an
-IPv4-only one); replace/set on a dropping rule; ``in_port``/``out_port`` with no bridge configured.
+IPv4-only one); replace/set on a dropping rule; ``in_port``/``out_port`` with no bridge configured
+(an error in host mode: then the rule could only be meant for the machine's own traffic, which
+no bridge port carries). ``out_port = "lo"`` names the loopback: valid in host mode only, and
+``in_port = "lo"`` never (a loopback packet is rewritten once, as it is sent).
 ``load_rules(..., allow_length_change=False)`` turns a replace whose ``with`` differs in length
 from its ``find`` into an error (for a daemon that cannot adjust sequence numbers).
 
@@ -92,6 +96,8 @@ SET_RANGES = {
 }
 
 
+#: ``out_port`` naming the loopback (host mode)
+LOOPBACK = "lo"
 _PORT_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
 
 
@@ -102,6 +108,7 @@ def load_rules(
     bridge_ports: Collection[str] | None = None,
     opener: Opener | None = None,
     dir_fd: int | None = None,
+    host: bool = False,
 ) -> tuple[RuleSet | None, list[Diagnostic]]:
     """Read, validate and compile ``rules_dir/*.toml``. Returns (ruleset or None, diagnostics).
 
@@ -111,9 +118,11 @@ def load_rules(
 
     ``allow_length_change=False`` makes a replace whose ``with`` differs in length from its
     ``find`` an error. ``bridge_ports``, when given, are the only valid ``in_port``/``out_port``
-    values (an empty collection means no bridge is configured: such a match is then a warning).
+    values (an empty collection means no bridge is configured: such a match is then a warning,
+    and an error in ``host`` mode). ``host``: ``[host] enabled``, which makes ``out_port = "lo"``
+    (the loopback) valid.
     """
-    loader = _Loader(allow_length_change, bridge_ports)
+    loader = _Loader(allow_length_change, bridge_ports, host)
     files, diagnostics = rule_files(rules_dir, dir_fd)
     if files is None:
         return None, diagnostics
@@ -178,9 +187,11 @@ def rule_files(
 class _Loader:
     """Validates rule files one after another, keeping what spans files (names, order)."""
 
-    def __init__(self, allow_length_change: bool, bridge_ports: Collection[str] | None) -> None:
+    def __init__(self, allow_length_change: bool, bridge_ports: Collection[str] | None,
+                 host: bool = False) -> None:
         self.allow_length_change = allow_length_change
         self.bridge_ports = bridge_ports
+        self.host = host
         self.rules: list[Rule] = []
         self.names: dict[str, str] = {}  # name -> "path:line:col" of its first definition
         self.seen = 0  # [[rule]] entries read, valid or not (MAX_RULES counts these)
@@ -302,6 +313,9 @@ class _Loader:
                                          "this rule can never match")
         in_port = self.port_name(doc, kp + ("in_port",), table, "in_port")
         out_port = self.port_name(doc, kp + ("out_port",), table, "out_port")
+        if out_port == LOOPBACK and in_port is not None:
+            doc.error(kp + ("in_port",), "in_port cannot apply with out_port = \"lo\": the "
+                                         "loopback's packets come from no port")
         return Match(protocol, sport, dport, src, dst, in_port, out_port)
 
     def ports(self, doc: TomlFile, kp: KeyPath, value: object) -> PortRanges | None:
@@ -377,7 +391,19 @@ class _Loader:
         if name is None:
             return None
         ports = self.bridge_ports
-        if ports is not None and not ports:
+        if name == LOOPBACK and ports is not None and name not in ports:
+            if what == "in_port":
+                doc.error(kp, "in_port 'lo' cannot apply: the loopback's packets are rewritten "
+                              "once, as they are sent: write out_port = \"lo\"")
+            elif not self.host:
+                doc.error(kp, "out_port 'lo' (the machine's own loopback traffic) needs host "
+                              "mode: [host] enabled = true in the config")
+            return name
+        if ports is not None and not ports and self.host:
+            doc.error(kp, f"{what} names a bridge port and no [[bridge]] is configured: the "
+                          "machine's own traffic is matched by addresses and ports only "
+                          "(out_port = \"lo\" names the loopback)")
+        elif ports is not None and not ports:
             doc.warning(kp, f"{what} matches only bridged packets, and no [[bridge]] is "
                             "configured")
         elif ports is not None and name not in ports:

@@ -38,6 +38,10 @@ Schema (defaults in brackets)::
     hold_ms      = 5               # [5] milliseconds a segment that ends in the beginning of a
                                    # pattern waits for the next one of its direction, 0..1000
                                    # (0: never held; see nfrewrite.core.stream)
+    [host]
+    enabled  = false               # [false] true: also rewrite the machine's own TCP (mangle
+                                   # OUTPUT and INPUT; the loopback only for rules with
+                                   # out_port = "lo"); with or without bridges
     [control]
     socket   = "/run/nfrewrite/control.sock"  # [$RUNTIME_DIRECTORY/control.sock, else this]
                                    # the UNIX socket of ``nfrewrite status``/``trace``; a
@@ -49,7 +53,8 @@ Schema (defaults in brackets)::
                                    # switch is read from it; see nfrewrite.config.filesafety)
 
 :func:`load_all` loads the config and then the rules of its ``rules_dir``, passing the configured
-bridge ports so ``in_port``/``out_port`` can be checked against them; diagnostics of both come back
+bridge ports (and whether host mode is on) so ``in_port``/``out_port`` can be checked against
+them; diagnostics of both come back
 in one list (the config file's, its ownership/permission problems first, then the rules
 directory's, then each rule file's in the order they are read). Every file is opened and checked
 by :class:`nfrewrite.config.filesafety.SafeOpener` and read from the descriptor it checked (no
@@ -81,6 +86,7 @@ __all__ = [
     "ControlConfig",
     "Diagnostic",
     "FlowsConfig",
+    "HostConfig",
     "MetricsConfig",
     "Offloads",
     "QueueConfig",
@@ -89,7 +95,7 @@ __all__ = [
     "load_config",
 ]
 
-TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security", "control")
+TOP_KEYS = ("rules_dir", "bridge", "queue", "metrics", "flows", "security", "control", "host")
 BRIDGE_KEYS = ("name", "ports", "offloads")
 # the offload features a bridge port may set: the one list (nfrewrite.kernel.netsetup maps each to
 # its ethtool name and reads them all back; the metrics label values come from there)
@@ -99,6 +105,7 @@ METRICS_KEYS = ("listen",)
 FLOWS_KEYS = ("max", "idle_timeout", "memory", "state_max_age", "hold_ms")
 SECURITY_KEYS = ("strict_permissions",)
 CONTROL_KEYS = ("socket",)
+HOST_KEYS = ("enabled",)
 #: Longest path a UNIX socket can be bound at (``sun_path`` holds 108 bytes with the final NUL).
 MAX_SOCKET_PATH = 107
 
@@ -181,6 +188,14 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HostConfig:
+    """``[host]``: ``enabled`` also queues the machine's own TCP (see
+    :mod:`nfrewrite.kernel.ruletext`, host mode)."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str  # the config file as given
     rules_dir: str = "rules"  # resolved against the config file's directory
@@ -190,6 +205,7 @@ class Config:
     flows: FlowsConfig = field(default_factory=FlowsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    host: HostConfig = field(default_factory=HostConfig)
 
     @property
     def bridge_ports(self) -> tuple[str, ...]:
@@ -258,8 +274,9 @@ def load_all(
     try:
         if rules_dir is not None:
             ports = config.bridge_ports if config is not None else None
+            host = config.host.enabled if config is not None else _host_enabled(doc.data)
             ruleset, rule_diags = load_rules(
-                rules_dir, allow_length_change=allow_length_change, bridge_ports=ports,
+                rules_dir, allow_length_change=allow_length_change, bridge_ports=ports, host=host,
                 opener=safe.opener("rule file", rules_severity) if safe else None,
                 dir_fd=dir_fd,
             )
@@ -280,6 +297,13 @@ def _strict(data: dict[str, object] | None) -> bool:
     security = data.get("security") if data is not None else None
     value = security.get("strict_permissions") if isinstance(security, dict) else None
     return value if isinstance(value, bool) else True
+
+
+def _host_enabled(data: dict[str, object] | None) -> bool:
+    """``host.enabled`` as written, for checking rules against a config with errors elsewhere."""
+    host = data.get("host") if data is not None else None
+    value = host.get("enabled") if isinstance(host, dict) else None
+    return value is True
 
 
 def _resolve(config_path: str, rules_dir: str) -> str:
@@ -313,10 +337,16 @@ def _build(doc: TomlFile, data: dict[str, object]) -> Config | None:
             strict = doc.want_bool(kp, table["strict_permissions"], "security.strict_permissions")
             security = SecurityConfig(strict if strict is not None else True)
     control = _control(doc, data["control"]) if "control" in data else ControlConfig()
+    host = HostConfig()
+    if "host" in data:
+        table = _table(doc, "host", data["host"], HOST_KEYS)
+        if "enabled" in table:
+            on = doc.want_bool(("host", "enabled"), table["enabled"], "host.enabled")
+            host = HostConfig(bool(on))
     if has_errors(doc.diagnostics):
         return None
     return Config(doc.path, _resolve(doc.path, rules_dir), bridges, queue, metrics, flows,
-                  security, control)
+                  security, control, host)
 
 
 def _bridges(  # noqa: C901 - each entry's checks fill the tables the cross-entry checks read

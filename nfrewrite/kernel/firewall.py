@@ -12,8 +12,11 @@ How rules get into the kernel: one ``iptables-restore --noflush`` (and one ``ip6
 refill it, and the whole table is committed at once (nf_tables: one netlink batch; legacy: one
 table replace), so a swap is atomic and a failing swap leaves the previous rules in place. The
 jumps are added only when ``iptables-save`` shows them missing, and surplus copies (left by a crash
-between two starts) are deleted, so there is always exactly one. ``remove()`` deletes the jumps and
-flushes and deletes our chains (the two and any bucket or tree chains), nothing else. (What cannot
+between two starts) are deleted, so there is always exactly one. Host mode's three jumps (mangle
+``INPUT``/``OUTPUT``, see :mod:`~nfrewrite.kernel.ruletext`) are there exactly when the plan has
+host chains; a plan without them deletes jumps and chains a crashed host-mode run left.
+``remove()`` deletes the jumps and flushes and deletes our chains (the two, host mode's and any
+bucket or tree chains), nothing else. (What cannot
 be undone: if the ``mangle`` table did not exist before, the kernel keeps it with empty built-in
 chains and ACCEPT policies; that changes no packet's fate.)
 
@@ -46,6 +49,7 @@ from typing import Literal
 from nfrewrite.kernel.ruletext import (
     CHAIN,
     FORWARD_JUMP,
+    HOST_JUMPS,
     POST_CHAIN,
     POST_JUMP,
     TABLE,
@@ -189,10 +193,16 @@ class Firewall:
             lines = self.save(family).splitlines()
             fwd, post = lines.count(FORWARD_JUMP), lines.count(POST_JUMP)
             deletes = [FORWARD_JUMP] * max(0, fwd - 1) + [POST_JUMP] * max(0, post - 1)
+            host = p.host_family(family)
+            # host mode: each jump once; off: none left (a run with it on may have crashed)
+            keep = 0 if host is None else 1
+            for jump in HOST_JUMPS:
+                deletes += [jump] * max(0, lines.count(jump) - keep)
             text = restore_text(
                 p.family(family), family,
                 add_forward_jump=fwd == 0, add_post_jump=post == 0, delete_jumps=deletes,
-                existing_chains=_chains(lines),
+                existing_chains=_chains(lines), host=host,
+                add_host_jumps=[j for j in HOST_JUMPS if j not in lines],
             )
             self._restore(family, text)
 
@@ -201,8 +211,10 @@ class Firewall:
         chains = _chains(lines)
         cmds = ["-D" + FORWARD_JUMP[2:]] * lines.count(FORWARD_JUMP)
         cmds += ["-D" + POST_JUMP[2:]] * lines.count(POST_JUMP)
+        for jump in HOST_JUMPS:
+            cmds += ["-D" + jump[2:]] * lines.count(jump)
         ours = [c for c in (CHAIN, POST_CHAIN) if c in chains]
-        ours += sorted(c for c in chains if is_our_chain(c))
+        ours += sorted(c for c in chains if is_our_chain(c))  # host mode's too
         cmds += [f"-F {chain}" for chain in ours] + [f"-X {chain}" for chain in ours]
         if cmds:
             self._restore(family, "\n".join([f"*{TABLE}", *cmds, "COMMIT"]) + "\n")

@@ -27,6 +27,15 @@ A rule with a replace that grows also queues the SYNs of the opposite direction:
 announce bounds the segments this rule will grow, and the engine lowers it to leave room (so grown
 segments rarely have to be cut at the MTU).
 
+In host mode (:func:`compile_host_prefilter`) the rules that name no port go to the host chain
+and those with ``out_port = "lo"`` to the loopback chain (their port is not written: only
+packets leaving by ``lo`` enter that chain); rules naming a bridge port stay with bridged
+traffic. A length-changing rule there queues the whole reverse direction of its match instead of
+its SYNs: an edit made at INPUT (a request rewritten before the local server reads it) sets the
+flow mark on a packet that crosses no POSTROUTING, so the connmark that would catch the local
+stack's answers is never set; queueing them by match does it instead. The cost: the reverse
+direction of such a rule's match is queued also on connections it never edits.
+
 A rule whose only action is an MSS edit queues only segments with SYN set (``--tcp-flags SYN
 SYN``: SYN and SYN-ACK), the only ones that carry the option.
 
@@ -43,12 +52,24 @@ check fails exactly where start or reload would.
 
 from __future__ import annotations
 
+import dataclasses
+
 from nfrewrite.config.diagnostics import Diagnostic
 from nfrewrite.core.rules import Rule, RuleSet
-from nfrewrite.kernel.ruletext import MAX_LITERAL, Plan, QueueMatch, TooManyRules, plan
+from nfrewrite.kernel.ruletext import (
+    MAX_LITERAL,
+    HostMatches,
+    Plan,
+    QueueMatch,
+    TooManyRules,
+    plan,
+)
+
+#: the name a rule gives ``out_port`` to rewrite what the machine sends over its loopback
+LOOPBACK = "lo"
 
 
-def _matches_of(rule: Rule, literals: bool = False) -> list[QueueMatch]:
+def _matches_of(rule: Rule, literals: bool = False, *, host: bool = False) -> list[QueueMatch]:
     m = rule.match
     versions = m.versions
     base = {
@@ -79,7 +100,17 @@ def _matches_of(rule: Rule, literals: bool = False) -> list[QueueMatch]:
         return [QueueMatch(**base, syn_only=True)]  # type: ignore[arg-type]
     if not literal_only:
         out = [QueueMatch(**base)]  # type: ignore[arg-type]
-        if any(len(r.with_) > len(r.find) for r in rule.replaces):
+        changes_length = any(len(r.with_) != len(r.find) for r in rule.replaces)
+        if host and changes_length:
+            # the reverse direction, whole: an edit made at INPUT marks its packet, but no later
+            # hook of ours copies that mark into the connmark (see the module docstring)
+            reverse = {
+                **base,
+                "sports": base["dports"], "dports": base["sports"],
+                "src": base["dst"], "dst": base["src"], "in_port": None, "out_port": None,
+            }
+            out.append(QueueMatch(**reverse))  # type: ignore[arg-type]
+        elif any(len(r.with_) > len(r.find) for r in rule.replaces):
             # the SYNs of the other direction announce the MSS that bounds this direction's
             # segments: the engine lowers it to leave room for growth (see engine.py)
             reverse = {
@@ -94,31 +125,65 @@ def _matches_of(rule: Rule, literals: bool = False) -> list[QueueMatch]:
     return [QueueMatch(**base, literal=f) for f in finds]  # type: ignore[arg-type]
 
 
-def compile_prefilter(
-    ruleset: RuleSet, literals: bool = False
-) -> tuple[list[QueueMatch], list[QueueMatch]]:
-    """The IPv4 and IPv6 prefilters for ``ruleset`` (duplicates removed, rule order kept);
-    ``literals``: string matches for same-length literal rules (see the module doc)."""
+def _split(matches: list[QueueMatch]) -> tuple[list[QueueMatch], list[QueueMatch]]:
+    """IPv4 and IPv6 lists (duplicates removed, rule order kept)."""
     v4: dict[QueueMatch, None] = {}
     v6: dict[QueueMatch, None] = {}
-    for rule in ruleset.rules:
-        for qm in _matches_of(rule, literals):
-            if qm.version in (None, 4):
-                v4[qm] = None
-            if qm.version in (None, 6):
-                v6[qm] = None
+    for qm in matches:
+        if qm.version in (None, 4):
+            v4[qm] = None
+        if qm.version in (None, 6):
+            v6[qm] = None
     return list(v4), list(v6)
 
 
+def compile_prefilter(
+    ruleset: RuleSet, literals: bool = False
+) -> tuple[list[QueueMatch], list[QueueMatch]]:
+    """The IPv4 and IPv6 prefilters of the FORWARD hook for ``ruleset`` (duplicates removed,
+    rule order kept); ``literals``: string matches for same-length literal rules (see the module
+    doc). Rules naming the loopback are host mode's only: nothing forwarded leaves by it."""
+    return _split([qm for rule in ruleset.rules if rule.match.out_port != LOOPBACK
+                   for qm in _matches_of(rule, literals)])
+
+
+def compile_host_prefilter(ruleset: RuleSet) -> HostMatches:
+    """Host mode's prefilters: (host IPv4, host IPv6, loopback IPv4, loopback IPv6). The host
+    chain gets the rules that name no port (a bridge port never carries the machine's own
+    packets as such), the loopback chain those with ``out_port = "lo"`` (the chain is entered
+    only by packets leaving by it, so no port is written)."""
+    host: list[QueueMatch] = []
+    loopback: list[QueueMatch] = []
+    for rule in ruleset.rules:
+        ports = (rule.match.in_port, rule.match.out_port)
+        if ports == (None, None):
+            into = host
+        elif ports == (None, LOOPBACK):
+            into = loopback
+        else:
+            continue
+        into += [dataclasses.replace(qm, in_port=None, out_port=None)
+                 for qm in _matches_of(rule, host=True)]
+    return (*_split(host), *_split(loopback))
+
+
+def kernel_plan(ruleset: RuleSet, queue_num: int = 0, workers: int = 1, *,
+                host: bool = False) -> Plan:
+    """The kernel rules for ``ruleset`` (``host``: with host mode's chains). Raises
+    :class:`~nfrewrite.kernel.ruletext.TooManyRules`."""
+    return plan(*compile_prefilter(ruleset), queue_num, workers,
+                compile_host_prefilter(ruleset) if host else None)
+
+
 def kernel_rules(
-    ruleset: RuleSet, queue_num: int = 0, workers: int = 1
+    ruleset: RuleSet, queue_num: int = 0, workers: int = 1, *, host: bool = False
 ) -> tuple[Plan | None, list[Diagnostic]]:
     """The kernel rules for ``ruleset``, or None and the error at the rule that needs most of
     them. ``nfrewrite check`` and the daemon (start and reload) both ask this one function, so
     check refuses exactly what start would refuse, and ``--show-kernel-rules`` prints what start
     loads."""
     try:
-        return plan(*compile_prefilter(ruleset), queue_num, workers), []
+        return kernel_plan(ruleset, queue_num, workers, host=host), []
     except TooManyRules as e:
         path, line, col = e.origin or ("<rules>", 0, 0)
         # the line as it was loaded (and checked): the file is not opened again by name

@@ -104,7 +104,9 @@ class PacketMeta:
     """What the kernel told us about a queued packet besides its bytes."""
 
     in_port: str | None  # bridge port it came in on (physindev); None when not bridged
-    out_port: str | None  # bridge port it will leave by (physoutdev); None when not bridged/known
+    #: bridge port it will leave by (physoutdev); "lo" for a packet the machine sends over its
+    #: loopback (host mode: rules name it so); None when not bridged/known
+    out_port: str | None
     indev: str | None
     outdev: str | None
     mark: int
@@ -368,9 +370,12 @@ class QueueWorker:
         else:
             csum_partial = bool(skb & nfnl.NFQA_SKB_CSUMNOTREADY)
             gso = bool(skb & nfnl.NFQA_SKB_GSO)
+        out_name = self._ifname(outdev)
+        out_port = self._ifname(physoutdev) if physoutdev else (
+            "lo" if out_name == "lo" else None)
         meta = PacketMeta(
-            in_port=self._ifname(physindev), out_port=self._ifname(physoutdev),
-            indev=self._ifname(indev), outdev=self._ifname(outdev),
+            in_port=self._ifname(physindev), out_port=out_port,
+            indev=self._ifname(indev), outdev=out_name,
             mark=mark, csum_partial=csum_partial, queue_num=self.queue_num, gso=gso,
         )
         if len(self._metas) >= 1024:  # marks are the host's to choose: stay bounded

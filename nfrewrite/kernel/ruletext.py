@@ -59,6 +59,26 @@ mark, and the first rule of ``NFREWRITE`` queues every packet of a flow whose co
 carries it. Only the ``FLOW_MARK`` bit is ever read or written, so the host's use of the other mark
 bits is untouched.
 
+Host mode (``[host] enabled``): the machine's own TCP crosses no FORWARD hook, so three more
+jumps, at the end of mangle ``INPUT`` and ``OUTPUT``, lead into two more chains of ours::
+
+    mangle INPUT   ... ! -i lo -j NFREWRITE_HOST   (what the machine receives, not by loopback)
+    mangle OUTPUT  ... ! -o lo -j NFREWRITE_HOST   (what it sends, not by loopback)
+    mangle OUTPUT  ...   -o lo -j NFREWRITE_LO     (what it sends itself over the loopback)
+
+``NFREWRITE_HOST`` holds the connmark rule and the prefilter of the rules that name no port;
+``NFREWRITE_LO`` the connmark rule and the prefilter of the rules with ``out_port = "lo"``, so
+turning host mode on never queues a local service's loopback traffic unless a rule says so. A
+loopback packet crosses OUTPUT and then INPUT: it is queued once, at OUTPUT (both directions of
+a loopback connection leave by ``lo``), and never at INPUT, where a second pass through a flow's
+sequence adjuster would map its numbers twice. These chains are separate from ``NFREWRITE``
+because a ``physdev-out`` match is refused in any chain OUTPUT can reach; their port buckets and
+trees are named after them (``NFREWRITE_HOST_D<k>``, ``NFREWRITE_LO_T<n>_<level>``), and the
+bound counts all chains of a family together. Locally sent packets cross POSTROUTING, so
+``NFREWRITE_POST`` saves their flow mark; a packet edited at INPUT crosses no later hook of ours,
+its mark is never saved, so in host mode a length-changing rule also queues the whole reverse
+direction of its match (see :mod:`nfrewrite.kernel.prefilter`).
+
 ``--queue-bypass`` lets packets pass while no process is bound to the queue (daemon stopped or
 killed); ``--queue-balance a:b`` spreads flows over several workers with a symmetric hash, so both
 directions of a flow reach the same worker.
@@ -83,9 +103,18 @@ from nfrewrite.core.constants import FLOW_MARK, FLOW_MARK_MASK
 
 CHAIN = "NFREWRITE"
 POST_CHAIN = "NFREWRITE_POST"
+#: host mode: the machine's own TCP (OUTPUT, INPUT), and what it sends over the loopback
+HOST_CHAIN = "NFREWRITE_HOST"
+LO_CHAIN = "NFREWRITE_LO"
 TABLE = "mangle"
 FORWARD_JUMP = f"-A FORWARD -j {CHAIN}"
 POST_JUMP = f"-A POSTROUTING -j {POST_CHAIN}"
+#: the jumps of host mode, as ``iptables-save`` prints them
+HOST_JUMPS = (
+    f"-A INPUT ! -i lo -j {HOST_CHAIN}",
+    f"-A OUTPUT ! -o lo -j {HOST_CHAIN}",
+    f"-A OUTPUT -o lo -j {LO_CHAIN}",
+)
 
 
 #: xt_string's limit (XT_STRING_MAX_PATTERN_SIZE).
@@ -266,12 +295,12 @@ class _Unit:
         return 1 + sum(len(rules) for rules in self.chains.values())
 
 
-def tree_chain(group: int, level: int) -> str:
-    return f"{CHAIN}_T{group}_{level}"
+def tree_chain(group: int, level: int, chain: str = CHAIN) -> str:
+    return f"{chain}_T{group}_{level}"
 
 
 def _units(
-    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
+    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int, chain: str = CHAIN
 ) -> list[_Unit]:
     """The connmark rule, then per group of QueueMatches that differ only in their literal: its
     flat rules (one per combination of values), or one entry into a chain tree when that is
@@ -322,7 +351,7 @@ def _units(
                          for name, ranges in (("sport", m.sports), ("dport", m.dports))
                          if ranges is not None}
             key = _key_of(m.sports, m.dports)
-            units.append(_tree(trees, dims, tail, target, key, origin, envelopes))
+            units.append(_tree(trees, dims, tail, target, key, origin, envelopes, chain))
             trees += 1
             continue
         for lit in dims["literal"]:
@@ -364,6 +393,7 @@ def _tree(
     key: BucketKey,
     origin: Origin | None,
     envelopes: dict[str, PortRange],
+    chain: str = CHAIN,
 ) -> _Unit:
     """One entry rule (the single-valued dimensions and the tail) jumping to a chain per
     multi-valued dimension; each chain's rules go (``-g``) to the next, the last one's queue.
@@ -375,7 +405,7 @@ def _tree(
         elif name in envelopes:  # a cheap superset: most packets need not enter the tree
             fixed += [f"--{name}", _fmt_range(envelopes[name])]
     levels = _levels(dims)
-    names = [tree_chain(number, i + 1) for i in range(len(levels))]
+    names = [tree_chain(number, i + 1, chain) for i in range(len(levels))]
     chains: dict[str, list[list[str]]] = {}
     for i, (name, values) in enumerate(zip(names, levels, strict=True)):
         then = target if i == len(levels) - 1 else ["-g", names[i + 1]]
@@ -391,8 +421,8 @@ def compile_rules(
     return [u.entry for u in _units(matches, family, queue_num, workers)]
 
 
-def bucket_chain(direction: str, bucket: int) -> str:
-    return f"{CHAIN}_{direction.upper()}{bucket}"
+def bucket_chain(direction: str, bucket: int, chain: str = CHAIN) -> str:
+    return f"{chain}_{direction.upper()}{bucket}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,56 +440,87 @@ class Layout:
 
 
 def layout(
-    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int
+    matches: Iterable[QueueMatch], family: int, queue_num: int, workers: int, chain: str = CHAIN
 ) -> Layout:
     """Main-chain rules and the other chains. Every prefilter rule has the same target, so their
     order does not matter and they can be regrouped: the kernel walks a chain rule by rule, and
     a packet (an ACK on its way back, say) that matches none of 1000 flat rules costs ~1000 rule
-    evaluations; grouped by port it costs a few dozen jumps and one bucket.
+    evaluations; grouped by port it costs a few dozen jumps and one bucket. ``chain``: the main
+    chain (``CHAIN``, or ``HOST_CHAIN``/``LO_CHAIN`` in host mode); the others are named after it.
 
     Raises :class:`TooManyRules` above ``MAX_KERNEL_RULES``."""
-    units = _units(matches, family, queue_num, workers)
+    units = _units(matches, family, queue_num, workers, chain)
+    result = _arrange(units, chain)
+    _check_bound(family, result.count, units[1:])
+    return result
+
+
+def _arrange(units: list[_Unit], chain: str) -> Layout:
     trees = {name: rules for u in units for name, rules in u.chains.items()}
     if len(units) - 1 <= GROUP_ABOVE:
-        result = Layout([u.entry for u in units], trees)
-    else:
-        main = [units[0].entry]
-        residual: list[list[str]] = []
-        by_bucket: dict[tuple[str, int], list[list[str]]] = {}
-        for u in units[1:]:
-            if u.key is None:
-                residual.append(u.entry)
-                continue
-            direction, buckets = u.key
-            for b in buckets:
-                by_bucket.setdefault((direction, b), []).append(u.entry)
-        chains: dict[str, list[list[str]]] = {}
-        for (direction, b), rules in sorted(by_bucket.items()):
-            name = bucket_chain(direction, b)
-            lo, hi = b * BUCKET, min(65535, (b + 1) * BUCKET - 1)
-            main.append(["-p", "tcp", f"--{direction}port", f"{lo}:{hi}", "-j", name])
-            chains[name] = rules
-        result = Layout(main + residual, {**chains, **trees})
-    if result.count > MAX_KERNEL_RULES:
-        own: dict[Origin | None, int] = {}
-        for u in units[1:]:
-            own[u.origin] = own.get(u.origin, 0) + u.size
-        worst = max(own, key=lambda o: own[o])
-        raise TooManyRules(family, result.count, worst, own[worst])
-    return result
+        return Layout([u.entry for u in units], trees)
+    main = [units[0].entry]
+    residual: list[list[str]] = []
+    by_bucket: dict[tuple[str, int], list[list[str]]] = {}
+    for u in units[1:]:
+        if u.key is None:
+            residual.append(u.entry)
+            continue
+        direction, buckets = u.key
+        for b in buckets:
+            by_bucket.setdefault((direction, b), []).append(u.entry)
+    chains: dict[str, list[list[str]]] = {}
+    for (direction, b), rules in sorted(by_bucket.items()):
+        name = bucket_chain(direction, b, chain)
+        lo, hi = b * BUCKET, min(65535, (b + 1) * BUCKET - 1)
+        main.append(["-p", "tcp", f"--{direction}port", f"{lo}:{hi}", "-j", name])
+        chains[name] = rules
+    return Layout(main + residual, {**chains, **trees})
+
+
+def _check_bound(family: int, count: int, units: list[_Unit]) -> None:
+    """:class:`TooManyRules` if ``count`` rules (all our chains of one family) are too many,
+    naming the rule with the largest share of ``units`` (the connmark rules left out)."""
+    if count <= MAX_KERNEL_RULES:
+        return
+    own: dict[Origin | None, int] = {}
+    for u in units:
+        own[u.origin] = own.get(u.origin, 0) + u.size
+    worst = max(own, key=lambda o: own[o])
+    raise TooManyRules(family, count, worst, own[worst])
+
+
+@dataclass(frozen=True, slots=True)
+class HostLayouts:
+    """Host mode's chains of one family: ``host`` (``NFREWRITE_HOST``, the machine's own TCP
+    but the loopback) and ``lo`` (``NFREWRITE_LO``, what rules naming ``out_port = "lo"`` queue)."""
+
+    host: Layout
+    lo: Layout
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Both families' layouts: what ``Firewall.install``/``swap`` load and ``render`` shows."""
+    """Both families' layouts: what ``Firewall.install``/``swap`` load and ``render`` shows.
+    ``host_v4``/``host_v6``: host mode's chains, None when it is off."""
 
     v4: Layout
     v6: Layout
     queue_num: int
     workers: int
+    host_v4: HostLayouts | None = None
+    host_v6: HostLayouts | None = None
 
     def family(self, family: int) -> Layout:
         return self.v4 if family == 4 else self.v6
+
+    def host_family(self, family: int) -> HostLayouts | None:
+        return self.host_v4 if family == 4 else self.host_v6
+
+
+#: host mode's QueueMatches: (host IPv4, host IPv6, loopback IPv4, loopback IPv6)
+HostMatches = tuple[Sequence[QueueMatch], Sequence[QueueMatch], Sequence[QueueMatch],
+                    Sequence[QueueMatch]]
 
 
 def plan(
@@ -467,17 +528,38 @@ def plan(
     matches_v6: Iterable[QueueMatch],
     queue_num: int = 0,
     workers: int = 1,
+    host: HostMatches | None = None,
 ) -> Plan:
     """THE compilation of a prefilter into kernel rules: ``nfrewrite check`` (through
     ``prefilter.kernel_rules``), the daemon's start and its reload all call it, so what check
-    shows or refuses is what start loads or refuses. Raises :class:`TooManyRules`."""
-    return Plan(layout(matches_v4, 4, queue_num, workers),
-                layout(matches_v6, 6, queue_num, workers), queue_num, workers)
+    shows or refuses is what start loads or refuses. ``host``: host mode's matches (None: off);
+    the bound then holds for all chains of a family together. Raises :class:`TooManyRules`."""
+    v4 = layout(matches_v4, 4, queue_num, workers)
+    v6 = layout(matches_v6, 6, queue_num, workers)
+    if host is None:
+        return Plan(v4, v6, queue_num, workers)
+    hosts: dict[int, HostLayouts] = {}
+    for family, forward, host_matches, lo_matches in ((4, v4, host[0], host[2]),
+                                                      (6, v6, host[1], host[3])):
+        units_host = _units(host_matches, family, queue_num, workers, HOST_CHAIN)
+        units_lo = _units(lo_matches, family, queue_num, workers, LO_CHAIN)
+        hl = HostLayouts(_arrange(units_host, HOST_CHAIN), _arrange(units_lo, LO_CHAIN))
+        total = forward.count + hl.host.count + hl.lo.count
+        if total > MAX_KERNEL_RULES:
+            units_fwd = _units(matches_v4 if family == 4 else matches_v6, family, queue_num,
+                               workers)
+            _check_bound(family, total, units_fwd[1:] + units_host[1:] + units_lo[1:])
+        hosts[family] = hl
+    return Plan(v4, v6, queue_num, workers, hosts[4], hosts[6])
 
 
 def is_our_chain(name: str) -> bool:
-    """A port bucket or tree chain (``NFREWRITE`` and ``NFREWRITE_POST`` are named directly)."""
-    return re.fullmatch(re.escape(CHAIN) + r"_(?:[DS]\d+|T\d+_\d+)", name) is not None
+    """A port bucket or tree chain, or a host mode chain (``NFREWRITE`` and ``NFREWRITE_POST``
+    are named directly)."""
+    if name in (HOST_CHAIN, LO_CHAIN):
+        return True
+    return re.fullmatch(re.escape(CHAIN) + r"(?:_HOST|_LO)?_(?:[DS]\d+|T\d+_\d+)",
+                        name) is not None
 
 
 def restore_text(
@@ -490,24 +572,36 @@ def restore_text(
     add_post_jump: bool = True,
     delete_jumps: Sequence[str] = (),
     existing_chains: Iterable[str] = (),
+    host: HostLayouts | None = None,
+    add_host_jumps: Sequence[str] | None = None,
 ) -> str:
     """The ``*-restore --noflush`` input that (re)fills our chains for one family.
 
     ``matches``: the family's QueueMatches (compiled here) or its ready :class:`Layout` (then
     ``queue_num``/``workers`` are not used). ``existing_chains``: chain names ``iptables-save``
     shows now; chains of ours among them that the new layout does not use are flushed and deleted
-    in the same transaction."""
+    in the same transaction (their jumps must be among ``delete_jumps``). ``host``: host mode's
+    chains, filled too; ``add_host_jumps``: which of ``HOST_JUMPS`` to add (None: all of them,
+    when ``host`` is given)."""
     lay = matches if isinstance(matches, Layout) else layout(matches, family, queue_num, workers)
+    layouts = {CHAIN: lay}
+    if host is not None:
+        layouts[HOST_CHAIN] = host.host
+        layouts[LO_CHAIN] = host.lo
     lines = [f"*{TABLE}", f":{CHAIN} - [0:0]", f":{POST_CHAIN} - [0:0]"]
-    lines += [f":{name} - [0:0]" for name in lay.chains]
+    lines += [f":{name} - [0:0]" for name in layouts if name != CHAIN]
+    lines += [f":{name} - [0:0]" for each in layouts.values() for name in each.chains]
     for jump in delete_jumps:
         lines.append("-D" + jump[2:])
-    for rule in lay.main:
-        lines.append(f"-A {CHAIN} " + " ".join(_quote(a) for a in rule))
-    for name, rules in lay.chains.items():
-        for rule in rules:
-            lines.append(f"-A {name} " + " ".join(_quote(a) for a in rule))
-    stale = sorted(c for c in existing_chains if is_our_chain(c) and c not in lay.chains)
+    used = set(layouts)
+    for main, each in layouts.items():
+        for rule in each.main:
+            lines.append(f"-A {main} " + " ".join(_quote(a) for a in rule))
+        for name, rules in each.chains.items():
+            used.add(name)
+            for rule in rules:
+                lines.append(f"-A {name} " + " ".join(_quote(a) for a in rule))
+    stale = sorted(c for c in existing_chains if is_our_chain(c) and c not in used)
     lines += [f"-F {name}" for name in stale] + [f"-X {name}" for name in stale]
     mark = f"0x{FLOW_MARK:x}/0x{FLOW_MARK_MASK:x}"
     lines.append(
@@ -518,6 +612,8 @@ def restore_text(
         lines.append(FORWARD_JUMP)
     if add_post_jump:
         lines.append(POST_JUMP)
+    if host is not None:
+        lines += HOST_JUMPS if add_host_jumps is None else add_host_jumps
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -535,7 +631,9 @@ def render(
     out = []
     for family, tool in ((4, "iptables"), (6, "ip6tables")):
         lay = p.family(family)
+        host = p.host_family(family)
+        count = lay.count + (0 if host is None else host.host.count + host.lo.count)
         out.append(f"# IPv{family}: {tool}-restore --noflush (jumps added only if missing); "
-                   f"{lay.count} rules")
-        out.append(restore_text(lay, family).rstrip("\n"))
+                   f"{count} rules")
+        out.append(restore_text(lay, family, host=host).rstrip("\n"))
     return "\n".join(out) + "\n"

@@ -48,8 +48,8 @@ supervisor's state and the metrics.
 SIGHUP (``systemctl reload``): RELOADING=1, re-read config and rules; on any error log every
 diagnostic (``path:line:col``) and keep the running rules; else swap the kernel prefilter
 atomically and hand the new rule set to every worker (which swaps ``engine.ruleset`` between two
-packets; per-flow sequence state is kept). Then READY=1. Changes to bridges, queue numbers or the
-metrics address need a restart and are reported as such.
+packets; per-flow sequence state is kept). Then READY=1. Changes to bridges, queue numbers, host
+mode or the metrics address need a restart and are reported as such.
 
 Reading and validating the files is the slow part (it grows with their size;
 ``bench/bench_load.py`` measures it per MiB for several shapes of rule file), so it runs off the
@@ -131,7 +131,8 @@ def load_with_plan(
 
     config, ruleset, diags = load_all(config_path)
     if config is not None and ruleset is not None:
-        kernel, refused = kernel_rules(ruleset, config.queue.num, config.queue.workers)
+        kernel, refused = kernel_rules(ruleset, config.queue.num, config.queue.workers,
+                                       host=config.host.enabled)
         if kernel is None:
             return config, None, diags + refused, None
         return config, ruleset, diags, kernel
@@ -346,7 +347,7 @@ class Supervisor:
 
     def run(self) -> int:
         from nfrewrite.kernel.firewall import Firewall
-        from nfrewrite.kernel.prefilter import compile_prefilter
+        from nfrewrite.kernel.prefilter import kernel_plan
 
         cfg = self.config
         queues = list(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
@@ -374,7 +375,8 @@ class Supervisor:
             for q in queues:
                 self.workers.append(self._start_worker(q))
             firewall = Firewall(cfg.queue.num, cfg.queue.workers)
-            firewall.install(*compile_prefilter(self.ruleset))
+            firewall.install(kernel_plan(self.ruleset, cfg.queue.num, cfg.queue.workers,
+                                         host=cfg.host.enabled))
             self.firewall = firewall
             self.sup.rules_loaded(len(self.ruleset.rules))
             self.sup.reload(True, time.time())
@@ -447,6 +449,9 @@ class Supervisor:
     def _setup_network(self) -> None:
         from nfrewrite.kernel.netsetup import NetSetupError, enable_br_netfilter, setup_bridge
 
+        if self.config.host.enabled:
+            log("host mode: queueing this machine's own TCP (OUTPUT, INPUT; the loopback only "
+                "for rules with out_port = \"lo\")")
         if not self.config.bridges:
             log("no [[bridge]] configured: queueing routed (FORWARD) traffic")
             return
@@ -660,7 +665,7 @@ class Supervisor:
         queues than the running ones (a ``[queue]`` change waits for a restart)."""
         from multiprocessing.reduction import ForkingPickler
 
-        from nfrewrite.kernel.prefilter import compile_prefilter
+        from nfrewrite.kernel.prefilter import kernel_plan
 
         for d in diags:
             print(d.format(), file=sys.stderr, flush=True)
@@ -669,18 +674,20 @@ class Supervisor:
                                    if d.severity == "error"]
             self._reload_failed("reload failed: keeping the running rules")
             return
-        for what in ("bridges", "queue", "metrics", "control"):
+        for what in ("bridges", "queue", "metrics", "control", "host"):
             if getattr(config, what) != getattr(self.config, what):
                 log(f"reload: [{what}] changed; it takes effect at the next restart")
         self._ping_watchdog(force=True)
         try:
             self._ensure_liberal_conntrack(ruleset)
             fw = self.firewall
+            host = self.config.host.enabled
             if kernel is not None and (kernel.queue_num, kernel.workers) == (fw.queue_num,
-                                                                             fw.workers):
+                                                                             fw.workers) and (
+                    (kernel.host_v4 is not None) == host):
                 fw.swap(kernel)
             else:
-                fw.swap(*compile_prefilter(ruleset))
+                fw.swap(kernel_plan(ruleset, fw.queue_num, fw.workers, host=host))
         except Exception as e:  # noqa: BLE001 - old rules stay in force
             self._reload_failed(f"reload failed: kernel rules not swapped: {e}")
             return

@@ -8,6 +8,12 @@ write the result as a pcap, and print how often each rule fired. It must not loa
 into memory (captures are often larger than RAM), parse packets with scapy on the hot path (slow,
 and an independent parser could disagree with the engine's), or repair what it does not rewrite.
 
+Like the daemon, it holds a segment that ends in a pattern's beginning until the next segment of
+its direction (the stream matcher, :mod:`nfrewrite.core.stream`), and writes the held packets when
+the engine releases them, so the output is in the order the daemon would have sent it. Deadlines
+(``[flows] hold_ms``) run on the capture's timestamps; at the end of the capture everything still
+held is written.
+
 Usage::
 
     nfrewrite replay -c CONFIG [--csum-partial auto|yes|no] [--in-port PORT] [--out-port PORT]
@@ -142,6 +148,7 @@ what was replayed); the CLI turns them into exit status 4 and 5.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 import struct
@@ -152,15 +159,16 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Literal
+from typing import IO, Literal, NamedTuple, cast
 
 from nfrewrite.config.settings import FlowsConfig
-from nfrewrite.core.constants import DROP, MAX_VERDICT_PACKET
-from nfrewrite.core.engine import DEFAULT_MTU, Engine
+from nfrewrite.core.constants import DROP, HOLD, MAX_VERDICT_PACKET
+from nfrewrite.core.engine import DEFAULT_MTU, Engine, Result
 from nfrewrite.core.fields import ip_length, u16
 from nfrewrite.core.packet import TRUNCATED_IP, TcpPacket, parse
 from nfrewrite.core.rules import RuleSet
 from nfrewrite.core.seqadj import FlowTable, flow_key
+from nfrewrite.core.stream import HoldLimits
 
 __all__ = [
     "LINK_TYPES",
@@ -338,6 +346,8 @@ class Summary:
     dropped_by: dict[str, int] = field(default_factory=dict)
     drop_rules: frozenset[str] = frozenset()
     flows_created: int = 0
+    held: int = 0  # segments held for the next one (a pattern may begin at their end)
+    hold_joined: int = 0  # ... of which completed by the next segment
     seconds: float = 0.0
 
     @property
@@ -376,6 +386,10 @@ class Summary:
                 "them back changed unless edits shrink them)",
             ))
         rows.append(("flows with a sequence offset", self.flows_created, ""))
+        if self.held:
+            rows.append(("segments held", self.held,
+                         f"(ended in a pattern's beginning; {self.hold_joined:,} groups completed "
+                         "by the next segment)"))
         for name, count in self.rewritten.items():
             if name in self.drop_rules:
                 rows.append((f"rule {name}", self.dropped_by.get(name, 0), "dropped"))
@@ -807,6 +821,19 @@ def _output_linktype(iface: Interface) -> int:
     return iface.linktype | LT_FCS_PRESENT | ((iface.fcs // 2) << 28)  # a pcapng if_fcslen
 
 
+class _Record(NamedTuple):
+    """One captured packet on its way through the engine (the hold token of a held one)."""
+
+    data: bytes  # the frame as captured, without the FCS
+    at: int  # where the IP packet begins in it
+    ip: bytes  # the IP packet, without a link-layer trailer
+    trailer: bytes  # bytes after the IP packet's total length (Ethernet padding)
+    tail: bytes  # the captured part of the FCS
+    sec: int
+    frac: int
+    wirelen: int
+
+
 def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), in order
     ruleset: RuleSet,
     reader: _Reader,
@@ -827,7 +854,7 @@ def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), i
     summary.dropped_by = {r.name: 0 for r in ruleset.rules}
     table = FlowTable(max_flows=flows_cfg.max, idle_timeout=flows_cfg.idle_timeout,
                       memory=flows_cfg.memory)
-    engine = Engine(ruleset, table, mtu=mtu)
+    engine = Engine(ruleset, table, mtu=mtu, hold_limits=HoldLimits(deadline=flows_cfg.hold))
     process = engine.process
     partial_all = csum_mode == "yes"
     auto = csum_mode == "auto"
@@ -843,6 +870,38 @@ def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), i
         splitter = _check_linktype(current, in_path)
         fcs = current.fcs
         out.start(current.linktype, current.snaplen, nano_in)
+    def emit(rec: _Record, result: Result, cut: bool) -> None:
+        """Write one packet as its verdict says (a drop writes nothing). ``cut``: the call that
+        settled it cut some segment at the MTU (which one is told by the bytes not emitted)."""
+        if result.unparsed is not None:
+            unparsed[result.unparsed] += 1
+        if result.verdict == DROP:
+            summary.dropped += 1
+            for name in result.rules:
+                dropped_by[name] += 1
+            return
+        data, ip, tail = rec.data, rec.ip, rec.tail
+        new = result.packet
+        if new is None:
+            if len(ip) > MAX_VERDICT_PACKET and _matched(ruleset, ip, in_port, out_port):
+                summary.too_long += 1
+            write(data + tail, rec.sec, rec.frac, rec.wirelen)
+            return
+        summary.modified += 1
+        for name in result.rules:
+            rewritten[name] += 1
+        if cut and (lost := _not_emitted(table, ip, new)):
+            summary.segments_cut += 1
+            summary.bytes_not_emitted += lost
+        if auto and _seed_only(ip):
+            new = _complete_tcp_checksum(new)
+            summary.csum_completed += 1
+        frame = data[:rec.at] + new + rec.trailer
+        if tail:
+            whole = len(tail) == fcs
+            tail = _ethernet_fcs(frame) if whole and tail == _ethernet_fcs(data) else tail
+        write(frame + tail, rec.sec, rec.frac, rec.wirelen + len(frame) - len(data))
+
     started = time.perf_counter()
     read = 0
     damage: str | None = None
@@ -889,38 +948,24 @@ def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), i
                 unparsed[TRUNCATED_IP] += 1
                 write(data + tail, sec, frac, wirelen)
                 continue
-            # -- the engine
+            # -- the engine: a packet may be held (its token is what emit() needs to write it
+            # later) and releases held ones, in stream order, before its own verdict, as live
             cuts = table.segments_cut
-            result = process(
-                ip, in_port=in_port, out_port=out_port, now=now, csum_partial=partial_all
-            )
-            if result.unparsed is not None:
-                unparsed[result.unparsed] += 1
-            if result.verdict == DROP:
-                summary.dropped += 1
-                for name in result.rules:
-                    dropped_by[name] += 1
-                continue
-            new = result.packet
-            if new is None:
-                if len(ip) > MAX_VERDICT_PACKET and _matched(ruleset, ip, in_port, out_port):
-                    summary.too_long += 1
-                write(data + tail, sec, frac, wirelen)
-                continue
-            summary.modified += 1
-            for name in result.rules:
-                rewritten[name] += 1
-            if table.segments_cut != cuts:
-                summary.segments_cut += 1
-                summary.bytes_not_emitted += _not_emitted(table, ip, new)
-            if auto and _seed_only(ip):
-                new = _complete_tcp_checksum(new)
-                summary.csum_completed += 1
-            frame = data[:at] + new + trailer
-            if tail:
-                whole = len(tail) == fcs
-                tail = _ethernet_fcs(frame) if whole and tail == _ethernet_fcs(data) else tail
-            write(frame + tail, sec, frac, wirelen + len(frame) - len(data))
+            due = engine.release_due(now)
+            for token, held in due:
+                emit(cast(_Record, token), held, table.segments_cut != cuts)
+            cuts = table.segments_cut
+            record = _Record(data, at, ip, trailer, tail, sec, frac, wirelen)
+            result = process(ip, in_port=in_port, out_port=out_port, now=now,
+                             csum_partial=partial_all, hold=record)
+            cut = table.segments_cut != cuts
+            for token, held in result.released:
+                emit(cast(_Record, token), held, cut)
+            if result.verdict != HOLD:
+                emit(record, result, cut)
+        cuts = table.segments_cut
+        for token, held in engine.release_due(math.inf):  # the capture ended: nothing follows
+            emit(cast(_Record, token), held, table.segments_cut != cuts)
     except _Damage as exc:
         damage = str(exc)
     except OSError as exc:
@@ -939,6 +984,7 @@ def _run(  # noqa: C901 - each record's one pass (link layer, engine, output), i
     summary.fcs = (current or reader.interfaces[0]).fcs
     summary.written = read - summary.dropped
     summary.flows_created = table.flows_created
+    summary.held, summary.hold_joined = engine.holds.holds, engine.holds.joined
     summary.seconds = time.perf_counter() - started
     return summary, damage
 

@@ -26,6 +26,7 @@ import ipaddress
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -234,9 +235,10 @@ def add_client_addresses(lab: Lab, v4: Sequence[str], v6: Sequence[str]) -> None
 @contextlib.contextmanager
 def running(lab: Lab, config: str) -> Iterator[Daemon]:
     """The daemon with its metrics directory under the test's directory (``RUNTIME_DIRECTORY``,
-    as systemd gives it), stopped with SIGTERM at the end: it must exit 0 and remove that
-    directory.  On a failure it is killed, and its files go with the test's directory.  (While it
-    runs, the runtime directory also holds the sysctl record and lock of ``netsetup``.)"""
+    as systemd gives it), stopped with SIGTERM at the end: it must exit 0, remove the metrics
+    directory and leave only the workers' flow-state snapshots.  On a failure it is killed, and
+    its files go with the test's directory.  (While it runs, the runtime directory also holds the
+    sysctl record and lock of ``netsetup``.)"""
     rundir = os.path.join(os.path.dirname(config), "run")
     os.makedirs(rundir, mode=0o700, exist_ok=True)
 
@@ -248,7 +250,13 @@ def running(lab: Lab, config: str) -> Iterator[Daemon]:
         assert os.stat(os.path.join(rundir, made)).st_mode & 0o777 == 0o700  # private
         yield daemon
         assert daemon.stop() == 0
-        assert os.listdir(rundir) == []  # a clean stop also removes the sysctl record and lock
+        # A clean stop removes the metrics directory, the sysctl record and the lock; what stays
+        # is each worker's flow-state snapshot (kept on purpose so that a start within
+        # ``[flows] state_max_age`` restores the offsets), private to the service user.
+        left = os.listdir(rundir)
+        assert left and all(re.fullmatch(r"flows-netns-\d+-q\d+\.state", n) for n in left), left
+        for name in left:
+            assert os.stat(os.path.join(rundir, name)).st_mode & 0o777 == 0o600
 
 
 

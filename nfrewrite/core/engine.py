@@ -254,14 +254,17 @@ class Engine:
         results = self._emit_group(group.members, sel, gkey, now)
         return [(m.token, r) for m, r in zip(group.members, results, strict=True)]
 
-    def _holdable(self, pkt: TcpPacket, sel: Selection) -> bool:
-        """Whether ``pkt`` may wait for the next segment at all (see the stream module)."""
+    def _joinable(self, pkt: TcpPacket, sel: Selection) -> bool:
+        """Whether ``pkt`` may complete a held group (be emitted with it as one piece)."""
         flags = pkt.flags
-        if flags & (SYN | FIN | RST | URG) or not flags & ACK or pkt.room < 0:
-            return False
-        if pkt.doff > 20 and pkt.sack_blocks():
+        if flags & (SYN | RST | URG) or not flags & ACK or pkt.room < 0:
             return False
         return all(rule.verdict != "drop" for rule in sel.rules)
+
+    def _holdable(self, pkt: TcpPacket, sel: Selection) -> bool:
+        """Whether ``pkt`` may wait for the next segment at all (see the stream module): as
+        joinable, and no FIN (the end of the sender's stream: nothing will complete it)."""
+        return not pkt.flags & FIN and self._joinable(pkt, sel)
 
     def _stream(
         self, pkt: TcpPacket, sel: Selection, hold: object, now: float, segmented: bool
@@ -275,10 +278,15 @@ class Engine:
         group = holds.groups.get(gkey)
         released: tuple[tuple[object, Result], ...] = ()
         if group is not None:
+            if not pkt.payload_len and not pkt.flags & (SYN | FIN | RST):
+                # A pure ACK of the same sender (it acknowledges the other direction, or is a
+                # window update) passes by the held bytes: holding them must not stop the
+                # sender's ACKs, and it carries no byte of the pattern.
+                return released
             if (hold is not None and pkt.seq == group.next_seq and pkt.payload_len
-                    and sel.has_replaces and self._holdable(pkt, sel)):
+                    and sel.has_replaces and self._joinable(pkt, sel)):
                 joined = b"".join([m.pkt.payload for m in group.members] + [pkt.payload])
-                if sel.pending_from(joined) < len(joined):
+                if sel.pending_from(joined) < len(joined) and self._holdable(pkt, sel):
                     if holds.room(group, pkt):
                         self._hold(gkey, group, pkt, sel, hold, now, segmented)
                         return Result(HOLD)
@@ -379,6 +387,13 @@ class Engine:
                 pkt.set_ack(plan.new_ack)
             if final and plan.sack is not None:
                 pkt.set_sack_blocks(plan.sack)
+            elif not final and pkt.doff > 20 and (own := pkt.sack_blocks()):
+                # Its own blocks, mapped as the last's are, less those the group's ACK (which
+                # every member carries) already covers.
+                blocks = flow.map_sack(direction, own) or tuple(own)
+                ack = pkt.ack
+                pkt.set_sack_blocks([(lo, hi) for lo, hi in blocks
+                                     if 0 < (hi - ack) % (1 << 32) < 1 << 31])
             start = 0 if i == 0 else cuts[i - 1]
             end = len(joined) if final else cuts[i]
             names = member.fired + [cast(Rule, t).name for s, _, _, t in plan.applied

@@ -2,7 +2,10 @@
 
 The client in the client namespace sends each line the test gives it as one segment
 (TCP_NODELAY) and says "sent"; the server in the server namespace writes what arrives to its
-stdout as it comes. Used to watch one live connection across a reload, a crash or a restart.
+stdout as it comes. With ``reply=True`` the server also answers every line with ``back `` and
+the line as it arrived, and the client reports that answer, so the connection carries data (and
+sequence offsets) both ways. Used to watch one live connection across a reload, a crash or a
+restart.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from lab.netns import Lab, read_line
 
 SERVER = r"""
 import socket, sys
+reply = sys.argv[3] == "reply"
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1); print("READY", flush=True)
 c, _ = srv.accept(); c.settimeout(120)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+pending = b""
 while True:
     try:
         d = c.recv(65536)
@@ -27,16 +33,31 @@ while True:
     if not d:
         break
     sys.stdout.buffer.write(d); sys.stdout.flush()
+    pending += d
+    while reply and b"\n" in pending:
+        line, pending = pending.split(b"\n", 1)
+        c.sendall(b"back " + line + b"\n")
 """
 
 CLIENT = r"""
 import socket, sys
+reply = sys.argv[3] == "reply"
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 print("READY", flush=True)
+got = b""
 for line in sys.stdin:
     s.sendall(line.encode())
-    print("sent", flush=True)
+    if reply:
+        while b"\n" not in got:
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+        answer, _, got = got.partition(b"\n")
+        print("sent " + (answer + b"\n").hex(), flush=True)
+    else:
+        print("sent", flush=True)
 s.shutdown(socket.SHUT_WR)
 while s.recv(65536):
     pass
@@ -46,25 +67,32 @@ while s.recv(65536):
 class LineConn:
     """One open connection client -> server:``port``; :meth:`send` one line at a time."""
 
-    def __init__(self, lab: Lab, port: int = 8080) -> None:
+    def __init__(self, lab: Lab, port: int = 8080, *, reply: bool = False) -> None:
         env = lab.python_env()
+        mode = "reply" if reply else "quiet"
         self.server = lab.popen("server", [sys.executable, "-c", SERVER, lab.server_v4,
-                                           str(port)], env=env, stdin=subprocess.DEVNULL)
+                                           str(port), mode], env=env, stdin=subprocess.DEVNULL)
         assert read_line(self.server, 10).strip() == b"READY"
         assert self.server.stdout is not None
         os.set_blocking(self.server.stdout.fileno(), False)
         self.client = lab.popen("client", [sys.executable, "-c", CLIENT, lab.server_v4,
-                                           str(port)], env=env, stdin=subprocess.PIPE)
+                                           str(port), mode], env=env, stdin=subprocess.PIPE)
         assert read_line(self.client, 10).strip() == b"READY"
-        self.received = b""
+        self.received = b""  # everything that arrived at the server
+        self.replies = b""  # everything that arrived back at the client (``reply=True``)
+        self.reply = b""  # the answer to the last line
 
     def send(self, line: bytes, wait: float = 5.0) -> bytes:
         """Send one line; return what arrived at the server for it within ``wait`` seconds
-        (as soon as a newline arrived; b"" if nothing did)."""
+        (as soon as a newline arrived; b"" if nothing did). With ``reply``, the server's answer
+        (as the client got it) is then in ``self.reply``."""
         assert self.client.stdin is not None and self.server.stdout is not None
         self.client.stdin.write(line + b"\n")
         self.client.stdin.flush()
-        assert read_line(self.client, 10).strip() == b"sent"
+        said = read_line(self.client, 10).strip().split(b" ")
+        assert said[0] == b"sent", said
+        self.reply = bytes.fromhex(said[1].decode()) if len(said) > 1 else b""
+        self.replies += self.reply
         start = len(self.received)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:

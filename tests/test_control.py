@@ -8,6 +8,7 @@ a real :class:`~nfrewrite.service.trace.WorkerTracer` or raw messages).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -638,3 +639,29 @@ def test_a_taken_default_socket_is_a_warning_a_configured_one_a_start_failure(
         configured = Config("n.toml", control=ControlConfig(str(tmp_path / "control.sock")))
         with pytest.raises(StartError, match="another nfrewrite answers there"):
             Supervisor("n.toml", configured, RuleSet([]))._start_control()
+
+
+
+
+# -- hostile or broken clients, workers and files -------------------------------------------------
+def test_deep_nesting_is_refused_with_one_line_and_the_server_goes_on(tmp_path: Path) -> None:
+    logged: list[str] = []
+    with C.ControlServer(str(tmp_path / "c.sock"), lambda: dict(STATUS), lambda: ["word"],
+                         request_timeout=5.0, log=logged.append) as srv:
+        for raw, error in [
+            (b"[" * 4000 + b"\n", f"nested deeper than {C.MAX_DEPTH}"),
+            (b'{"cmd": "trace", "rules": ' + b"[" * 20 + b"]" * 20 + b"}\n", "nested deeper"),
+            (b"[" * 100_000 + b"\n", "longer than"),
+        ]:
+            sock, lines = client(srv.path)
+            with sock:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(raw)
+                answer = lines.next(5)
+                assert answer is not None and error in answer["error"], answer
+            assert C.ask_status(srv.path, timeout=5) == STATUS | {"trace_clients": 0}
+    assert logged == []
+    # the client's side: a deep line from a daemon is a ValueError too, never a RecursionError
+    with pytest.raises(ValueError, match="nested"):
+        C.decode(b"[" * 100_000)
+    assert C.nesting(b'{"a": "[[[[", "b": [1, {"c": "\\"[["}]}') == 3

@@ -62,6 +62,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import selectors
 import socket
 import stat
@@ -84,11 +85,16 @@ DEFAULT_SOCKET = f"{DEFAULT_RUNTIME_DIR}/{SOCKET_NAME}"
 SOCKET_MODE = 0o660
 
 MAX_CLIENTS = 16  # connections at once (status and trace together)
+MAX_TRACES = 8  # trace clients at once (so that status always finds a place)
 LISTEN_BACKLOG = 16
 MAX_REQUEST = 4096  # bytes of the request line
+MAX_DEPTH = 8  # how deep arrays and objects may nest in a request (a request needs 2)
 REQUEST_TIMEOUT = 5.0  # seconds from accept until the request line is read
 REPLY_TIMEOUT = 10.0  # seconds from the request until a status answer is written
 MAX_TRACE_BUFFER = 256 * 1024  # bytes waiting for one trace client before lines are dropped
+MAX_TRACE_SLACK = 64 * 1024  # beyond MAX_TRACE_BUFFER, for the few control lines; past: dropped
+STALL_TIMEOUT = 30.0  # seconds a trace client may leave lines waiting without reading any
+BUSY_WAIT = 2.0  # seconds the client retries while the daemon's listen backlog is full
 DROP_REPORT_INTERVAL = 1.0  # seconds between two {"dropped": n} to one client
 READY_TIMEOUT = 3.0  # seconds a trace client waits for every worker's confirmation
 CLOSE_FLUSH = 0.5  # seconds the stop spends writing the last lines to trace clients
@@ -148,13 +154,36 @@ def socket_path_from_file(config_path: str,
 
 # -- the message format ----------------------------------------------------------------------------
 def encode(message: Mapping[str, Any]) -> bytes:
-    """One message: compact JSON and a newline (JSON escapes every control character)."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One message: compact JSON and a newline, ASCII only: JSON escapes every control
+    character, and ``ensure_ascii`` every other one (an interface name the kernel gave as
+    undecodable bytes, or a line separator, reaches a terminal or a log as ``\\u`` text)."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\Z)|[\[\]{}]')  # an unclosed string: to the end
+
+
+def nesting(text: bytes) -> int:
+    """How deep arrays and objects nest in ``text`` (JSON; brackets inside strings do not
+    count), found without parsing it."""
+    depth = deepest = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def decode(line: bytes) -> dict[str, Any]:
-    """One received line as an object; ValueError if it is not a JSON object."""
-    value = json.loads(line)
+    """One received line as an object; ValueError if it is not a JSON object (also when it
+    nests too deeply for the parser)."""
+    try:
+        value = json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
@@ -676,6 +705,9 @@ class ControlServer:
             return
         line = client.inbuf.partition(b"\n")[0]
         client.inbuf = b""
+        if nesting(line) > MAX_DEPTH:  # before the parser, which recurses
+            self._refuse(client, f"the request is nested deeper than {MAX_DEPTH} levels")
+            return
         try:
             request = decode(line)
         except ValueError:

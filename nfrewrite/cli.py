@@ -13,7 +13,8 @@ parser from the registry, runs the chosen function and turns failures into exit 
     3  ``status``/``trace``: the daemon does not answer (not running, a socket left by a killed
        one, no reply in time), one line on stderr
     4  runtime failure (one line on stderr; set NFREWRITE_DEBUG=1 for the traceback);
-       ``status``/``trace``: also "permission denied" on the control socket
+       ``status``/``trace``: also "permission denied" on the control socket, and "busy" (the
+       daemon runs but takes no connection now: its limit, or a full listen backlog for 2 s)
     5  replay: the input capture is damaged part way (one line on stderr saying where; the output
        holds the packets before the damage, their summary goes to stdout)
 
@@ -218,7 +219,8 @@ def _control_failed(command: str, exc: Exception) -> int:
     from nfrewrite.service.control import NotRunning
 
     print(f"nfrewrite {command}: {exc}", file=sys.stderr)
-    # NoAccess: the daemon may well run, we cannot tell (as a refusal from the daemon): 4
+    # NoAccess: the daemon may well run, we cannot tell (as a refusal from the daemon): 4;
+    # Busy: it runs and takes no connection now (as its own "busy" answer): 4
     return EXIT_NOT_RUNNING if isinstance(exc, NotRunning) else EXIT_RUNTIME
 
 

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -665,3 +666,56 @@ def test_deep_nesting_is_refused_with_one_line_and_the_server_goes_on(tmp_path: 
     with pytest.raises(ValueError, match="nested"):
         C.decode(b"[" * 100_000)
     assert C.nesting(b'{"a": "[[[[", "b": [1, {"c": "\\"[["}]}') == 3
+
+
+def full_backlog(path: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that accepts nobody, its backlog filled: connect() then fails with EAGAIN."""
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(0)
+    return mute, full_backlog_again(path)
+
+
+def full_backlog_again(path: str) -> list[socket.socket]:
+    waiting = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return waiting
+        waiting.append(s)
+        assert len(waiting) < 100
+
+
+def test_a_full_backlog_is_busy_after_retrying_not_not_running(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    mute, waiting = full_backlog(path)
+    try:
+        with pytest.raises(C.Busy, match=r"^busy: .*c\.sock took no connection within 0\.3 s "
+                                         r"\(too many waiting\); try again$") as info:
+            C.connect(path, busy_wait=0.3)
+        assert not isinstance(info.value, C.NotRunning)
+        # a place frees up while the client retries: it gets in
+        threading.Timer(0.2, lambda: mute.accept()[0].close()).start()
+        C.connect(path, busy_wait=5).close()
+        mute.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                mute.accept()[0].close()  # the place it took and the others: free again
+        for s in waiting:
+            s.close()
+        waiting = full_backlog_again(path)
+        config = tmp_path / "nfrewrite.toml"
+        config.write_text(f'[control]\nsocket = "{path}"\n')
+        got = cli("status", "-c", str(config))
+        assert got.returncode == 4, got.stderr
+        assert got.stderr.startswith("nfrewrite status: busy: ") and got.stderr.count("\n") == 1
+        got = cli("trace", "-c", str(config))
+        assert got.returncode == 4 and got.stderr.startswith("nfrewrite trace: busy: ")
+    finally:
+        mute.close()
+        for s in waiting:
+            s.close()

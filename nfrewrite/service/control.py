@@ -115,6 +115,11 @@ class NoAccess(ControlError):
     """This user may not use the socket or its directory (the CLI exits 4)."""
 
 
+class Busy(ControlError):
+    """The daemon runs but takes no more connections now (the CLI exits 4, as for the
+    daemon's own "busy" answer)."""
+
+
 # -- where the socket is ---------------------------------------------------------------------------
 def runtime_dir(environ: Mapping[str, str] | None = None) -> str:
     """The daemon's runtime directory: the first of ``$RUNTIME_DIRECTORY``, else /run/nfrewrite
@@ -404,8 +409,29 @@ def format_trace(record: Mapping[str, Any]) -> str:
 
 
 # -- the client ------------------------------------------------------------------------------------
-def connect(path: str, timeout: float = REPLY_TIMEOUT, note: str | None = None) -> socket.socket:
-    """A connection to the daemon's socket; :class:`NotRunning` or :class:`NoAccess` if none."""
+def connect(path: str, timeout: float = REPLY_TIMEOUT, note: str | None = None,
+            busy_wait: float = BUSY_WAIT) -> socket.socket:
+    """A connection to the daemon's socket; :class:`NotRunning`, :class:`NoAccess` or
+    :class:`Busy` if none.
+
+    A UNIX socket whose listen backlog is full refuses a connection at once with EAGAIN (the
+    daemon runs, but as many connections as its backlog holds wait to be accepted): that is
+    retried for ``busy_wait`` seconds, then :class:`Busy`."""
+    deadline = time.monotonic() + busy_wait
+    pause = 0.01
+    while True:
+        try:
+            return _connect_once(path, timeout, note)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Busy(f"busy: {path} took no connection within {busy_wait:g} s (too many "
+                           "waiting); try again") from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.2)
+
+
+def _connect_once(path: str, timeout: float, note: str | None) -> socket.socket:
     extra = f" ({note})" if note else ""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -413,6 +439,8 @@ def connect(path: str, timeout: float = REPLY_TIMEOUT, note: str | None = None) 
         sock.connect(path)
     except BaseException as e:
         sock.close()
+        if isinstance(e, BlockingIOError):  # the backlog is full: connect retries
+            raise
         if isinstance(e, PermissionError):
             raise NoAccess(f"permission denied: {path} (the daemon's user and group, and root, "
                            "may use it)") from None

@@ -719,3 +719,41 @@ def test_a_full_backlog_is_busy_after_retrying_not_not_running(tmp_path: Path) -
         mute.close()
         for s in waiting:
             s.close()
+
+
+def test_a_stalled_trace_reader_is_dropped_and_traces_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C, "MAX_TRACE_BUFFER", 4096)
+    logged: list[str] = []
+    with C.ControlServer(str(tmp_path / "c.sock"), lambda: dict(STATUS), lambda: ["word"],
+                         stall_timeout=0.5, log=logged.append) as srv:
+        w = Worker(srv, 0)
+        sock, lines, _ = start_trace(srv.path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        w.send({"v": wait_for("spec", srv.trace_spec)["version"], "on": True})
+        assert "ready" in (lines.next(5) or {})
+        big = dict(RECORD, rules=["word"] + ["x" * 200] * 10)
+        peak = 0
+        sent = 0
+        while srv.counts()[1]:  # nobody reads; the relay goes on reading the worker
+            with contextlib.suppress(BlockingIOError):
+                w.send({"p": big, "d": 0})
+                sent += 1
+            peak = max([peak, *(len(c.out) for c in list(srv._clients.values()))])
+            time.sleep(0.002)
+            assert sent < 20_000, "the stalled reader was never dropped"
+        assert peak <= C.MAX_TRACE_BUFFER + 4096  # lines beyond the bound were dropped
+        assert wait_for("off", lambda: srv.trace_spec() is None) is True
+        assert len(logged) == 1 and "read nothing for 0.5 s" in logged[0]
+        assert "trace lines dropped for it" in logged[0]
+        sock.close()
+        # at most MAX_TRACES traces: one more is told busy, a status still answers
+        held = [start_trace(srv.path)[0] for _ in range(C.MAX_TRACES)]
+        try:
+            answer = ask(srv.path, C.trace_request())
+            assert answer == {"ok": False, "error": f"busy: {C.MAX_TRACES} traces already; "
+                                                   "try again"}
+            assert C.ask_status(srv.path) == STATUS | {"trace_clients": C.MAX_TRACES}
+        finally:
+            for s in held:
+                s.close()

@@ -38,12 +38,18 @@ trace (None: nothing; else a version number and the union of the clients' rule f
 "every rule") and sends it to each worker when it changed; each worker confirms the version on its
 trace socket, which is how a client learns that tracing is on everywhere.
 
-Bounded: at most :data:`MAX_CLIENTS` connections at once (one more is told "busy" and closed); a
-request line of at most :data:`MAX_REQUEST` bytes that must arrive within
-:data:`REQUEST_TIMEOUT`; a status answer that must be written within :data:`REPLY_TIMEOUT`; per
-trace client at most :data:`MAX_TRACE_BUFFER` bytes waiting to be written, beyond which packet
-lines are dropped and counted (the client is told), so a slow reader never makes the daemon
-buffer without end, and a worker never waits for anyone (it drops and counts too). A status
+Bounded: at most :data:`MAX_CLIENTS` connections at once (one more is told "busy" and closed), of
+which at most :data:`MAX_TRACES` traces (so a status always finds a place); a request line of at
+most :data:`MAX_REQUEST` bytes, nested at most :data:`MAX_DEPTH` deep (checked before the
+parser, which recurses), that must arrive within :data:`REQUEST_TIMEOUT`; a status answer that
+must be written within :data:`REPLY_TIMEOUT`; per trace client at most :data:`MAX_TRACE_BUFFER`
+bytes waiting to be written, beyond which packet lines are dropped and counted (the client is
+told when it reads again), so a slow reader never makes the daemon buffer without end, and a
+worker never waits for anyone (it drops and counts too). A trace client that takes nothing of
+what waits for :data:`STALL_TIMEOUT` seconds, or lets the few control lines pile up past
+:data:`MAX_TRACE_SLACK` more, is closed (logged with the lines dropped for it): a reader that
+stopped does not hold one of the trace places for ever. Every socket is non-blocking: no client
+makes this thread wait. A status
 answer is computed in this thread from the supervisor's state and the metrics (the same
 prometheus-client multiprocess files /metrics reads, so the figures agree with a scrape).
 
@@ -523,6 +529,7 @@ class _Client:
     version: int = 0  # trace: the spec version it waits for
     ready: bool = False
     events: int = 0  # what the selector watches now
+    stalled_since: float = 0.0  # monotonic time since when ``out`` waits and nothing was taken
 
 
 @dataclass(eq=False)
@@ -553,6 +560,7 @@ class ControlServer:
         *,
         max_clients: int = MAX_CLIENTS,
         request_timeout: float = REQUEST_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.path = path
@@ -560,6 +568,8 @@ class ControlServer:
         self._rules = rules
         self.max_clients = max_clients
         self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
+        self.stalled = 0  # trace clients dropped for not reading
         self._log = log or (lambda line: print(f"nfrewrite: {line}", file=sys.stderr, flush=True))
         self._lock = threading.Lock()
         self._pending: list[_Source] = []  # attached by the main thread, not yet in the selector
@@ -788,6 +798,9 @@ class ControlServer:
                 self._refuse(client, f"no rule named {', '.join(map(repr, unknown))} in force "
                                      f"(rules: {shown or 'none'})")
                 return
+        if len(self._tracers()) >= MAX_TRACES:
+            self._refuse(client, f"busy: {MAX_TRACES} traces already; try again")
+            return
         client.kind = "trace"
         client.rules = frozenset(rules) if rules else None
         client.count = count
@@ -901,13 +914,25 @@ class ControlServer:
 
     def _send(self, client: _Client, message: Mapping[str, Any], *, force: bool = False) -> None:
         """Queue a message for ``client``; beyond :data:`MAX_TRACE_BUFFER` only if ``force``
-        (answers and the few control lines, which are bounded in number)."""
+        (answers and the few control lines), and never beyond :data:`MAX_TRACE_SLACK` more: a
+        client that lets that much wait is dropped."""
         if force or len(client.out) < MAX_TRACE_BUFFER:
+            if len(client.out) >= MAX_TRACE_BUFFER + MAX_TRACE_SLACK:
+                self._drop_stalled(client, f"let {len(client.out)} bytes wait")
+                return
             client.out += encode(message)
+
+    def _drop_stalled(self, client: _Client, why: str) -> None:
+        """Close a trace client that does not read (its lines dropped are counted in the log)."""
+        self.stalled += 1
+        self._log(f"control socket: a trace client {why}: closed ({client.dropped} trace lines "
+                  f"dropped for it, {client.sent} sent)")
+        self._close_client(client)
 
     def _flush(self, client: _Client) -> None:
         if client.sock not in self._clients:
             return
+        took = False
         while client.out:
             try:
                 n = client.sock.send(client.out)
@@ -917,9 +942,14 @@ class ControlServer:
                 self._close_client(client)
                 return
             del client.out[:n]
-        if not client.out and client.closing:
-            self._close_client(client)
-            return
+            took = True
+        if not client.out:
+            client.stalled_since = 0.0
+            if client.closing:
+                self._close_client(client)
+                return
+        elif took or not client.stalled_since:
+            client.stalled_since = time.monotonic()
         wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
         if wanted != client.events:
             client.events = wanted
@@ -932,10 +962,14 @@ class ControlServer:
                 continue
             if c.kind != "trace" or c.closing:
                 continue
+            if c.stalled_since and now - c.stalled_since > self.stall_timeout:
+                self._drop_stalled(c, f"read nothing for {self.stall_timeout:g} s")
+                continue
             self._check_ready(c, now)
-            if c.dropped != c.told_dropped and now - c.told_at >= DROP_REPORT_INTERVAL:
+            if (c.dropped != c.told_dropped and now - c.told_at >= DROP_REPORT_INTERVAL
+                    and len(c.out) < MAX_TRACE_BUFFER):  # else told when it reads again
                 c.told_dropped, c.told_at = c.dropped, now
-                self._send(c, {"dropped": c.dropped}, force=True)
+                self._send(c, {"dropped": c.dropped})
                 self._flush(c)
 
     def _shutdown(self) -> None:

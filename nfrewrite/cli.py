@@ -328,6 +328,11 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
                 say(f"tracing queue(s) {queues}" + (
                     f" (not confirmed yet: {', '.join(map(str, late))})" if late else "")
                     + "; Ctrl-C to stop")
+            elif "confirmed" in message:
+                queues = ", ".join(map(str, message["confirmed"].get("queues", [])))
+                say(f"queue(s) {queues} confirmed")
+            elif "warning" in message:
+                say(str(message["warning"]))
             elif "end" not in message and message.get("dropped", 0) > dropped:
                 dropped = message["dropped"]
                 say(f"{dropped} trace lines dropped so far (each worker sends at most "

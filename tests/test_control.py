@@ -757,3 +757,63 @@ def test_a_stalled_trace_reader_is_dropped_and_traces_are_bounded(
         finally:
             for s in held:
                 s.close()
+
+
+def test_a_lost_confirmation_is_sent_again_and_a_late_one_told(
+        server: C.ControlServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the worker: its socket full when tracing is switched on, it confirms once there is room
+    ours, theirs = T.socket_pair()
+    tracer = T.WorkerTracer(0, theirs)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            theirs.send(b"{}", socket.MSG_DONTWAIT)
+            filled += 1
+    tracer.configure({"version": 7, "rules": None})
+    tracer.idle()
+    assert len(received(ours)) == filled  # the confirmation did not fit
+    tracer.idle()
+    assert received(ours) == [{"v": 7, "on": True}]
+    tracer.idle()
+    assert received(ours) == []
+    # the server: a worker that confirms after "ready" is told to the client
+    monkeypatch.setattr(C, "READY_TIMEOUT", 0.3)
+    w, late = Worker(server, 0), Worker(server, 1)
+    sock, lines, _ = start_trace(server.path)
+    with sock:
+        version = wait_for("spec", server.trace_spec)["version"]
+        w.send({"v": version, "on": True})
+        assert lines.next(5) == {"ready": {"queues": [0, 1], "unconfirmed": [1]}}
+        late.send({"v": version, "on": True})
+        assert lines.next(5) == {"confirmed": {"queues": [1]}}
+
+
+def fake_daemon(messages: list[dict[str, Any]]) -> socket.socket:
+    """The client's end of a connection whose daemon end has sent ``messages``."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        theirs.sendall(b"".join(C.encode(m) for m in messages))
+    return ours
+
+
+def test_the_trace_command_reports_late_confirmations_and_worker_failures(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from nfrewrite.cli import _trace
+
+    sock = fake_daemon([
+        {"ok": True, "trace": {"rules": None, "count": 1, "queues": [0, 1]}},
+        {"ready": {"queues": [0, 1], "unconfirmed": [1]}},
+        {"confirmed": {"queues": [1]}},
+        {"warning": "queue 0: tracing failed (RuntimeError: boom); it traces no more"},
+        {"packet": RECORD},
+        {"end": "count", "dropped": 0, "packets": 1},
+    ])
+    with sock:
+        assert _trace(sock, "c.sock", C.trace_request(None, 1), 1, False) == 0
+    out, err = capsys.readouterr()
+    assert out == C.format_trace(RECORD) + "\n"
+    assert err.splitlines() == [
+        "nfrewrite trace: tracing queue(s) 0, 1 (not confirmed yet: 1); Ctrl-C to stop",
+        "nfrewrite trace: queue(s) 1 confirmed",
+        "nfrewrite trace: queue 0: tracing failed (RuntimeError: boom); it traces no more",
+    ]

@@ -19,7 +19,8 @@ One JSON object per line (UTF-8, ``\\n``-terminated), both ways. The client send
 * ``{"cmd": "trace", "rules": [names] or null, "count": n or null}``: the answer
   ``{"ok": true, "trace": {...}}``, then ``{"ready": {"queues": [...], "unconfirmed": [...]}}`` once
   every worker has switched tracing on (or after :data:`READY_TIMEOUT`, naming those that have
-  not), then any number of ``{"packet": record}`` (see :mod:`nfrewrite.service.trace`) and
+  not; each of those is told by a ``{"confirmed": {"queues": [q]}}`` if it confirms later), then
+  any number of ``{"packet": record}`` (see :mod:`nfrewrite.service.trace`) and
   ``{"dropped": n}`` (the trace lines lost so far, told at most once a second when it grew), and
   last ``{"end": reason, "dropped": n, "packets": n}`` before the daemon closes: reason ``"count"``
   (``count`` packets sent) or ``"stopping"`` (the daemon stops). The client ends a trace by
@@ -528,6 +529,7 @@ class _Client:
     told_at: float = 0.0
     version: int = 0  # trace: the spec version it waits for
     ready: bool = False
+    late: set[int] = field(default_factory=set)  # queues not confirmed when "ready" was sent
     events: int = 0  # what the selector watches now
     stalled_since: float = 0.0  # monotonic time since when ``out`` waits and nothing was taken
 
@@ -537,7 +539,6 @@ class _Source:
     queue: int
     sock: socket.socket
     acked: int = -1  # the last spec version the worker confirmed
-    on: bool = False
     dropped: int = 0  # the worker's drop count as last told (since ``acked``)
 
 
@@ -856,11 +857,14 @@ class ControlServer:
                 continue
             if "v" in message:
                 source.acked = int(message["v"])
-                source.on = bool(message.get("on"))
                 source.dropped = 0
                 now = time.monotonic()
                 for c in self._tracers():
                     self._check_ready(c, now)
+                    if source.queue in c.late and source.acked >= c.version:
+                        c.late.discard(source.queue)
+                        self._send(c, {"confirmed": {"queues": [source.queue]}}, force=True)
+                        self._flush(c)
             if "d" in message:
                 told = int(message["d"])
                 if told > source.dropped:
@@ -908,6 +912,7 @@ class ControlServer:
         if unconfirmed and waited < READY_TIMEOUT:
             return
         client.ready = True
+        client.late = set(unconfirmed)  # each told when it confirms after all
         self._send(client, {"ready": {"queues": sorted(self._sources),
                                       "unconfirmed": unconfirmed}}, force=True)
         self._flush(client)

@@ -11,7 +11,9 @@ message, read between packets like a new rule set): ``spec`` is None (off) or ``
 end of a ``SOCK_SEQPACKET`` socket pair whose other end the supervisor's control server reads
 (:mod:`nfrewrite.service.control`). Every message there is one JSON object:
 
-* ``{"v": n}``: spec ``n`` is in force (tracing on or off); the drop count restarts at 0;
+* ``{"v": n}``: spec ``n`` is in force (tracing on or off); the drop count restarts at 0. A
+  confirmation that does not fit in the socket is sent again (from the idle hook and before the
+  next record) until it does: the client waits for it;
 * ``{"p": record, "d": dropped}``: a packet (see :meth:`WorkerTracer.packet`) and how many records
   this worker has dropped since spec ``n``;
 * ``{"d": dropped}``: the drop count alone, sent from the idle hook when it grew since it was
@@ -78,8 +80,8 @@ def endpoints(payload: bytes) -> tuple[bytes, int, bytes, int] | None:
 class WorkerTracer:
     """Builds and sends one worker's trace records; ``active`` is the per-packet flag."""
 
-    __slots__ = ("_clock", "_last_told", "_limit", "_rules", "_sock", "_version", "_window",
-                 "_window_sent", "active", "dropped", "flows", "queue_num")
+    __slots__ = ("_clock", "_confirm", "_last_told", "_limit", "_rules", "_sock", "_version",
+                 "_window", "_window_sent", "active", "dropped", "flows", "queue_num")
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class WorkerTracer:
         self._window = 0
         self._window_sent = 0
         self._last_told = 0
+        self._confirm: dict[str, Any] | None = None  # a confirmation not sent yet
 
     def configure(self, spec: Mapping[str, Any] | None) -> None:
         """Apply the supervisor's spec (None: off) and confirm it on the trace socket."""
@@ -115,7 +118,15 @@ class WorkerTracer:
             self.active = self._sock is not None
         self.dropped = 0
         self._last_told = 0
-        self._send({"v": self._version, "on": self.active})
+        self._confirm = {"v": self._version, "on": self.active}
+        self._confirmed()
+
+    def _confirmed(self) -> bool:
+        """Send the confirmation if one waits (a full socket loses it, so it is sent again
+        from the idle hook and before the next record); True when none waits."""
+        if self._confirm is not None and self._send(self._confirm):
+            self._confirm = None
+        return self._confirm is None
 
     def packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
         """A packet the engine handled while tracing: a record if a wanted rule acted on it."""
@@ -133,6 +144,9 @@ class WorkerTracer:
             self.dropped += 1
             return
         self._window_sent += 1
+        if not self._confirmed():  # records follow the confirmation, never overtake it
+            self.dropped += 1
+            return
         record = self.record(payload, meta, result)
         if not self._send({"p": record, "d": self.dropped}):
             self.dropped += 1
@@ -178,7 +192,10 @@ class WorkerTracer:
             return None
 
     def idle(self) -> None:
-        """From the worker's idle hook: tell the drop count if it grew since last told."""
+        """From the worker's idle hook: the confirmation if it could not be sent, and the drop
+        count if it grew since last told."""
+        if not self._confirmed():
+            return
         if self.active and self.dropped != self._last_told and self._send({"d": self.dropped}):
             self._last_told = self.dropped
 

@@ -817,3 +817,25 @@ def test_the_trace_command_reports_late_confirmations_and_worker_failures(
         "nfrewrite trace: queue(s) 1 confirmed",
         "nfrewrite trace: queue 0: tracing failed (RuntimeError: boom); it traces no more",
     ]
+
+
+class CountedName(str):
+    """A rule name that counts how often it is hashed (a set or dict built over it)."""
+
+    hashed = 0
+
+    def __hash__(self) -> int:
+        CountedName.hashed += 1
+        return str.__hash__(self)
+
+
+def test_checking_trace_rule_names_is_linear(tmp_path: Path) -> None:
+    in_force = [CountedName(f"rule-{i}") for i in range(2000)]
+    asked = [f"rule-{i}" for i in range(0, 2000, 20)]  # 100 names
+    with C.ControlServer(str(tmp_path / "c.sock"), dict, lambda: in_force,
+                         log=lambda line: None) as srv:
+        CountedName.hashed = 0
+        sock, lines, first = start_trace(srv.path, asked)
+        sock.close()
+        assert first["trace"]["rules"] == sorted(asked)
+        assert CountedName.hashed <= 2 * len(in_force)  # not once per name asked

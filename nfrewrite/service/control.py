@@ -722,7 +722,7 @@ class ControlServer:
             self._sel.unregister(client.sock)
         with contextlib.suppress(OSError):
             client.sock.close()
-        if client.kind == "trace":
+        if client.kind == "trace" and not self._stop:  # stopping: the spec goes at the end
             self._update_spec()
 
     def _read_client(self, client: _Client) -> None:
@@ -793,7 +793,8 @@ class ControlServer:
             return
         if rules:
             in_force = list(self._rules())
-            unknown = [r for r in rules if r not in set(in_force)]
+            known = set(in_force)  # once: not once per name asked
+            unknown = [r for r in rules if r not in known]
             if unknown:
                 shown = ", ".join(in_force[:10]) + (" ..." if len(in_force) > 10 else "")
                 self._refuse(client, f"no rule named {', '.join(map(repr, unknown))} in force "

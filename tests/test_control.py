@@ -839,3 +839,41 @@ def test_checking_trace_rule_names_is_linear(tmp_path: Path) -> None:
         sock.close()
         assert first["trace"]["rules"] == sorted(asked)
         assert CountedName.hashed <= 2 * len(in_force)  # not once per name asked
+
+
+def test_the_socket_is_born_0660_and_a_link_swapped_in_is_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    path = str(tmp_path / "c.sock")
+    real_socket = socket.socket
+
+    class Swapping:
+        """A socket whose path is replaced by a link to the victim just after bind."""
+
+        def __init__(self, *args: Any) -> None:
+            self._s = real_socket(*args)
+
+        def bind(self, where: str) -> None:
+            self._s.bind(where)
+            os.unlink(where)
+            os.symlink(victim, where)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._s, name)
+
+    monkeypatch.setattr(C.socket, "socket", Swapping)
+    with contextlib.suppress(C.ControlError):
+        C.bind_socket(path).close()
+    monkeypatch.undo()
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    old = os.umask(0o077)  # a daemon started with a strict umask still makes them as documented
+    try:
+        with C.ControlServer(str(tmp_path / "a" / "b" / "c.sock"), dict, list,
+                             log=lambda line: None) as srv:
+            assert stat.S_IMODE(os.stat(srv.path).st_mode) == 0o660
+            for d in (tmp_path / "a", tmp_path / "a" / "b"):
+                assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    finally:
+        os.umask(old)

@@ -90,6 +90,7 @@ DEFAULT_RUNTIME_DIR = "/run/nfrewrite"
 SOCKET_NAME = "control.sock"
 DEFAULT_SOCKET = f"{DEFAULT_RUNTIME_DIR}/{SOCKET_NAME}"
 SOCKET_MODE = 0o660
+DIR_MODE = 0o750  # a directory made for the socket
 
 MAX_CLIENTS = 16  # connections at once (status and trace together)
 MAX_TRACES = 8  # trace clients at once (so that status always finds a place)
@@ -1030,14 +1031,40 @@ def _forget_in_child(ref: weakref.ref[ControlServer]) -> None:
         server.forget_in_child()
 
 
+def make_dirs(directory: str, mode: int = DIR_MODE) -> None:
+    """Create ``directory`` and its missing parents, each made ``mode`` whatever the umask
+    (set on the directory opened without following a link: one swapped in after ``mkdir`` is
+    an error, never chmod'ed). Directories that exist are left as they are."""
+    missing = []
+    d = directory
+    while d and not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:  # made meanwhile by someone else: theirs
+            continue
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
 def bind_socket(path: str) -> socket.socket:
     """A listening UNIX socket at ``path``, mode 0660; a stale socket file there is replaced.
 
     Refuses (:class:`ControlError`) when the path is something other than a socket, or when
-    something answers on it (another daemon)."""
+    something answers on it (another daemon). The socket is born 0660 (bound under umask
+    0o117), never chmod'ed by name: whoever may write the directory could put a link there
+    between the bind and a chmod, which would then change the mode of the link's target."""
     parent = os.path.dirname(path) or "."
     try:
-        os.makedirs(parent, mode=0o750, exist_ok=True)
+        make_dirs(parent)
     except OSError as e:
         raise ControlError(f"control socket {path}: cannot create {parent}: {e.strerror}") from e
     try:
@@ -1067,13 +1094,12 @@ def bind_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
-        old = os.umask(0o177)  # born 0600 at most; opened to the group below
+        old = os.umask(0o777 & ~SOCKET_MODE)  # born 0660, whatever the daemon's umask
         try:
             sock.bind(path)
             bound = True
         finally:
             os.umask(old)
-        os.chmod(path, SOCKET_MODE)
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()

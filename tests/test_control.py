@@ -677,7 +677,7 @@ def full_backlog(path: str) -> tuple[socket.socket, list[socket.socket]]:
 
 
 def full_backlog_again(path: str) -> list[socket.socket]:
-    waiting = []
+    waiting: list[socket.socket] = []
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.setblocking(False)
@@ -788,6 +788,9 @@ def test_a_lost_confirmation_is_sent_again_and_a_late_one_told(
         assert lines.next(5) == {"confirmed": {"queues": [1]}}
 
 
+FAILED = "queue 0: tracing failed (RuntimeError: boom); no more lines from this queue"
+
+
 def fake_daemon(messages: list[dict[str, Any]]) -> socket.socket:
     """The client's end of a connection whose daemon end has sent ``messages``."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -804,7 +807,7 @@ def test_the_trace_command_reports_late_confirmations_and_worker_failures(
         {"ok": True, "trace": {"rules": None, "count": 1, "queues": [0, 1]}},
         {"ready": {"queues": [0, 1], "unconfirmed": [1]}},
         {"confirmed": {"queues": [1]}},
-        {"warning": "queue 0: tracing failed (RuntimeError: boom); it traces no more"},
+        {"warning": FAILED},
         {"packet": RECORD},
         {"end": "count", "dropped": 0, "packets": 1},
     ])
@@ -815,7 +818,7 @@ def test_the_trace_command_reports_late_confirmations_and_worker_failures(
     assert err.splitlines() == [
         "nfrewrite trace: tracing queue(s) 0, 1 (not confirmed yet: 1); Ctrl-C to stop",
         "nfrewrite trace: queue(s) 1 confirmed",
-        "nfrewrite trace: queue 0: tracing failed (RuntimeError: boom); it traces no more",
+        f"nfrewrite trace: {FAILED}",
     ]
 
 
@@ -863,7 +866,7 @@ def test_the_socket_is_born_0660_and_a_link_swapped_in_is_not_followed(
         def __getattr__(self, name: str) -> Any:
             return getattr(self._s, name)
 
-    monkeypatch.setattr(C.socket, "socket", Swapping)
+    monkeypatch.setattr(socket, "socket", Swapping)  # as the control module sees it
     with contextlib.suppress(C.ControlError):
         C.bind_socket(path).close()
     monkeypatch.undo()
@@ -877,3 +880,50 @@ def test_the_socket_is_born_0660_and_a_link_swapped_in_is_not_followed(
                 assert stat.S_IMODE(d.stat().st_mode) == 0o750
     finally:
         os.umask(old)
+
+
+class BrokenFlows:
+    """A flow table that fails: the tracer reads it for a record's offsets."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def get(self, key: object) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_tracer_never_raises_into_the_packet_handler(engine: Engine) -> None:
+    ours, theirs = T.socket_pair()
+    logged: list[str] = []
+    flows: Any = BrokenFlows()
+    tracer = T.WorkerTracer(5, theirs, flows, log=logged.append)
+    tracer.configure({"version": 1, "rules": None})
+    data = tcp4(b"an apple", dport=8080)
+    res = engine.process(data)
+    tracer.packet(data, META, res)  # must not raise
+    assert not tracer.active and tracer.failures == 1  # the handler's flag test: no more calls
+    assert logged == ["queue 5: tracing failed (RuntimeError: boom); tracing turned off"]
+    assert received(ours) == [{"v": 1, "on": True},
+                              {"e": "queue 5: tracing failed (RuntimeError: boom); "
+                                    "no more lines from this queue"}]
+    # a new trace turns it on again; a second failure is counted, not logged again
+    tracer.configure({"version": 2, "rules": None})
+    tracer.packet(data, META, res)
+    assert tracer.failures == 2 and len(logged) == 1
+
+
+def test_a_worker_failure_is_told_to_its_trace_clients(server: C.ControlServer) -> None:
+    w = Worker(server, 0)
+    sock, lines, _ = start_trace(server.path)
+    with sock:
+        w.send({"v": wait_for("spec", server.trace_spec)["version"], "on": True})
+        assert "ready" in (lines.next(5) or {})
+        w.send({"e": FAILED})
+        assert lines.next(5) == {"warning": FAILED}
+
+
+def test_messages_are_ascii_whatever_names_they_carry() -> None:
+    record = dict(RECORD, in_port="eth\udcff\x1b[2J", out_port="br\u2028é")
+    line = C.encode({"packet": record})
+    assert line.isascii() and line.count(b"\n") == 1 and line.endswith(b"\n")
+    assert C.decode(line) == {"packet": record}

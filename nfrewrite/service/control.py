@@ -23,8 +23,9 @@ One JSON object per line (UTF-8, ``\\n``-terminated), both ways. The client send
   any number of ``{"packet": record}`` (see :mod:`nfrewrite.service.trace`) and
   ``{"dropped": n}`` (the trace lines lost so far, told at most once a second when it grew), and
   last ``{"end": reason, "dropped": n, "packets": n}`` before the daemon closes: reason ``"count"``
-  (``count`` packets sent) or ``"stopping"`` (the daemon stops). The client ends a trace by
-  closing the connection.
+  (``count`` packets sent) or ``"stopping"`` (the daemon stops). ``{"warning": text}`` tells
+  that a worker's tracing failed (it sends no more records until the next trace starts). The
+  client ends a trace by closing the connection.
 
 Any request can be answered ``{"ok": false, "error": "one line"}`` instead (then the connection
 closes).
@@ -876,6 +877,10 @@ class ControlServer:
             record = message.get("p")
             if isinstance(record, dict):
                 self._forward(record)
+            if "e" in message:  # the worker's tracing failed: at most once per spec
+                for c in self._tracers():
+                    self._send(c, {"warning": str(message["e"])}, force=True)
+                    self._flush(c)
 
     def _tracers(self) -> list[_Client]:
         return [c for c in self._clients.values() if c.kind == "trace" and not c.closing]

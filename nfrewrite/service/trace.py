@@ -17,7 +17,9 @@ end of a ``SOCK_SEQPACKET`` socket pair whose other end the supervisor's control
 * ``{"p": record, "d": dropped}``: a packet (see :meth:`WorkerTracer.packet`) and how many records
   this worker has dropped since spec ``n``;
 * ``{"d": dropped}``: the drop count alone, sent from the idle hook when it grew since it was
-  last told.
+  last told;
+* ``{"e": text}``: building or sending a record failed; tracing is off in this worker until the
+  next spec (see :meth:`WorkerTracer.packet`).
 
 Bounded, never blocking the packet path: a record is sent with ``MSG_DONTWAIT``; when the socket
 buffer is full, or the worker already sent :data:`MAX_RECORDS_PER_SECOND` records in the current
@@ -80,8 +82,9 @@ def endpoints(payload: bytes) -> tuple[bytes, int, bytes, int] | None:
 class WorkerTracer:
     """Builds and sends one worker's trace records; ``active`` is the per-packet flag."""
 
-    __slots__ = ("_clock", "_confirm", "_last_told", "_limit", "_rules", "_sock", "_version",
-                 "_window", "_window_sent", "active", "dropped", "flows", "queue_num")
+    __slots__ = ("_clock", "_confirm", "_last_told", "_limit", "_log", "_rules", "_sock",
+                 "_version", "_window", "_window_sent", "active", "dropped", "failures", "flows",
+                 "queue_num")
 
     def __init__(
         self,
@@ -91,11 +94,14 @@ class WorkerTracer:
         *,
         limit: int = MAX_RECORDS_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.queue_num = queue_num
         self.flows = flows
         self.active = False
         self.dropped = 0
+        self.failures = 0  # packets whose record failed (each turned tracing off)
+        self._log = log
         self._sock = sock
         self._rules: frozenset[str] | None = None
         self._version = 0
@@ -129,7 +135,24 @@ class WorkerTracer:
         return self._confirm is None
 
     def packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
-        """A packet the engine handled while tracing: a record if a wanted rule acted on it."""
+        """A packet the engine handled while tracing: a record if a wanted rule acted on it.
+
+        Never raises into the packet handler: a failure (a bug here, or a packet it does not
+        expect) turns tracing off until the next trace starts, is counted in ``failures``,
+        logged the first time, and told to the supervisor (``{"e": text}``), which tells the
+        clients; the packet's verdict is the engine's, whatever happens here."""
+        try:
+            self._packet(payload, meta, result)
+        except Exception as e:  # noqa: BLE001 - the packet goes on; tracing stops
+            self.active = False
+            self.failures += 1
+            what = f"queue {self.queue_num}: tracing failed ({type(e).__name__}: {str(e)[:200]})"
+            if self.failures == 1 and self._log is not None:
+                self._log(f"{what}; tracing turned off")
+            with contextlib.suppress(Exception):
+                self._send({"e": f"{what}; no more lines from this queue"})
+
+    def _packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
         names = result.rules
         if not names:
             return

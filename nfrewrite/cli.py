@@ -216,9 +216,9 @@ def _control_socket(config: str) -> tuple[str, str | None]:
 
 def _control_failed(command: str, exc: Exception) -> int:
     """One line for a control socket that cannot be used; the exit code it means."""
-    from nfrewrite.service.control import NotRunning
+    from nfrewrite.service.control import NotRunning, printable
 
-    print(f"nfrewrite {command}: {exc}", file=sys.stderr)
+    print(f"nfrewrite {command}: {printable(exc)}", file=sys.stderr)
     # NoAccess: the daemon may well run, we cannot tell (as a refusal from the daemon): 4;
     # Busy: it runs and takes no connection now (as its own "busy" answer): 4
     return EXIT_NOT_RUNNING if isinstance(exc, NotRunning) else EXIT_RUNTIME
@@ -290,6 +290,7 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
         REPLY_TIMEOUT,
         Lines,
         format_trace,
+        printable,
         send_request,
     )
     from nfrewrite.service.trace import MAX_RECORDS_PER_SECOND
@@ -307,7 +308,7 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
             say(f"no answer from {path}: the connection closed")
             return EXIT_NOT_RUNNING
         if not first.get("ok"):
-            say(f"error: {first.get('error', 'refused')}")
+            say(f"error: {printable(first.get('error', 'refused'))}")
             return EXIT_RUNTIME
         # "ready" comes within READY_TIMEOUT; then packets whenever a rule acts on one
         timeout: float | None = READY_TIMEOUT + REPLY_TIMEOUT
@@ -332,7 +333,7 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
                 queues = ", ".join(map(str, message["confirmed"].get("queues", [])))
                 say(f"queue(s) {queues} confirmed")
             elif "warning" in message:
-                say(str(message["warning"]))
+                say(printable(message["warning"]))
             elif "end" not in message and message.get("dropped", 0) > dropped:
                 dropped = message["dropped"]
                 say(f"{dropped} trace lines dropped so far (each worker sends at most "

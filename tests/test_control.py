@@ -927,3 +927,6 @@ def test_messages_are_ascii_whatever_names_they_carry() -> None:
     line = C.encode({"packet": record})
     assert line.isascii() and line.count(b"\n") == 1 and line.endswith(b"\n")
     assert C.decode(line) == {"packet": record}
+    # the text a person reads: no escape sequence or line break from a daemon's message
+    assert C.printable("eth\udcff\x1b[2J\nx é") == "eth\\udcff\\x1b[2J\\nx é"
+    assert "\x1b" not in C.format_trace(dict(RECORD, rules=["a\x1b[2J"]))

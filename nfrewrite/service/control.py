@@ -392,7 +392,16 @@ def format_status(status: Mapping[str, Any], now: float | None = None) -> str:
         rows = [["hits", "rule", "defined at"]]
         rows += [[str(r["hits"]), r["name"], f"{r['file']}:{r['line']}"] for r in rules]
         lines += ["  " + line for line in _table(rows, right=[0])]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # names and paths as the config gave them
+
+
+def printable(text: object) -> str:
+    """``text`` for a terminal or a log line: every character that is not printable (an escape
+    sequence, a newline, an undecodable byte) shown as its Python escape."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
 def _endpoint(addr: Any, port: Any) -> str:
@@ -410,11 +419,11 @@ def format_trace(record: Mapping[str, Any]) -> str:
     after = "dropped" if record.get("verdict") == "drop" else str(record.get("len_after"))
     off = record.get("offset")
     offset = f"seq{off['seq']:+d} ack{-off['ack']:+d}" if off else "offset none"
-    return (f"{clock} q{record.get('queue')} "
-            f"{_endpoint(record.get('src'), record.get('sport'))} -> "
-            f"{_endpoint(record.get('dst'), record.get('dport'))} "
-            f"{','.join(record.get('rules', []))} len {record.get('len_before')} -> {after} "
-            f"{offset}")
+    return printable(f"{clock} q{record.get('queue')} "
+                     f"{_endpoint(record.get('src'), record.get('sport'))} -> "
+                     f"{_endpoint(record.get('dst'), record.get('dport'))} "
+                     f"{','.join(record.get('rules', []))} len {record.get('len_before')} -> "
+                     f"{after} {offset}")
 
 
 # -- the client ------------------------------------------------------------------------------------

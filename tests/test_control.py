@@ -930,3 +930,20 @@ def test_messages_are_ascii_whatever_names_they_carry() -> None:
     # the text a person reads: no escape sequence or line break from a daemon's message
     assert C.printable("eth\udcff\x1b[2J\nx é") == "eth\\udcff\\x1b[2J\\nx é"
     assert "\x1b" not in C.format_trace(dict(RECORD, rules=["a\x1b[2J"]))
+
+
+def test_housekeeping_goes_on_when_every_step_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C, "READY_TIMEOUT", 0.3)
+    logged: list[str] = []
+    with C.ControlServer(str(tmp_path / "c.sock"), dict, list, log=logged.append) as srv:
+        w = Worker(srv, 0)
+        sock, lines, _ = start_trace(srv.path)
+        with sock:
+            def broken(source: object) -> None:
+                raise RuntimeError("surprise")
+
+            monkeypatch.setattr(srv, "_read_source", broken)
+            w.send({"v": 0})  # readable for ever now: every step raises
+            assert lines.next(5) == {"ready": {"queues": [0], "unconfirmed": [0]}}
+    assert logged == ["control socket: RuntimeError: surprise"]  # once, not once per turn

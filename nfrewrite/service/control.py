@@ -582,6 +582,7 @@ class ControlServer:
         self.request_timeout = request_timeout
         self.stall_timeout = stall_timeout
         self.stalled = 0  # trace clients dropped for not reading
+        self._last_surprise = ""
         self._log = log or (lambda line: print(f"nfrewrite: {line}", file=sys.stderr, flush=True))
         self._lock = threading.Lock()
         self._pending: list[_Source] = []  # attached by the main thread, not yet in the selector
@@ -657,15 +658,26 @@ class ControlServer:
             while not self._stop:
                 try:
                     self._step(max(0.0, next_tick - time.monotonic()))
-                    now = time.monotonic()
-                    if now >= next_tick:
-                        next_tick = now + TICK
-                        self._housekeeping(now)
                 except Exception as e:  # noqa: BLE001 - the loop must outlive any surprise
-                    self._log(f"control socket: {type(e).__name__}: {e}")
-                    time.sleep(TICK)
+                    self._surprise(e)
+                now = time.monotonic()
+                if now >= next_tick:  # also when every step fails: deadlines, "ready"
+                    next_tick = now + TICK
+                    try:
+                        self._housekeeping(now)
+                    except Exception as e:  # noqa: BLE001
+                        self._surprise(e)
         finally:
             self._shutdown()
+
+    def _surprise(self, e: Exception) -> None:
+        """An exception in the loop: logged (the same one not again in a row), and a pause so
+        that one that repeats does not spin."""
+        text = f"control socket: {type(e).__name__}: {e}"
+        if text != self._last_surprise:
+            self._last_surprise = text
+            self._log(text)
+        time.sleep(TICK)
 
     def _step(self, timeout: float) -> None:
         for key, mask in self._sel.select(timeout):

@@ -288,6 +288,7 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
     from nfrewrite.service.control import (
         READY_TIMEOUT,
         REPLY_TIMEOUT,
+        STALL_TIMEOUT,
         Lines,
         format_trace,
         printable,
@@ -364,7 +365,8 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
     if end is not None and end.get("end") == "stopping":
         say(f"the daemon stopped; {summary}")
     else:
-        say(f"the daemon closed the trace; {summary}")
+        say(f"the daemon closed the trace (it stopped, or this reader took no line for "
+            f"{STALL_TIMEOUT:g} s); {summary}")
     return EXIT_NOT_RUNNING
 
 

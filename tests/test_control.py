@@ -947,3 +947,16 @@ def test_housekeeping_goes_on_when_every_step_fails(
             w.send({"v": 0})  # readable for ever now: every step raises
             assert lines.next(5) == {"ready": {"queues": [0], "unconfirmed": [0]}}
     assert logged == ["control socket: RuntimeError: surprise"]  # once, not once per turn
+
+
+def test_a_trace_closed_without_an_end_line_says_why_it_may_have_been(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from nfrewrite.cli import _trace
+
+    sock = fake_daemon([{"ok": True, "trace": {"rules": None, "count": None, "queues": [0]}},
+                        {"ready": {"queues": [0], "unconfirmed": []}}, {"packet": RECORD}])
+    with sock:
+        assert _trace(sock, "c.sock", C.trace_request(), None, False) == 3
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nfrewrite trace: the daemon closed the trace (it stopped, or this reader took no line "
+        f"for {C.STALL_TIMEOUT:g} s); 1 packets traced")

@@ -744,7 +744,7 @@ def test_a_stalled_trace_reader_is_dropped_and_traces_are_bounded(
             assert sent < 20_000, "the stalled reader was never dropped"
         assert peak <= C.MAX_TRACE_BUFFER + 4096  # lines beyond the bound were dropped
         assert wait_for("off", lambda: srv.trace_spec() is None) is True
-        assert len(logged) == 1 and "read nothing for 0.5 s" in logged[0]
+        assert srv.stalled == 1 and len(logged) == 1 and "read nothing for 0.5 s" in logged[0]
         assert "trace lines dropped for it" in logged[0]
         sock.close()
         # at most MAX_TRACES traces: one more is told busy, a status still answers

@@ -51,9 +51,9 @@ worker never waits for anyone (it drops and counts too). A trace client that tak
 what waits for :data:`STALL_TIMEOUT` seconds, or lets the few control lines pile up past
 :data:`MAX_TRACE_SLACK` more, is closed (logged with the lines dropped for it): a reader that
 stopped does not hold one of the trace places for ever. Every socket is non-blocking: no client
-makes this thread wait. A status
-answer is computed in this thread from the supervisor's state and the metrics (the same
-prometheus-client multiprocess files /metrics reads, so the figures agree with a scrape).
+makes this thread wait. A status answer is computed in this thread from the supervisor's state
+and the metrics (the same prometheus-client multiprocess files /metrics reads, so the figures
+agree with a scrape).
 
 Processes forked while the server runs (workers, a reload's loader) close their copies of its
 descriptors at once. On stop, trace clients get ``{"end": "stopping"}`` (written for up to

@@ -57,7 +57,9 @@ soak: deps
 # A self-contained venv in /opt/nfrewrite, the command on PATH, the unit, an example /etc/nfrewrite
 # (never overwriting an existing config), and the service user. DESTDIR stages everything for a
 # package build (the venv is then built for its final path and must not be moved elsewhere).
+# build/ and *.egg-info are removed first: pip would install a stale build tree's files.
 install: .stamp-apt
+	rm -rf build *.egg-info
 	$(PYTHON) -m venv $(DESTDIR)$(OPT)
 	$(DESTDIR)$(OPT)/bin/pip install -q --upgrade pip
 	$(DESTDIR)$(OPT)/bin/pip install -q .

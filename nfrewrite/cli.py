@@ -13,7 +13,8 @@ parser from the registry, runs the chosen function and turns failures into exit 
     3  ``status``/``trace``: the daemon does not answer (not running, a socket left by a killed
        one, no reply in time), one line on stderr
     4  runtime failure (one line on stderr; set NFREWRITE_DEBUG=1 for the traceback);
-       ``status``/``trace``: also "permission denied" on the control socket
+       ``status``/``trace``: also "permission denied" on the control socket, and "busy" (the
+       daemon runs but takes no connection now: its limit, or a full listen backlog for 2 s)
     5  replay: the input capture is damaged part way (one line on stderr saying where; the output
        holds the packets before the damage, their summary goes to stdout)
 
@@ -215,10 +216,11 @@ def _control_socket(config: str) -> tuple[str, str | None]:
 
 def _control_failed(command: str, exc: Exception) -> int:
     """One line for a control socket that cannot be used; the exit code it means."""
-    from nfrewrite.service.control import NotRunning
+    from nfrewrite.service.control import NotRunning, printable
 
-    print(f"nfrewrite {command}: {exc}", file=sys.stderr)
-    # NoAccess: the daemon may well run, we cannot tell (as a refusal from the daemon): 4
+    print(f"nfrewrite {command}: {printable(exc)}", file=sys.stderr)
+    # NoAccess: the daemon may well run, we cannot tell (as a refusal from the daemon): 4;
+    # Busy: it runs and takes no connection now (as its own "busy" answer): 4
     return EXIT_NOT_RUNNING if isinstance(exc, NotRunning) else EXIT_RUNTIME
 
 
@@ -286,8 +288,10 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
     from nfrewrite.service.control import (
         READY_TIMEOUT,
         REPLY_TIMEOUT,
+        STALL_TIMEOUT,
         Lines,
         format_trace,
+        printable,
         send_request,
     )
     from nfrewrite.service.trace import MAX_RECORDS_PER_SECOND
@@ -305,7 +309,7 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
             say(f"no answer from {path}: the connection closed")
             return EXIT_NOT_RUNNING
         if not first.get("ok"):
-            say(f"error: {first.get('error', 'refused')}")
+            say(f"error: {printable(first.get('error', 'refused'))}")
             return EXIT_RUNTIME
         # "ready" comes within READY_TIMEOUT; then packets whenever a rule acts on one
         timeout: float | None = READY_TIMEOUT + REPLY_TIMEOUT
@@ -326,6 +330,11 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
                 say(f"tracing queue(s) {queues}" + (
                     f" (not confirmed yet: {', '.join(map(str, late))})" if late else "")
                     + "; Ctrl-C to stop")
+            elif "confirmed" in message:
+                queues = ", ".join(map(str, message["confirmed"].get("queues", [])))
+                say(f"queue(s) {queues} confirmed")
+            elif "warning" in message:
+                say(printable(message["warning"]))
             elif "end" not in message and message.get("dropped", 0) > dropped:
                 dropped = message["dropped"]
                 say(f"{dropped} trace lines dropped so far (each worker sends at most "
@@ -356,7 +365,8 @@ def _trace(sock: Any, path: str, request: dict[str, Any], count: int | None,
     if end is not None and end.get("end") == "stopping":
         say(f"the daemon stopped; {summary}")
     else:
-        say(f"the daemon closed the trace; {summary}")
+        say(f"the daemon closed the trace (it stopped, or this reader took no line for "
+            f"{STALL_TIMEOUT:g} s); {summary}")
     return EXIT_NOT_RUNNING
 
 

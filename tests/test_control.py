@@ -8,6 +8,7 @@ a real :class:`~nfrewrite.service.trace.WorkerTracer` or raw messages).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -638,3 +640,323 @@ def test_a_taken_default_socket_is_a_warning_a_configured_one_a_start_failure(
         configured = Config("n.toml", control=ControlConfig(str(tmp_path / "control.sock")))
         with pytest.raises(StartError, match="another nfrewrite answers there"):
             Supervisor("n.toml", configured, RuleSet([]))._start_control()
+
+
+
+
+# -- hostile or broken clients, workers and files -------------------------------------------------
+def test_deep_nesting_is_refused_with_one_line_and_the_server_goes_on(tmp_path: Path) -> None:
+    logged: list[str] = []
+    with C.ControlServer(str(tmp_path / "c.sock"), lambda: dict(STATUS), lambda: ["word"],
+                         request_timeout=5.0, log=logged.append) as srv:
+        for raw, error in [
+            (b"[" * 4000 + b"\n", f"nested deeper than {C.MAX_DEPTH}"),
+            (b'{"cmd": "trace", "rules": ' + b"[" * 20 + b"]" * 20 + b"}\n", "nested deeper"),
+            (b"[" * 100_000 + b"\n", "longer than"),
+        ]:
+            sock, lines = client(srv.path)
+            with sock:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(raw)
+                answer = lines.next(5)
+                assert answer is not None and error in answer["error"], answer
+            assert C.ask_status(srv.path, timeout=5) == STATUS | {"trace_clients": 0}
+    assert logged == []
+    # the client's side: a deep line from a daemon is a ValueError too, never a RecursionError
+    with pytest.raises(ValueError, match="nested"):
+        C.decode(b"[" * 100_000)
+    assert C.nesting(b'{"a": "[[[[", "b": [1, {"c": "\\"[["}]}') == 3
+
+
+def full_backlog(path: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that accepts nobody, its backlog filled: connect() then fails with EAGAIN."""
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(0)
+    return mute, full_backlog_again(path)
+
+
+def full_backlog_again(path: str) -> list[socket.socket]:
+    waiting: list[socket.socket] = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return waiting
+        waiting.append(s)
+        assert len(waiting) < 100
+
+
+def test_a_full_backlog_is_busy_after_retrying_not_not_running(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    mute, waiting = full_backlog(path)
+    try:
+        with pytest.raises(C.Busy, match=r"^busy: .*c\.sock took no connection within 0\.3 s "
+                                         r"\(too many waiting\); try again$") as info:
+            C.connect(path, busy_wait=0.3)
+        assert not isinstance(info.value, C.NotRunning)
+        # a place frees up while the client retries: it gets in
+        threading.Timer(0.2, lambda: mute.accept()[0].close()).start()
+        C.connect(path, busy_wait=5).close()
+        mute.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                mute.accept()[0].close()  # the place it took and the others: free again
+        for s in waiting:
+            s.close()
+        waiting = full_backlog_again(path)
+        config = tmp_path / "nfrewrite.toml"
+        config.write_text(f'[control]\nsocket = "{path}"\n')
+        got = cli("status", "-c", str(config))
+        assert got.returncode == 4, got.stderr
+        assert got.stderr.startswith("nfrewrite status: busy: ") and got.stderr.count("\n") == 1
+        got = cli("trace", "-c", str(config))
+        assert got.returncode == 4 and got.stderr.startswith("nfrewrite trace: busy: ")
+    finally:
+        mute.close()
+        for s in waiting:
+            s.close()
+
+
+def test_a_stalled_trace_reader_is_dropped_and_traces_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C, "MAX_TRACE_BUFFER", 4096)
+    logged: list[str] = []
+    with C.ControlServer(str(tmp_path / "c.sock"), lambda: dict(STATUS), lambda: ["word"],
+                         stall_timeout=0.5, log=logged.append) as srv:
+        w = Worker(srv, 0)
+        sock, lines, _ = start_trace(srv.path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        w.send({"v": wait_for("spec", srv.trace_spec)["version"], "on": True})
+        assert "ready" in (lines.next(5) or {})
+        big = dict(RECORD, rules=["word"] + ["x" * 200] * 10)
+        peak = 0
+        sent = 0
+        while srv.counts()[1]:  # nobody reads; the relay goes on reading the worker
+            with contextlib.suppress(BlockingIOError):
+                w.send({"p": big, "d": 0})
+                sent += 1
+            peak = max([peak, *(len(c.out) for c in list(srv._clients.values()))])
+            time.sleep(0.002)
+            assert sent < 20_000, "the stalled reader was never dropped"
+        assert peak <= C.MAX_TRACE_BUFFER + 4096  # lines beyond the bound were dropped
+        assert wait_for("off", lambda: srv.trace_spec() is None) is True
+        assert srv.stalled == 1 and len(logged) == 1 and "read nothing for 0.5 s" in logged[0]
+        assert "trace lines dropped for it" in logged[0]
+        sock.close()
+        # at most MAX_TRACES traces: one more is told busy, a status still answers
+        held = [start_trace(srv.path)[0] for _ in range(C.MAX_TRACES)]
+        try:
+            answer = ask(srv.path, C.trace_request())
+            assert answer == {"ok": False, "error": f"busy: {C.MAX_TRACES} traces already; "
+                                                   "try again"}
+            assert C.ask_status(srv.path) == STATUS | {"trace_clients": C.MAX_TRACES}
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_a_lost_confirmation_is_sent_again_and_a_late_one_told(
+        server: C.ControlServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the worker: its socket full when tracing is switched on, it confirms once there is room
+    ours, theirs = T.socket_pair()
+    tracer = T.WorkerTracer(0, theirs)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            theirs.send(b"{}", socket.MSG_DONTWAIT)
+            filled += 1
+    tracer.configure({"version": 7, "rules": None})
+    tracer.idle()
+    assert len(received(ours)) == filled  # the confirmation did not fit
+    tracer.idle()
+    assert received(ours) == [{"v": 7, "on": True}]
+    tracer.idle()
+    assert received(ours) == []
+    # the server: a worker that confirms after "ready" is told to the client
+    monkeypatch.setattr(C, "READY_TIMEOUT", 0.3)
+    w, late = Worker(server, 0), Worker(server, 1)
+    sock, lines, _ = start_trace(server.path)
+    with sock:
+        version = wait_for("spec", server.trace_spec)["version"]
+        w.send({"v": version, "on": True})
+        assert lines.next(5) == {"ready": {"queues": [0, 1], "unconfirmed": [1]}}
+        late.send({"v": version, "on": True})
+        assert lines.next(5) == {"confirmed": {"queues": [1]}}
+
+
+FAILED = "queue 0: tracing failed (RuntimeError: boom); no more lines from this queue"
+
+
+def fake_daemon(messages: list[dict[str, Any]]) -> socket.socket:
+    """The client's end of a connection whose daemon end has sent ``messages``."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        theirs.sendall(b"".join(C.encode(m) for m in messages))
+    return ours
+
+
+def test_the_trace_command_reports_late_confirmations_and_worker_failures(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from nfrewrite.cli import _trace
+
+    sock = fake_daemon([
+        {"ok": True, "trace": {"rules": None, "count": 1, "queues": [0, 1]}},
+        {"ready": {"queues": [0, 1], "unconfirmed": [1]}},
+        {"confirmed": {"queues": [1]}},
+        {"warning": FAILED},
+        {"packet": RECORD},
+        {"end": "count", "dropped": 0, "packets": 1},
+    ])
+    with sock:
+        assert _trace(sock, "c.sock", C.trace_request(None, 1), 1, False) == 0
+    out, err = capsys.readouterr()
+    assert out == C.format_trace(RECORD) + "\n"
+    assert err.splitlines() == [
+        "nfrewrite trace: tracing queue(s) 0, 1 (not confirmed yet: 1); Ctrl-C to stop",
+        "nfrewrite trace: queue(s) 1 confirmed",
+        f"nfrewrite trace: {FAILED}",
+    ]
+
+
+class CountedName(str):
+    """A rule name that counts how often it is hashed (a set or dict built over it)."""
+
+    hashed = 0
+
+    def __hash__(self) -> int:
+        CountedName.hashed += 1
+        return str.__hash__(self)
+
+
+def test_checking_trace_rule_names_is_linear(tmp_path: Path) -> None:
+    in_force = [CountedName(f"rule-{i}") for i in range(2000)]
+    asked = [f"rule-{i}" for i in range(0, 2000, 20)]  # 100 names
+    with C.ControlServer(str(tmp_path / "c.sock"), dict, lambda: in_force,
+                         log=lambda line: None) as srv:
+        CountedName.hashed = 0
+        sock, lines, first = start_trace(srv.path, asked)
+        sock.close()
+        assert first["trace"]["rules"] == sorted(asked)
+        assert CountedName.hashed <= 2 * len(in_force)  # not once per name asked
+
+
+def test_the_socket_is_born_0660_and_a_link_swapped_in_is_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    path = str(tmp_path / "c.sock")
+    real_socket = socket.socket
+
+    class Swapping:
+        """A socket whose path is replaced by a link to the victim just after bind."""
+
+        def __init__(self, *args: Any) -> None:
+            self._s = real_socket(*args)
+
+        def bind(self, where: str) -> None:
+            self._s.bind(where)
+            os.unlink(where)
+            os.symlink(victim, where)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._s, name)
+
+    monkeypatch.setattr(socket, "socket", Swapping)  # as the control module sees it
+    with contextlib.suppress(C.ControlError):
+        C.bind_socket(path).close()
+    monkeypatch.undo()
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    old = os.umask(0o077)  # a daemon started with a strict umask still makes them as documented
+    try:
+        with C.ControlServer(str(tmp_path / "a" / "b" / "c.sock"), dict, list,
+                             log=lambda line: None) as srv:
+            assert stat.S_IMODE(os.stat(srv.path).st_mode) == 0o660
+            for d in (tmp_path / "a", tmp_path / "a" / "b"):
+                assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    finally:
+        os.umask(old)
+
+
+class BrokenFlows:
+    """A flow table that fails: the tracer reads it for a record's offsets."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def get(self, key: object) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_tracer_never_raises_into_the_packet_handler(engine: Engine) -> None:
+    ours, theirs = T.socket_pair()
+    logged: list[str] = []
+    flows: Any = BrokenFlows()
+    tracer = T.WorkerTracer(5, theirs, flows, log=logged.append)
+    tracer.configure({"version": 1, "rules": None})
+    data = tcp4(b"an apple", dport=8080)
+    res = engine.process(data)
+    tracer.packet(data, META, res)  # must not raise
+    assert not tracer.active and tracer.failures == 1  # the handler's flag test: no more calls
+    assert logged == ["queue 5: tracing failed (RuntimeError: boom); tracing turned off"]
+    assert received(ours) == [{"v": 1, "on": True},
+                              {"e": "queue 5: tracing failed (RuntimeError: boom); "
+                                    "no more lines from this queue"}]
+    # a new trace turns it on again; a second failure is counted, not logged again
+    tracer.configure({"version": 2, "rules": None})
+    tracer.packet(data, META, res)
+    assert tracer.failures == 2 and len(logged) == 1
+
+
+def test_a_worker_failure_is_told_to_its_trace_clients(server: C.ControlServer) -> None:
+    w = Worker(server, 0)
+    sock, lines, _ = start_trace(server.path)
+    with sock:
+        w.send({"v": wait_for("spec", server.trace_spec)["version"], "on": True})
+        assert "ready" in (lines.next(5) or {})
+        w.send({"e": FAILED})
+        assert lines.next(5) == {"warning": FAILED}
+
+
+def test_messages_are_ascii_whatever_names_they_carry() -> None:
+    record = dict(RECORD, in_port="eth\udcff\x1b[2J", out_port="br\u2028é")
+    line = C.encode({"packet": record})
+    assert line.isascii() and line.count(b"\n") == 1 and line.endswith(b"\n")
+    assert C.decode(line) == {"packet": record}
+    # the text a person reads: no escape sequence or line break from a daemon's message
+    assert C.printable("eth\udcff\x1b[2J\nx é") == "eth\\udcff\\x1b[2J\\nx é"
+    assert "\x1b" not in C.format_trace(dict(RECORD, rules=["a\x1b[2J"]))
+
+
+def test_housekeeping_goes_on_when_every_step_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C, "READY_TIMEOUT", 0.3)
+    logged: list[str] = []
+    with C.ControlServer(str(tmp_path / "c.sock"), dict, list, log=logged.append) as srv:
+        w = Worker(srv, 0)
+        sock, lines, _ = start_trace(srv.path)
+        with sock:
+            def broken(source: object) -> None:
+                raise RuntimeError("surprise")
+
+            monkeypatch.setattr(srv, "_read_source", broken)
+            w.send({"v": 0})  # readable for ever now: every step raises
+            assert lines.next(5) == {"ready": {"queues": [0], "unconfirmed": [0]}}
+    assert logged == ["control socket: RuntimeError: surprise"]  # once, not once per turn
+
+
+def test_a_trace_closed_without_an_end_line_says_why_it_may_have_been(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from nfrewrite.cli import _trace
+
+    sock = fake_daemon([{"ok": True, "trace": {"rules": None, "count": None, "queues": [0]}},
+                        {"ready": {"queues": [0], "unconfirmed": []}}, {"packet": RECORD}])
+    with sock:
+        assert _trace(sock, "c.sock", C.trace_request(), None, False) == 3
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nfrewrite trace: the daemon closed the trace (it stopped, or this reader took no line "
+        f"for {C.STALL_TIMEOUT:g} s); 1 packets traced")

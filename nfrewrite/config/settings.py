@@ -11,7 +11,7 @@ Schema (defaults in brackets)::
 
     rules_dir = "rules"            # [rules] relative to this file's directory
     [[bridge]]                     # zero or more
-    name     = "br0"               # required; interface name (kernel.ifname.ifname_problem)
+    name     = "br0"               # required; interface name (config.ifname.ifname_problem)
     ports    = ["eth1", "eth2"]    # required, >= 1, each an interface name used by one bridge only
     offloads = { gro = false }     # optional; keys rx tx tso gso gro lro -> bool [leave as is]
     [queue]

@@ -19,11 +19,13 @@ One JSON object per line (UTF-8, ``\\n``-terminated), both ways. The client send
 * ``{"cmd": "trace", "rules": [names] or null, "count": n or null}``: the answer
   ``{"ok": true, "trace": {...}}``, then ``{"ready": {"queues": [...], "unconfirmed": [...]}}`` once
   every worker has switched tracing on (or after :data:`READY_TIMEOUT`, naming those that have
-  not), then any number of ``{"packet": record}`` (see :mod:`nfrewrite.service.trace`) and
+  not; each of those is told by a ``{"confirmed": {"queues": [q]}}`` if it confirms later), then
+  any number of ``{"packet": record}`` (see :mod:`nfrewrite.service.trace`) and
   ``{"dropped": n}`` (the trace lines lost so far, told at most once a second when it grew), and
   last ``{"end": reason, "dropped": n, "packets": n}`` before the daemon closes: reason ``"count"``
-  (``count`` packets sent) or ``"stopping"`` (the daemon stops). The client ends a trace by
-  closing the connection.
+  (``count`` packets sent) or ``"stopping"`` (the daemon stops). ``{"warning": text}`` tells
+  that a worker's tracing failed (it sends no more records until the next trace starts). The
+  client ends a trace by closing the connection.
 
 Any request can be answered ``{"ok": false, "error": "one line"}`` instead (then the connection
 closes).
@@ -38,14 +40,20 @@ trace (None: nothing; else a version number and the union of the clients' rule f
 "every rule") and sends it to each worker when it changed; each worker confirms the version on its
 trace socket, which is how a client learns that tracing is on everywhere.
 
-Bounded: at most :data:`MAX_CLIENTS` connections at once (one more is told "busy" and closed); a
-request line of at most :data:`MAX_REQUEST` bytes that must arrive within
-:data:`REQUEST_TIMEOUT`; a status answer that must be written within :data:`REPLY_TIMEOUT`; per
-trace client at most :data:`MAX_TRACE_BUFFER` bytes waiting to be written, beyond which packet
-lines are dropped and counted (the client is told), so a slow reader never makes the daemon
-buffer without end, and a worker never waits for anyone (it drops and counts too). A status
-answer is computed in this thread from the supervisor's state and the metrics (the same
-prometheus-client multiprocess files /metrics reads, so the figures agree with a scrape).
+Bounded: at most :data:`MAX_CLIENTS` connections at once (one more is told "busy" and closed), of
+which at most :data:`MAX_TRACES` traces (so a status always finds a place); a request line of at
+most :data:`MAX_REQUEST` bytes, nested at most :data:`MAX_DEPTH` deep (checked before the
+parser, which recurses), that must arrive within :data:`REQUEST_TIMEOUT`; a status answer that
+must be written within :data:`REPLY_TIMEOUT`; per trace client at most :data:`MAX_TRACE_BUFFER`
+bytes waiting to be written, beyond which packet lines are dropped and counted (the client is
+told when it reads again), so a slow reader never makes the daemon buffer without end, and a
+worker never waits for anyone (it drops and counts too). A trace client that takes nothing of
+what waits for :data:`STALL_TIMEOUT` seconds, or lets the few control lines pile up past
+:data:`MAX_TRACE_SLACK` more, is closed (logged with the lines dropped for it): a reader that
+stopped does not hold one of the trace places for ever. Every socket is non-blocking: no client
+makes this thread wait. A status answer is computed in this thread from the supervisor's state
+and the metrics (the same prometheus-client multiprocess files /metrics reads, so the figures
+agree with a scrape).
 
 Processes forked while the server runs (workers, a reload's loader) close their copies of its
 descriptors at once. On stop, trace clients get ``{"end": "stopping"}`` (written for up to
@@ -62,6 +70,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import selectors
 import socket
 import stat
@@ -82,13 +91,19 @@ DEFAULT_RUNTIME_DIR = "/run/nfrewrite"
 SOCKET_NAME = "control.sock"
 DEFAULT_SOCKET = f"{DEFAULT_RUNTIME_DIR}/{SOCKET_NAME}"
 SOCKET_MODE = 0o660
+DIR_MODE = 0o750  # a directory made for the socket
 
 MAX_CLIENTS = 16  # connections at once (status and trace together)
+MAX_TRACES = 8  # trace clients at once (so that status always finds a place)
 LISTEN_BACKLOG = 16
 MAX_REQUEST = 4096  # bytes of the request line
+MAX_DEPTH = 8  # how deep arrays and objects may nest in a request (a request needs 2)
 REQUEST_TIMEOUT = 5.0  # seconds from accept until the request line is read
 REPLY_TIMEOUT = 10.0  # seconds from the request until a status answer is written
 MAX_TRACE_BUFFER = 256 * 1024  # bytes waiting for one trace client before lines are dropped
+MAX_TRACE_SLACK = 64 * 1024  # beyond MAX_TRACE_BUFFER, for the few control lines; past: dropped
+STALL_TIMEOUT = 30.0  # seconds a trace client may leave lines waiting without reading any
+BUSY_WAIT = 2.0  # seconds the client retries while the daemon's listen backlog is full
 DROP_REPORT_INTERVAL = 1.0  # seconds between two {"dropped": n} to one client
 READY_TIMEOUT = 3.0  # seconds a trace client waits for every worker's confirmation
 CLOSE_FLUSH = 0.5  # seconds the stop spends writing the last lines to trace clients
@@ -107,6 +122,11 @@ class NotRunning(ControlError):
 
 class NoAccess(ControlError):
     """This user may not use the socket or its directory (the CLI exits 4)."""
+
+
+class Busy(ControlError):
+    """The daemon runs but takes no more connections now (the CLI exits 4, as for the
+    daemon's own "busy" answer)."""
 
 
 # -- where the socket is ---------------------------------------------------------------------------
@@ -148,13 +168,36 @@ def socket_path_from_file(config_path: str,
 
 # -- the message format ----------------------------------------------------------------------------
 def encode(message: Mapping[str, Any]) -> bytes:
-    """One message: compact JSON and a newline (JSON escapes every control character)."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One message: compact JSON and a newline, ASCII only: JSON escapes every control
+    character, and ``ensure_ascii`` every other one (an interface name the kernel gave as
+    undecodable bytes, or a line separator, reaches a terminal or a log as ``\\u`` text)."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\Z)|[\[\]{}]')  # an unclosed string: to the end
+
+
+def nesting(text: bytes) -> int:
+    """How deep arrays and objects nest in ``text`` (JSON; brackets inside strings do not
+    count), found without parsing it."""
+    depth = deepest = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def decode(line: bytes) -> dict[str, Any]:
-    """One received line as an object; ValueError if it is not a JSON object."""
-    value = json.loads(line)
+    """One received line as an object; ValueError if it is not a JSON object (also when it
+    nests too deeply for the parser)."""
+    try:
+        value = json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
@@ -349,7 +392,16 @@ def format_status(status: Mapping[str, Any], now: float | None = None) -> str:
         rows = [["hits", "rule", "defined at"]]
         rows += [[str(r["hits"]), r["name"], f"{r['file']}:{r['line']}"] for r in rules]
         lines += ["  " + line for line in _table(rows, right=[0])]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # names and paths as the config gave them
+
+
+def printable(text: object) -> str:
+    """``text`` for a terminal or a log line: every character that is not printable (an escape
+    sequence, a newline, an undecodable byte) shown as its Python escape."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
 def _endpoint(addr: Any, port: Any) -> str:
@@ -367,16 +419,37 @@ def format_trace(record: Mapping[str, Any]) -> str:
     after = "dropped" if record.get("verdict") == "drop" else str(record.get("len_after"))
     off = record.get("offset")
     offset = f"seq{off['seq']:+d} ack{-off['ack']:+d}" if off else "offset none"
-    return (f"{clock} q{record.get('queue')} "
-            f"{_endpoint(record.get('src'), record.get('sport'))} -> "
-            f"{_endpoint(record.get('dst'), record.get('dport'))} "
-            f"{','.join(record.get('rules', []))} len {record.get('len_before')} -> {after} "
-            f"{offset}")
+    return printable(f"{clock} q{record.get('queue')} "
+                     f"{_endpoint(record.get('src'), record.get('sport'))} -> "
+                     f"{_endpoint(record.get('dst'), record.get('dport'))} "
+                     f"{','.join(record.get('rules', []))} len {record.get('len_before')} -> "
+                     f"{after} {offset}")
 
 
 # -- the client ------------------------------------------------------------------------------------
-def connect(path: str, timeout: float = REPLY_TIMEOUT, note: str | None = None) -> socket.socket:
-    """A connection to the daemon's socket; :class:`NotRunning` or :class:`NoAccess` if none."""
+def connect(path: str, timeout: float = REPLY_TIMEOUT, note: str | None = None,
+            busy_wait: float = BUSY_WAIT) -> socket.socket:
+    """A connection to the daemon's socket; :class:`NotRunning`, :class:`NoAccess` or
+    :class:`Busy` if none.
+
+    A UNIX socket whose listen backlog is full refuses a connection at once with EAGAIN (the
+    daemon runs, but as many connections as its backlog holds wait to be accepted): that is
+    retried for ``busy_wait`` seconds, then :class:`Busy`."""
+    deadline = time.monotonic() + busy_wait
+    pause = 0.01
+    while True:
+        try:
+            return _connect_once(path, timeout, note)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Busy(f"busy: {path} took no connection within {busy_wait:g} s (too many "
+                           "waiting); try again") from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.2)
+
+
+def _connect_once(path: str, timeout: float, note: str | None) -> socket.socket:
     extra = f" ({note})" if note else ""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -384,6 +457,8 @@ def connect(path: str, timeout: float = REPLY_TIMEOUT, note: str | None = None) 
         sock.connect(path)
     except BaseException as e:
         sock.close()
+        if isinstance(e, BlockingIOError):  # the backlog is full: connect retries
+            raise
         if isinstance(e, PermissionError):
             raise NoAccess(f"permission denied: {path} (the daemon's user and group, and root, "
                            "may use it)") from None
@@ -465,7 +540,9 @@ class _Client:
     told_at: float = 0.0
     version: int = 0  # trace: the spec version it waits for
     ready: bool = False
+    late: set[int] = field(default_factory=set)  # queues not confirmed when "ready" was sent
     events: int = 0  # what the selector watches now
+    stalled_since: float = 0.0  # monotonic time since when ``out`` waits and nothing was taken
 
 
 @dataclass(eq=False)
@@ -473,7 +550,6 @@ class _Source:
     queue: int
     sock: socket.socket
     acked: int = -1  # the last spec version the worker confirmed
-    on: bool = False
     dropped: int = 0  # the worker's drop count as last told (since ``acked``)
 
 
@@ -496,6 +572,7 @@ class ControlServer:
         *,
         max_clients: int = MAX_CLIENTS,
         request_timeout: float = REQUEST_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.path = path
@@ -503,6 +580,9 @@ class ControlServer:
         self._rules = rules
         self.max_clients = max_clients
         self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
+        self.stalled = 0  # trace clients dropped for not reading
+        self._last_surprise = ""
         self._log = log or (lambda line: print(f"nfrewrite: {line}", file=sys.stderr, flush=True))
         self._lock = threading.Lock()
         self._pending: list[_Source] = []  # attached by the main thread, not yet in the selector
@@ -578,15 +658,26 @@ class ControlServer:
             while not self._stop:
                 try:
                     self._step(max(0.0, next_tick - time.monotonic()))
-                    now = time.monotonic()
-                    if now >= next_tick:
-                        next_tick = now + TICK
-                        self._housekeeping(now)
                 except Exception as e:  # noqa: BLE001 - the loop must outlive any surprise
-                    self._log(f"control socket: {type(e).__name__}: {e}")
-                    time.sleep(TICK)
+                    self._surprise(e)
+                now = time.monotonic()
+                if now >= next_tick:  # also when every step fails: deadlines, "ready"
+                    next_tick = now + TICK
+                    try:
+                        self._housekeeping(now)
+                    except Exception as e:  # noqa: BLE001
+                        self._surprise(e)
         finally:
             self._shutdown()
+
+    def _surprise(self, e: Exception) -> None:
+        """An exception in the loop: logged (the same one not again in a row), and a pause so
+        that one that repeats does not spin."""
+        text = f"control socket: {type(e).__name__}: {e}"
+        if text != self._last_surprise:
+            self._last_surprise = text
+            self._log(text)
+        time.sleep(TICK)
 
     def _step(self, timeout: float) -> None:
         for key, mask in self._sel.select(timeout):
@@ -654,7 +745,7 @@ class ControlServer:
             self._sel.unregister(client.sock)
         with contextlib.suppress(OSError):
             client.sock.close()
-        if client.kind == "trace":
+        if client.kind == "trace" and not self._stop:  # stopping: the spec goes at the end
             self._update_spec()
 
     def _read_client(self, client: _Client) -> None:
@@ -676,6 +767,9 @@ class ControlServer:
             return
         line = client.inbuf.partition(b"\n")[0]
         client.inbuf = b""
+        if nesting(line) > MAX_DEPTH:  # before the parser, which recurses
+            self._refuse(client, f"the request is nested deeper than {MAX_DEPTH} levels")
+            return
         try:
             request = decode(line)
         except ValueError:
@@ -722,12 +816,16 @@ class ControlServer:
             return
         if rules:
             in_force = list(self._rules())
-            unknown = [r for r in rules if r not in set(in_force)]
+            known = set(in_force)  # once: not once per name asked
+            unknown = [r for r in rules if r not in known]
             if unknown:
                 shown = ", ".join(in_force[:10]) + (" ..." if len(in_force) > 10 else "")
                 self._refuse(client, f"no rule named {', '.join(map(repr, unknown))} in force "
                                      f"(rules: {shown or 'none'})")
                 return
+        if len(self._tracers()) >= MAX_TRACES:
+            self._refuse(client, f"busy: {MAX_TRACES} traces already; try again")
+            return
         client.kind = "trace"
         client.rules = frozenset(rules) if rules else None
         client.count = count
@@ -783,11 +881,14 @@ class ControlServer:
                 continue
             if "v" in message:
                 source.acked = int(message["v"])
-                source.on = bool(message.get("on"))
                 source.dropped = 0
                 now = time.monotonic()
                 for c in self._tracers():
                     self._check_ready(c, now)
+                    if source.queue in c.late and source.acked >= c.version:
+                        c.late.discard(source.queue)
+                        self._send(c, {"confirmed": {"queues": [source.queue]}}, force=True)
+                        self._flush(c)
             if "d" in message:
                 told = int(message["d"])
                 if told > source.dropped:
@@ -797,6 +898,10 @@ class ControlServer:
             record = message.get("p")
             if isinstance(record, dict):
                 self._forward(record)
+            if "e" in message:  # the worker's tracing failed: at most once per spec
+                for c in self._tracers():
+                    self._send(c, {"warning": str(message["e"])}, force=True)
+                    self._flush(c)
 
     def _tracers(self) -> list[_Client]:
         return [c for c in self._clients.values() if c.kind == "trace" and not c.closing]
@@ -835,19 +940,32 @@ class ControlServer:
         if unconfirmed and waited < READY_TIMEOUT:
             return
         client.ready = True
+        client.late = set(unconfirmed)  # each told when it confirms after all
         self._send(client, {"ready": {"queues": sorted(self._sources),
                                       "unconfirmed": unconfirmed}}, force=True)
         self._flush(client)
 
     def _send(self, client: _Client, message: Mapping[str, Any], *, force: bool = False) -> None:
         """Queue a message for ``client``; beyond :data:`MAX_TRACE_BUFFER` only if ``force``
-        (answers and the few control lines, which are bounded in number)."""
+        (answers and the few control lines), and never beyond :data:`MAX_TRACE_SLACK` more: a
+        client that lets that much wait is dropped."""
         if force or len(client.out) < MAX_TRACE_BUFFER:
+            if len(client.out) >= MAX_TRACE_BUFFER + MAX_TRACE_SLACK:
+                self._drop_stalled(client, f"let {len(client.out)} bytes wait")
+                return
             client.out += encode(message)
+
+    def _drop_stalled(self, client: _Client, why: str) -> None:
+        """Close a trace client that does not read (its lines dropped are counted in the log)."""
+        self.stalled += 1
+        self._log(f"control socket: a trace client {why}: closed ({client.dropped} trace lines "
+                  f"dropped for it, {client.sent} sent)")
+        self._close_client(client)
 
     def _flush(self, client: _Client) -> None:
         if client.sock not in self._clients:
             return
+        took = False
         while client.out:
             try:
                 n = client.sock.send(client.out)
@@ -857,9 +975,14 @@ class ControlServer:
                 self._close_client(client)
                 return
             del client.out[:n]
-        if not client.out and client.closing:
-            self._close_client(client)
-            return
+            took = True
+        if not client.out:
+            client.stalled_since = 0.0
+            if client.closing:
+                self._close_client(client)
+                return
+        elif took or not client.stalled_since:
+            client.stalled_since = time.monotonic()
         wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
         if wanted != client.events:
             client.events = wanted
@@ -872,10 +995,14 @@ class ControlServer:
                 continue
             if c.kind != "trace" or c.closing:
                 continue
+            if c.stalled_since and now - c.stalled_since > self.stall_timeout:
+                self._drop_stalled(c, f"read nothing for {self.stall_timeout:g} s")
+                continue
             self._check_ready(c, now)
-            if c.dropped != c.told_dropped and now - c.told_at >= DROP_REPORT_INTERVAL:
+            if (c.dropped != c.told_dropped and now - c.told_at >= DROP_REPORT_INTERVAL
+                    and len(c.out) < MAX_TRACE_BUFFER):  # else told when it reads again
                 c.told_dropped, c.told_at = c.dropped, now
-                self._send(c, {"dropped": c.dropped}, force=True)
+                self._send(c, {"dropped": c.dropped})
                 self._flush(c)
 
     def _shutdown(self) -> None:
@@ -930,14 +1057,40 @@ def _forget_in_child(ref: weakref.ref[ControlServer]) -> None:
         server.forget_in_child()
 
 
+def make_dirs(directory: str, mode: int = DIR_MODE) -> None:
+    """Create ``directory`` and its missing parents, each made ``mode`` whatever the umask
+    (set on the directory opened without following a link: one swapped in after ``mkdir`` is
+    an error, never chmod'ed). Directories that exist are left as they are."""
+    missing = []
+    d = directory
+    while d and not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:  # made meanwhile by someone else: theirs
+            continue
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
 def bind_socket(path: str) -> socket.socket:
     """A listening UNIX socket at ``path``, mode 0660; a stale socket file there is replaced.
 
     Refuses (:class:`ControlError`) when the path is something other than a socket, or when
-    something answers on it (another daemon)."""
+    something answers on it (another daemon). The socket is born 0660 (bound under umask
+    0o117), never chmod'ed by name: whoever may write the directory could put a link there
+    between the bind and a chmod, which would then change the mode of the link's target."""
     parent = os.path.dirname(path) or "."
     try:
-        os.makedirs(parent, mode=0o750, exist_ok=True)
+        make_dirs(parent)
     except OSError as e:
         raise ControlError(f"control socket {path}: cannot create {parent}: {e.strerror}") from e
     try:
@@ -967,13 +1120,12 @@ def bind_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
-        old = os.umask(0o177)  # born 0600 at most; opened to the group below
+        old = os.umask(0o777 & ~SOCKET_MODE)  # born 0660, whatever the daemon's umask
         try:
             sock.bind(path)
             bound = True
         finally:
             os.umask(old)
-        os.chmod(path, SOCKET_MODE)
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()

@@ -184,7 +184,7 @@ def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's
     engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu(),
                     hold_limits=HoldLimits(deadline=config.flows.hold))
     wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
-    tracer = WorkerTracer(queue_num, trace_sock, flows)
+    tracer = WorkerTracer(queue_num, trace_sock, flows, log=log)
     observe = wm.observe
     process = engine.process
 

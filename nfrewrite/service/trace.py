@@ -11,11 +11,15 @@ message, read between packets like a new rule set): ``spec`` is None (off) or ``
 end of a ``SOCK_SEQPACKET`` socket pair whose other end the supervisor's control server reads
 (:mod:`nfrewrite.service.control`). Every message there is one JSON object:
 
-* ``{"v": n}``: spec ``n`` is in force (tracing on or off); the drop count restarts at 0;
+* ``{"v": n}``: spec ``n`` is in force (tracing on or off); the drop count restarts at 0. A
+  confirmation that does not fit in the socket is sent again (from the idle hook and before the
+  next record) until it does: the client waits for it;
 * ``{"p": record, "d": dropped}``: a packet (see :meth:`WorkerTracer.packet`) and how many records
   this worker has dropped since spec ``n``;
 * ``{"d": dropped}``: the drop count alone, sent from the idle hook when it grew since it was
-  last told.
+  last told;
+* ``{"e": text}``: building or sending a record failed; tracing is off in this worker until the
+  next spec (see :meth:`WorkerTracer.packet`).
 
 Bounded, never blocking the packet path: a record is sent with ``MSG_DONTWAIT``; when the socket
 buffer is full, or the worker already sent :data:`MAX_RECORDS_PER_SECOND` records in the current
@@ -78,8 +82,9 @@ def endpoints(payload: bytes) -> tuple[bytes, int, bytes, int] | None:
 class WorkerTracer:
     """Builds and sends one worker's trace records; ``active`` is the per-packet flag."""
 
-    __slots__ = ("_clock", "_last_told", "_limit", "_rules", "_sock", "_version", "_window",
-                 "_window_sent", "active", "dropped", "flows", "queue_num")
+    __slots__ = ("_clock", "_confirm", "_last_told", "_limit", "_log", "_rules", "_sock",
+                 "_version", "_window", "_window_sent", "active", "dropped", "failures", "flows",
+                 "queue_num")
 
     def __init__(
         self,
@@ -89,11 +94,14 @@ class WorkerTracer:
         *,
         limit: int = MAX_RECORDS_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.queue_num = queue_num
         self.flows = flows
         self.active = False
         self.dropped = 0
+        self.failures = 0  # packets whose record failed (each turned tracing off)
+        self._log = log
         self._sock = sock
         self._rules: frozenset[str] | None = None
         self._version = 0
@@ -102,6 +110,7 @@ class WorkerTracer:
         self._window = 0
         self._window_sent = 0
         self._last_told = 0
+        self._confirm: dict[str, Any] | None = None  # a confirmation not sent yet
 
     def configure(self, spec: Mapping[str, Any] | None) -> None:
         """Apply the supervisor's spec (None: off) and confirm it on the trace socket."""
@@ -115,10 +124,35 @@ class WorkerTracer:
             self.active = self._sock is not None
         self.dropped = 0
         self._last_told = 0
-        self._send({"v": self._version, "on": self.active})
+        self._confirm = {"v": self._version, "on": self.active}
+        self._confirmed()
+
+    def _confirmed(self) -> bool:
+        """Send the confirmation if one waits (a full socket loses it, so it is sent again
+        from the idle hook and before the next record); True when none waits."""
+        if self._confirm is not None and self._send(self._confirm):
+            self._confirm = None
+        return self._confirm is None
 
     def packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
-        """A packet the engine handled while tracing: a record if a wanted rule acted on it."""
+        """A packet the engine handled while tracing: a record if a wanted rule acted on it.
+
+        Never raises into the packet handler: a failure (a bug here, or a packet it does not
+        expect) turns tracing off until the next trace starts, is counted in ``failures``,
+        logged the first time, and told to the supervisor (``{"e": text}``), which tells the
+        clients; the packet's verdict is the engine's, whatever happens here."""
+        try:
+            self._packet(payload, meta, result)
+        except Exception as e:  # noqa: BLE001 - the packet goes on; tracing stops
+            self.active = False
+            self.failures += 1
+            what = f"queue {self.queue_num}: tracing failed ({type(e).__name__}: {str(e)[:200]})"
+            if self.failures == 1 and self._log is not None:
+                self._log(f"{what}; tracing turned off")
+            with contextlib.suppress(Exception):
+                self._send({"e": f"{what}; no more lines from this queue"})
+
+    def _packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
         names = result.rules
         if not names:
             return
@@ -133,6 +167,9 @@ class WorkerTracer:
             self.dropped += 1
             return
         self._window_sent += 1
+        if not self._confirmed():  # records follow the confirmation, never overtake it
+            self.dropped += 1
+            return
         record = self.record(payload, meta, result)
         if not self._send({"p": record, "d": self.dropped}):
             self.dropped += 1
@@ -178,7 +215,10 @@ class WorkerTracer:
             return None
 
     def idle(self) -> None:
-        """From the worker's idle hook: tell the drop count if it grew since last told."""
+        """From the worker's idle hook: the confirmation if it could not be sent, and the drop
+        count if it grew since last told."""
+        if not self._confirmed():
+            return
         if self.active and self.dropped != self._last_told and self._send({"d": self.dropped}):
             self._last_told = self.dropped
 

@@ -288,17 +288,21 @@ def test_counters_move_by_exactly_the_packets_the_kernel_queued(workdir: str, la
     queued = {q: k_after[q] - k_before[q] for q in queues}
     retrans = (tcp_after["Tcp.RetransSegs"] - tcp_before["Tcp.RetransSegs"]) - (
         tcp_after["TcpExt.TCPSynRetrans"] - tcp_before["TcpExt.TCPSynRetrans"])
-    # N pattern segments; a retransmitted one (none expected) is honestly one more packet
-    assert N <= sum(queued.values()) <= N + retrans, (queued, retrans)
+    # The kernel queues every segment of the rule's port (patterns are matched in the engine
+    # only), so the ground truth for "seen" is its count; "modified" is the N pattern segments,
+    # and a retransmitted one (none expected) is honestly one more.
+    assert sum(queued.values()) >= N, queued
+    modified = sum(delta(before, after, "nfrewrite_packets_modified_total", queue=str(q))
+                   for q in queues)
+    assert N <= modified <= N + retrans, (modified, retrans)
     if retrans == 0:
-        assert sum(queued.values()) == N
+        assert modified == N
 
     total_seen = 0.0
     for q in queues:
         lq = str(q)
         seen = delta(before, after, "nfrewrite_packets_seen_total", queue=lq)
         assert seen == queued[q], (q, seen, queued)
-        assert delta(before, after, "nfrewrite_packets_modified_total", queue=lq) == seen
         assert delta(before, after, "nfrewrite_packets_dropped_total", queue=lq) == 0
         for reason in REASONS:
             assert delta(before, after, "nfrewrite_packets_unparsed_total", queue=lq,
@@ -313,7 +317,7 @@ def test_counters_move_by_exactly_the_packets_the_kernel_queued(workdir: str, la
         assert after[key("nfrewrite_seqadj_flows", queue=lq)] == 0  # same-length edits only
         total_seen += seen
     assert total_seen == sum(queued.values())
-    assert delta(before, after, "nfrewrite_rule_applied_total", rule="word") == total_seen
+    assert delta(before, after, "nfrewrite_rule_applied_total", rule="word") == modified
     # what the kernel said it did not drop, it did not drop
     for q in queues:
         assert after[key("nfrewrite_kernel_queue_dropped_total", queue=str(q))] == 0
@@ -381,14 +385,16 @@ def test_counts_survive_a_worker_killed_and_restarted(workdir: str, lab: Lab) ->
         s2 = samples(scrape(lab))
 
     retrans = tcp2["Tcp.RetransSegs"] - tcp0["Tcp.RetransSegs"]
-    seen1 = delta(s0, s1, "nfrewrite_packets_seen_total", queue="0")
-    seen2 = delta(s0, s2, "nfrewrite_packets_seen_total", queue="0")
-    assert n1 <= seen1 and n1 + n2 <= seen2 <= n1 + n2 + retrans, (seen1, seen2, retrans)
+    # every segment of the port is queued; the pattern segments are the modified ones
+    mod1 = delta(s0, s1, "nfrewrite_packets_modified_total", queue="0")
+    mod2 = delta(s0, s2, "nfrewrite_packets_modified_total", queue="0")
+    assert n1 <= mod1 and n1 + n2 <= mod2 <= n1 + n2 + retrans, (mod1, mod2, retrans)
     if retrans == 0:
-        assert (seen1, seen2) == (n1, n1 + n2)  # the dead worker's counts stay in the total
-    for name in ("nfrewrite_packets_modified_total", "nfrewrite_packet_processing_seconds_count"):
-        assert delta(s0, s2, name, queue="0") == seen2, name
-    assert delta(s0, s2, "nfrewrite_rule_applied_total", rule="word") == seen2
+        assert (mod1, mod2) == (n1, n1 + n2)  # the dead worker's counts stay in the total
+    seen2 = delta(s0, s2, "nfrewrite_packets_seen_total", queue="0")
+    assert seen2 > mod2
+    assert delta(s0, s2, "nfrewrite_packet_processing_seconds_count", queue="0") == seen2
+    assert delta(s0, s2, "nfrewrite_rule_applied_total", rule="word") == mod2
     assert delta(s0, s2, "nfrewrite_worker_restarts_total", queue="0") == 1
     # live gauges: the dead worker's copies are gone, one series each remains
     assert s2[key("nfrewrite_seqadj_flows", queue="0")] == 0
@@ -614,6 +620,7 @@ def test_label_values_stay_in_fixed_sets_whatever_the_traffic(workdir: str, lab:
         "feature": set(OFFLOAD_KEYS),
         "version": {nfrewrite.__version__},
         "python": {platform.python_version()},
+        "outcome": set(M.HOLD_OUTCOMES),
     }
     with running(lab, config):
         lab.wait_reachable()

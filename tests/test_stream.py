@@ -137,24 +137,6 @@ def test_a_pure_ack_between_the_parts_leaves_the_group_held(version: int,
     assert engine.holds.joined == 1 and engine.holds.flushed == 0
 
 
-@pytest.mark.parametrize("version", [4, 6])
-def test_a_fin_segment_completes_the_group(version: int) -> None:
-    """The rest of the token comes with FIN (the end of the sender's stream): it may not be
-    held itself, but it completes the group and the token is rewritten."""
-    engine = Engine(rules((TOKEN, b"[redacted]")), FlowTable())
-    first, second = b"q=" + TOKEN[:10], TOKEN[10:]
-    held = segment(version, ISN, first)
-    assert engine.process(held, now=1.0, hold=0).verdict == HOLD
-    fin = segment(version, ISN + len(first), second, flags="FA")
-    res = engine.process(fin, now=1.0001, hold=1)
-    assert res.verdict == ACCEPT and [t for t, _ in res.released] == [0]
-    rx = Receiver()
-    rx.take(held, res.released[0][1])
-    rx.take(fin, res)
-    assert rx.stream(ISN) == b"q=[redacted]"
-    assert engine.holds.joined == 1 and engine.holds.flushed == 0
-
-
 @pytest.mark.parametrize(("last_ack", "blocks", "ack"), [
     (5000, [(5029, 5049)], 5000),  # still missing the first: the block, in original numbers
     (5042, [], 5049),  # the group's ACK covers the block: it is left out, not sent below it

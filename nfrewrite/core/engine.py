@@ -257,14 +257,13 @@ class Engine:
     def _joinable(self, pkt: TcpPacket, sel: Selection) -> bool:
         """Whether ``pkt`` may complete a held group (be emitted with it as one piece)."""
         flags = pkt.flags
-        if flags & (SYN | RST | URG) or not flags & ACK or pkt.room < 0:
+        if flags & (SYN | FIN | RST | URG) or not flags & ACK or pkt.room < 0:
             return False
         return all(rule.verdict != "drop" for rule in sel.rules)
 
     def _holdable(self, pkt: TcpPacket, sel: Selection) -> bool:
-        """Whether ``pkt`` may wait for the next segment at all (see the stream module): as
-        joinable, and no FIN (the end of the sender's stream: nothing will complete it)."""
-        return not pkt.flags & FIN and self._joinable(pkt, sel)
+        """Whether ``pkt`` may wait for the next segment at all (see the stream module)."""
+        return self._joinable(pkt, sel)
 
     def _stream(
         self, pkt: TcpPacket, sel: Selection, hold: object, now: float, segmented: bool

@@ -30,12 +30,11 @@ blocks are mapped when it is emitted, each member's own), new bytes in order
 (at the highest byte the flow has seen in that direction, when there is a flow), of a selection
 with ``replace`` rules. A group is a run of contiguous held segments of one direction; the next
 data segment of that direction either extends it (if the stream still ends in a prefix and the
-bounds allow), completes it (all emitted with it: also a segment with FIN, which may not be
-held itself) or, out of order, a retransmission, or one with SYN, RST or URG, flushes
-it first (emitted as it is, then the new segment as usual). A pure ACK of the same sender passes
-by a held group and leaves it held: a bulk receiver that is also a sender (an echo, a download
-while uploading) sends such ACKs between its data segments, and flushing on them released split
-patterns unedited (about one token in 2 MB under load).
+bounds allow), completes it (all emitted with it) or, out of order, a retransmission, or one
+with SYN, FIN, RST or URG, flushes it first (emitted as it is, then the new segment as usual).
+A pure ACK of the same sender passes by a held group and leaves it held: a bulk receiver that is
+also a sender (an echo, a download while uploading) sends such ACKs between its data segments,
+and flushing on them released split patterns unedited (about one token in 2 MB under load).
 
 How a group is emitted (the engine's ``_emit_group``): the payloads are joined and searched as
 one; the edits go through the flow's sequence adjuster as one segment (so a match that spans two

@@ -137,56 +137,6 @@ def test_a_pure_ack_between_the_parts_leaves_the_group_held(version: int,
     assert engine.holds.joined == 1 and engine.holds.flushed == 0
 
 
-@pytest.mark.parametrize(("last_ack", "blocks", "ack"), [
-    (5000, [(5029, 5049)], 5000),  # still missing the first: the block, in original numbers
-    (5042, [], 5049),  # the group's ACK covers the block: it is left out, not sent below it
-])
-def test_a_held_segment_with_sack_blocks_gets_them_mapped(
-        last_ack: int, blocks: list[tuple[int, int]], ack: int) -> None:
-    """The client's held segment carries SACK blocks for the server's direction, which a rule
-    shrinks: when the group is emitted, those blocks are in the server's original numbering
-    (every member carries the group's mapped ACK, the last segment's)."""
-    up = Rule("redact", 0, "r.toml", 1, 1, Match(dport=((80, 80),)),
-              (Replace(TOKEN, b"[redacted]", 1, 1),), HeaderSet(), "accept", ())
-    down = Rule("shrink", 1, "r.toml", 2, 1, Match(sport=((80, 80),)),
-                (Replace(b"shrink-me", b"ok", 2, 1),), HeaderSet(), "accept", ())
-    engine = Engine(RuleSet([up, down]), FlowTable())
-    cli, srv = "198.18.0.1", "198.18.1.1"
-
-    def from_server(seq: int, payload: bytes) -> bytes:
-        return bytes(IP(src=srv, dst=cli) / TCP(sport=80, dport=40000, seq=seq, ack=ISN,
-                                                flags="PA") / Raw(payload))
-
-    def from_client(seq: int, ack: int, payload: bytes, sack: tuple[int, int] | None) -> bytes:
-        opts = [("NOP", None), ("NOP", None), ("SAck", sack)] if sack else []
-        return bytes(IP(src=cli, dst=srv) / TCP(sport=40000, dport=80, seq=seq, ack=ack,
-                                                flags="PA", options=opts) / Raw(payload))
-
-    assert engine.process(from_server(5000, b"A" * 10 + b"shrink-me" + b"B" * 10), now=1.0,
-                          hold="s1").packet is not None  # 29 bytes -> 22: offset -7 after it
-    assert engine.process(from_server(5029, b"C" * 20), now=1.0, hold="s2").verdict == ACCEPT
-    # the client got the second segment only: it SACKs 5022..5042 in the numbering it sees
-    first = from_client(ISN, 5000, b"GET " + TOKEN[:5], (5022, 5042))
-    assert engine.process(first, now=1.001, hold="c1").verdict == HOLD
-    last = engine.process(from_client(ISN + 4 + 5, last_ack, TOKEN[5:], None), now=1.002,
-                          hold="c2")
-    ((token, res),) = last.released
-    assert token == "c1" and res.packet is not None
-    out = parse(res.packet)
-    assert isinstance(out, TcpPacket)
-    assert out.ack == ack
-    assert out.sack_blocks() == blocks
-    assert scapy_tcp_checksum(res.packet) == out.tcp_checksum
-    assert out.payload + parse_payload(last.packet) == b"GET [redacted]"
-
-
-def parse_payload(data: bytes | None) -> bytes:
-    assert data is not None
-    pkt = parse(data)
-    assert isinstance(pkt, TcpPacket)
-    return pkt.payload
-
-
 def test_prefix_at_the_end_is_released_by_the_deadline() -> None:
     engine = Engine(rules((TOKEN, b"[redacted]")), FlowTable(),
                     hold_limits=HoldLimits(deadline=0.005))

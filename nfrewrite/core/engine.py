@@ -262,8 +262,9 @@ class Engine:
         return all(rule.verdict != "drop" for rule in sel.rules)
 
     def _holdable(self, pkt: TcpPacket, sel: Selection) -> bool:
-        """Whether ``pkt`` may wait for the next segment at all (see the stream module)."""
-        return self._joinable(pkt, sel)
+        """Whether ``pkt`` may wait for the next segment at all (see the stream module): as
+        joinable, and no SACK blocks (a group's numbers are its last segment's)."""
+        return self._joinable(pkt, sel) and not (pkt.doff > 20 and pkt.sack_blocks())
 
     def _stream(
         self, pkt: TcpPacket, sel: Selection, hold: object, now: float, segmented: bool
@@ -386,13 +387,6 @@ class Engine:
                 pkt.set_ack(plan.new_ack)
             if final and plan.sack is not None:
                 pkt.set_sack_blocks(plan.sack)
-            elif not final and pkt.doff > 20 and (own := pkt.sack_blocks()):
-                # Its own blocks, mapped as the last's are, less those the group's ACK (which
-                # every member carries) already covers.
-                blocks = flow.map_sack(direction, own) or tuple(own)
-                ack = pkt.ack
-                pkt.set_sack_blocks([(lo, hi) for lo, hi in blocks
-                                     if 0 < (hi - ack) % (1 << 32) < 1 << 31])
             start = 0 if i == 0 else cuts[i - 1]
             end = len(joined) if final else cuts[i]
             names = member.fired + [cast(Rule, t).name for s, _, _, t in plan.applied

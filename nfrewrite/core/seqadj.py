@@ -895,13 +895,6 @@ class Flow:
                 self._end(self.last_seen)
         return acked % _MOD
 
-    def map_sack(self, direction: int, sack: Sequence[tuple[int, int]]
-                 ) -> tuple[tuple[int, int], ...] | None:
-        """SACK blocks a segment of ``direction`` carries, in the other direction's original
-        numbering (None: unchanged). For segments whose other numbers are settled elsewhere (the
-        earlier members of a held group)."""
-        return self._map_sack(self.ways[1 - direction], sack) if sack else None
-
     def _map_sack(
         self, other: _Way, sack: Sequence[tuple[int, int]]
     ) -> tuple[tuple[int, int], ...] | None:

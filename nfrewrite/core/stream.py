@@ -25,8 +25,8 @@ releases everything (before the shell unbinds its queue). Time comes in as ``now
 flow table. A caller that passes no token (``check``'s examples, a test of single packets) never
 sees a hold; ``replay`` passes tokens and releases by the capture's own clock.
 
-What may be held: a data segment of a connection (ACK set; no SYN, FIN, RST or URG; SACK
-blocks are mapped when it is emitted, each member's own), new bytes in order
+What may be held: a data segment of a connection (ACK set; no SYN, FIN, RST or URG; no SACK
+blocks: its numbers are then fully described by the group's last segment), new bytes in order
 (at the highest byte the flow has seen in that direction, when there is a flow), of a selection
 with ``replace`` rules. A group is a run of contiguous held segments of one direction; the next
 data segment of that direction either extends it (if the stream still ends in a prefix and the

@@ -99,6 +99,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
+from nfrewrite.core.regex import Regex
+
 _hs: Any
 try:  # Hyperscan: linear-time multi-pattern search in C (optional; see find_edits)
     import hyperscan as _hs
@@ -211,10 +213,31 @@ class Match:
 
 @dataclass(frozen=True, slots=True)
 class Replace:
+    """One ``replace`` entry. A ``find_regex`` one has ``regex`` (``find``: its source text,
+    ``with_``: its ``with`` as written); a literal one has ``regex = None``."""
+
     find: bytes
     with_: bytes
     line: int
     col: int
+    regex: Regex | None = None
+
+    @property
+    def changes_length(self) -> bool:
+        """Whether a match may be replaced by bytes of another length."""
+        rx = self.regex
+        if rx is None:
+            return len(self.find) != len(self.with_)
+        return (rx.uses_groups or rx.cut or rx.min_width != rx.max_width
+                or rx.max_replacement != rx.min_width)
+
+    @property
+    def growth(self) -> int:
+        """The most one match's replacement adds to a payload (may be negative)."""
+        rx = self.regex
+        if rx is None:
+            return len(self.with_) - len(self.find)
+        return rx.max_replacement - rx.min_width
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,58 +286,68 @@ class Rule:
 class Selection:
     """The rules that match one kind of packet, with their replace patterns ready to search."""
 
-    __slots__ = ("_hs_db", "_patterns", "_prefixes", "has_replaces", "max_growth", "rules",
-                 "same_length")
+    __slots__ = ("_hs_db", "_patterns", "_prefix_dbs", "_prefixes", "_regexes", "_rev_db",
+                 "has_regex", "has_replaces", "hold_span", "max_growth", "rules", "same_length")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         patterns: list[tuple[bytes, bytes, Rule]] = []
-        seen: set[bytes] = set()
+        regexes: list[Regex | None] = []
+        seen: set[tuple[bytes, int]] = set()
         growth = 0
         same_length = True
+        span = 0
         for rule in rules:
             for rep in rule.replaces:
-                delta = len(rep.with_) - len(rep.find)
-                if delta:
+                if rep.changes_length:
                     same_length = False
-                    growth = max(growth, delta)
-                if rep.find not in seen:  # an identical later pattern could never win
-                    seen.add(rep.find)
+                    growth = max(growth, rep.growth)
+                rx = rep.regex
+                key = (rep.find, 0 if rx is None else rx.max_len)
+                if key not in seen:  # an identical later pattern could never win
+                    seen.add(key)
                     patterns.append((rep.find, rep.with_, rule))
+                    regexes.append(rx)
+                    span = max(span, (len(rep.find) if rx is None else rx.max_len) - 1)
         self._patterns = tuple(patterns)
+        self._regexes = tuple(regexes)
+        self.has_regex = any(rx is not None for rx in regexes)
         self.has_replaces = bool(patterns)
         self.same_length = same_length  # no replace of these rules changes a length
         self.max_growth = growth  # the most one replace adds to a payload (0: none grows)
+        self.hold_span = span  # the longest a pending match's beginning can be (bytes)
         self._prefixes: tuple[int, frozenset[bytes]] | None = None  # built on first use
-        self._hs_db: Any = None  # the Hyperscan database of several patterns, on first use
+        self._hs_db: Any = None  # the Hyperscan database of several literals, on first use
+        self._rev_db: Any = None  # with a regex: every pattern reversed, on first use
+        self._prefix_dbs: dict[int, Any] | None = None  # regex prefixes by max_len, first use
 
     def __repr__(self) -> str:
         return f"Selection({[r.name for r in self.rules]!r})"
 
     @property
     def single_pattern(self) -> tuple[bytes, bytes, Rule] | None:
-        """(find, with, rule) when the selection searches for exactly one pattern, else None."""
-        return self._patterns[0] if len(self._patterns) == 1 else None
+        """(find, with, rule) when the selection searches for exactly one literal pattern."""
+        if len(self._patterns) == 1 and not self.has_regex:
+            return self._patterns[0]
+        return None
 
     def pending_from(self, payload: bytes) -> int:
         """Where the undecided tail of a stream that ends with ``payload`` begins: the earliest
         position from which the rest is a proper prefix of some pattern (a match may begin
-        there and end in bytes still to come) and that no match found before it reaches past;
-        ``len(payload)`` when there is none. Matches that begin before it are final: more bytes
-        cannot make an earlier match begin, so leftmost-first picks them whatever follows.
+        there and end in bytes still to come, or, for a regex, grow) and that no match found
+        before it reaches past; ``len(payload)`` when there is none. Matches that begin before
+        it are final: more bytes cannot make an earlier match begin, nor (every match being at
+        most ``max_len`` long) one that begins more than ``max_len`` before the end longer.
 
-        Costs one set lookup per length up to the longest pattern's (the proper prefixes of
-        all patterns are built on first use: the stream matcher's memory, per Selection).
+        Literals cost one set lookup per length up to the longest pattern's (the proper
+        prefixes of all patterns are built on first use: the stream matcher's memory, per
+        Selection); regexes one anchored Hyperscan scan of the last ``max_len - 1`` bytes,
+        reversed (:mod:`nfrewrite.core.regex`).
         """
         n = len(payload)
-        prefixes = self._prefixes
-        if prefixes is None:
-            longest = max((len(p[0]) for p in self._patterns), default=1) - 1
-            found_prefixes = frozenset(p[0][:k] for p in self._patterns
-                                       for k in range(1, len(p[0])))
-            prefixes = self._prefixes = (longest, found_prefixes)
-        longest, table = prefixes
-        candidates = [n - k for k in range(min(longest, n), 0, -1) if payload[n - k:] in table]
+        candidates = self._literal_candidates(payload)
+        if self.has_regex:
+            candidates = sorted({*candidates, *self._regex_candidates(payload)})
         if not candidates:
             return n
         found = self.find_edits(payload)
@@ -323,15 +356,54 @@ class Selection:
                 return at
         return n
 
+    def _literal_candidates(self, payload: bytes) -> list[int]:
+        n = len(payload)
+        prefixes = self._prefixes
+        if prefixes is None:
+            literals = [p[0] for p, rx in zip(self._patterns, self._regexes, strict=True)
+                        if rx is None]
+            longest = max((len(p) for p in literals), default=1) - 1
+            found_prefixes = frozenset(p[:k] for p in literals for k in range(1, len(p)))
+            prefixes = self._prefixes = (longest, found_prefixes)
+        longest, table = prefixes
+        return [n - k for k in range(min(longest, n), 0, -1) if payload[n - k:] in table]
+
+    def _regex_candidates(self, payload: bytes) -> set[int]:
+        """Positions within ``max_len - 1`` of the end from which the rest of ``payload`` is a
+        proper prefix of a regex's match."""
+        dbs = self._prefix_dbs
+        if dbs is None:
+            by_len: dict[int, list[bytes]] = {}
+            for rx in self._regexes:
+                if rx is not None:
+                    by_len.setdefault(rx.max_len, []).append(rx.prefix)
+            dbs = self._prefix_dbs = {
+                length: _hs_database(exprs, _hs.HS_FLAG_ALLOWEMPTY)
+                for length, exprs in by_len.items()}
+        n = len(payload)
+        found: set[int] = set()
+        for length, db in dbs.items():
+            tail = payload[max(0, n - length + 1):][::-1]
+
+            def on_match(i: int, start: int, end: int, flags: int, context: object) -> None:
+                if end:
+                    found.add(n - end)
+
+            db.scan(tail, match_event_handler=on_match)
+        return found
+
     def find_edits(self, payload: bytes | bytearray) -> list[Edit]:
         """Every replace of the selected rules in ``payload``: (start, end, replacement, rule).
 
-        One pass over the original payload; leftmost match first, ties to rule order;
-        non-overlapping; sorted by start. See the module docstring.
+        One pass over the original payload; leftmost match first, ties to rule order (a regex
+        takes its longest match there, at most ``max_len``); non-overlapping; sorted by start.
+        See the module docstring.
         """
         patterns = self._patterns
         if not patterns:
             return []
+        if self.has_regex:
+            return self._find_reverse(payload)
         edits: list[Edit] = []
         if len(patterns) == 1:
             # bytes.split finds the same occurrences (leftmost, non-overlapping) in C; the ends
@@ -363,7 +435,6 @@ class Selection:
             pos = best + len(find)
             edits.append((best, pos, with_, rule))
 
-
     def _find_hyperscan(self, payload: bytes | bytearray) -> list[Edit]:
         """Several patterns, by Hyperscan: every occurrence of every pattern in one linear scan,
         reported with its start; then the leftmost-first, non-overlapping ones are taken, the
@@ -371,12 +442,8 @@ class Selection:
         patterns = self._patterns
         db = self._hs_db
         if db is None:
-            db = _hs.Database(mode=_hs.HS_MODE_BLOCK)
-            # every byte as \xHH: literal, and no NUL ends the C string early
-            db.compile(expressions=[b"".join(b"\\x%02x" % c for c in p[0]) for p in patterns],
-                       ids=list(range(len(patterns))), elements=len(patterns),
-                       flags=[_hs.HS_FLAG_SOM_LEFTMOST] * len(patterns))
-            self._hs_db = db
+            db = self._hs_db = _hs_database([_hex(p[0]) for p in patterns],
+                                            _hs.HS_FLAG_SOM_LEFTMOST)
         hits: list[tuple[int, int, int]] = []
         add = hits.append
 
@@ -393,6 +460,59 @@ class Selection:
                 edits.append((start, end, with_, rule))
                 pos = end
         return edits
+
+    def _find_reverse(self, payload: bytes | bytearray) -> list[Edit]:
+        """With a regex among the patterns: every pattern reversed, over the payload reversed,
+        in one Hyperscan scan with leftmost start of match. Each report is a forward match's
+        start with its longest end (see :mod:`nfrewrite.core.regex`); sorted by start, then
+        rule order, then longest first, the leftmost non-overlapping ones are taken."""
+        patterns = self._patterns
+        regexes = self._regexes
+        db = self._rev_db
+        if db is None:
+            db = self._rev_db = _hs_database(
+                [_hex(p[0][::-1]) if rx is None else rx.reverse
+                 for p, rx in zip(patterns, regexes, strict=True)], _hs.HS_FLAG_SOM_LEFTMOST)
+        data = bytes(payload)
+        n = len(data)
+        hits: list[tuple[int, int, int]] = []
+        add = hits.append
+
+        def on_match(i: int, start: int, end: int, flags: int, context: object) -> None:
+            add((n - end, i, start))  # forward start, pattern, n - forward end
+
+        db.scan(data[::-1], match_event_handler=on_match)
+        hits.sort()
+        edits: list[Edit] = []
+        pos = 0
+        for start, i, rev_start in hits:
+            if start < pos:
+                continue
+            end = n - rev_start
+            _, with_, rule = patterns[i]
+            rx = regexes[i]
+            if rx is not None:
+                if rx.cut and end - start > rx.max_len:
+                    end = start + rx.max_len
+                with_ = rx.replacement(data, start, end)
+            edits.append((start, end, with_, rule))
+            pos = end
+        return edits
+
+
+def _hex(literal: bytes) -> bytes:
+    """A literal as a Hyperscan expression: every byte as \\xHH (no NUL ends the C string)."""
+    return b"".join(b"\\x%02x" % c for c in literal)
+
+
+def _hs_database(expressions: list[bytes], flags: int) -> Any:
+    """A block-mode Hyperscan database of ``expressions`` (ids: their positions)."""
+    if _hs is None:  # pragma: no cover - a regex rule needs Hyperscan (the loader says so)
+        raise RuntimeError("Hyperscan is not installed")
+    db = _hs.Database(mode=_hs.HS_MODE_BLOCK)
+    db.compile(expressions=expressions, ids=list(range(len(expressions))),
+               elements=len(expressions), flags=[flags] * len(expressions))
+    return db
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,9 +78,10 @@ EPS: Node = ("cat", ())
 
 
 class RegexError(ValueError):
-    """A pattern refused: ``offset`` is the character of the pattern it is about."""
+    """A pattern refused: ``offset`` is the character of the pattern it is about (None: the
+    pattern as a whole)."""
 
-    def __init__(self, message: str, offset: int = 0) -> None:
+    def __init__(self, message: str, offset: int | None = None) -> None:
         super().__init__(message)
         self.offset = offset
 
@@ -477,10 +478,10 @@ def compile_regex(pattern: str, template: tuple[bytes | int, ...] = (b"",),
     try:
         parsed = P.parse(source, 0)
     except re.error as exc:
-        raise RegexError(f"not a valid regular expression: {exc.msg}", exc.pos or 0) from None
+        raise RegexError(f"not a valid regular expression: {exc.msg}", exc.pos) from None
     flags = parsed.state.flags
     if flags & C.SRE_FLAG_LOCALE:
-        raise RegexError("the L (locale) flag is not supported", 0)
+        raise RegexError("the L (locale) flag is not supported")
     conv = _Converter(pattern)
     node = conv.seq(parsed, flags)
     _check_sets(node, pattern)
@@ -510,7 +511,7 @@ def _check_sets(node: Node, pattern: str) -> None:
     kind = node[0]
     if kind == "set":
         if node[1] == 0:
-            raise RegexError("a class matches no byte", pattern.find("["))
+            raise RegexError("a class matches no byte", max(pattern.find("["), 0))
     elif kind in ("cat", "alt"):
         for i in node[1]:
             _check_sets(i, pattern)

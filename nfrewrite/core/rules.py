@@ -505,6 +505,20 @@ def _hex(literal: bytes) -> bytes:
     return b"".join(b"\\x%02x" % c for c in literal)
 
 
+def regex_problem(rx: Regex) -> str | None:
+    """Why Hyperscan cannot run ``rx`` (None: it can): the loader asks, so ``check`` refuses what
+    the matcher would fail on."""
+    if _hs is None:
+        return "find_regex needs Hyperscan (the Python package hyperscan), not installed here"
+    for expression, flags in ((rx.reverse, _hs.HS_FLAG_SOM_LEFTMOST),
+                              (rx.prefix, _hs.HS_FLAG_ALLOWEMPTY)):
+        try:
+            _hs_database([expression], flags)
+        except _hs.error as exc:
+            return f"the matcher (Hyperscan) cannot compile it: {exc}; use smaller bounds"
+    return None
+
+
 def _hs_database(expressions: list[bytes], flags: int) -> Any:
     """A block-mode Hyperscan database of ``expressions`` (ids: their positions)."""
     if _hs is None:  # pragma: no cover - a regex rule needs Hyperscan (the loader says so)

@@ -435,7 +435,7 @@ class Supervisor:
         """Length-changing rules need conntrack's liberal TCP window mode (see netsetup)."""
         from nfrewrite.kernel.netsetup import NetSetupError, set_conntrack_tcp_liberal
 
-        grows = any(len(r.find) != len(r.with_) for rule in ruleset.rules for r in rule.replaces)
+        grows = any(r.changes_length for rule in ruleset.rules for r in rule.replaces)
         if grows and not self._liberal_set:
             try:
                 self._liberal_before = set_conntrack_tcp_liberal(True, keeper=self.sysctls)

@@ -356,6 +356,15 @@ class Selection:
                 return at
         return n
 
+    def prepare(self) -> None:
+        """Build what the search and the holds need now rather than on the first packet (a
+        regex's Hyperscan databases take milliseconds to compile: as long as a deadline)."""
+        if self.has_replaces:
+            self.pending_from(b"")
+            self.find_edits(b"")
+            if self.has_regex:
+                self._regex_candidates(b"")
+
     def _literal_candidates(self, payload: bytes) -> list[int]:
         n = len(payload)
         prefixes = self._prefixes
@@ -404,6 +413,10 @@ class Selection:
             return []
         if self.has_regex:
             return self._find_reverse(payload)
+        if not payload:
+            if len(patterns) > 1 and _hs is not None and self._hs_db is None:
+                self._find_hyperscan(b"x")  # prepare(): compile now
+            return []
         edits: list[Edit] = []
         if len(patterns) == 1:
             # bytes.split finds the same occurrences (leftmost, non-overlapping) in C; the ends
@@ -519,13 +532,26 @@ def regex_problem(rx: Regex) -> str | None:
     return None
 
 
+#: compiled Hyperscan databases by (expressions, flags), shared by every Selection of the
+#: process (a Selection is rebuilt whenever the selection cache is emptied; compiling a regex's
+#: databases takes milliseconds, as long as a hold's deadline); emptied as a whole when full
+_HS_CACHE: dict[tuple[tuple[bytes, ...], int], Any] = {}
+HS_CACHE_MAX = 256
+
+
 def _hs_database(expressions: list[bytes], flags: int) -> Any:
     """A block-mode Hyperscan database of ``expressions`` (ids: their positions)."""
     if _hs is None:  # pragma: no cover - a regex rule needs Hyperscan (the loader says so)
         raise RuntimeError("Hyperscan is not installed")
-    db = _hs.Database(mode=_hs.HS_MODE_BLOCK)
-    db.compile(expressions=expressions, ids=list(range(len(expressions))),
-               elements=len(expressions), flags=[flags] * len(expressions))
+    key = (tuple(expressions), flags)
+    db = _HS_CACHE.get(key)
+    if db is None:
+        db = _hs.Database(mode=_hs.HS_MODE_BLOCK)
+        db.compile(expressions=expressions, ids=list(range(len(expressions))),
+                   elements=len(expressions), flags=[flags] * len(expressions))
+        if len(_HS_CACHE) >= HS_CACHE_MAX:
+            _HS_CACHE.clear()
+        _HS_CACHE[key] = db
     return db
 
 
@@ -762,6 +788,22 @@ class RuleSet:
         cache = self._cache
         return {"groups": len(cache.groups), "selections": len(cache.selections),
                 "bytes": cache.bytes}
+
+    def prepare(self) -> None:
+        """Compile the search of the Selection each rule's own packets get (a packet under the
+        rule's match: its first network, its ports' low ends), so that a worker pays for it
+        when it takes the rules, not on a packet that a hold's deadline is counting."""
+        for rule in self._order:
+            if not rule.replaces:
+                continue
+            m = rule.match
+            version = 4 if 4 in m.versions else 6
+            size = 4 if version == 4 else 16
+            src, dst = (next((n.network_address.packed for n in nets or () if n.version == version),
+                             bytes(size)) for nets in (m.src, m.dst))
+            sport = m.sport[0][0] if m.sport else 40000
+            dport = m.dport[0][0] if m.dport else 40001
+            self.select(version, src, dst, sport, dport, m.in_port, m.out_port).prepare()
 
     def select(
         self,

@@ -344,6 +344,43 @@ def prefixes(node: Node) -> Node | None:
     return parts[0] if len(parts) == 1 else ("alt", tuple(parts))
 
 
+def _nullable(node: Node) -> bool:
+    return width(node)[0] == 0
+
+
+def nonempty(node: Node | None) -> Node | None:
+    """The non-empty strings of ``node`` (None: there are none)."""
+    if node is None:
+        return None
+    kind = node[0]
+    if kind == "set":
+        return node
+    if kind == "alt":
+        parts = [p for p in (nonempty(b) for b in node[1]) if p is not None]
+        return ("alt", tuple(parts)) if parts else None
+    if kind == "rep":
+        _, body, m, n = node
+        first = nonempty(body)
+        if n == 0 or first is None:
+            return None
+        return ("cat", (first, ("rep", body, max(m - 1, 0), None if n is None else n - 1)))
+    items = node[1]
+    if not items:
+        return None
+    head, rest = items[0], ("cat", items[1:])
+    parts = []
+    first = nonempty(head)
+    if first is not None:
+        parts.append(("cat", (first, rest)))
+    if _nullable(head) and len(items) > 1:
+        later = nonempty(rest)
+        if later is not None:
+            parts.append(later)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else ("alt", tuple(parts))
+
+
 def reverse(node: Node) -> Node:
     kind = node[0]
     if kind == "set":
@@ -416,8 +453,12 @@ class Regex:
     min_width: int
     max_width: int  # the longest match (max_len when ``cut``)
     cut: bool  # its last item repeats without bound: a longer match is cut at max_len
+    forward: bytes = field(repr=False)  # Hyperscan: what every match begins with (see doc)
+    forward_min: int  # the shortest and longest match of ``forward``
+    forward_max: int
     reverse: bytes = field(repr=False)  # Hyperscan expression: the pattern reversed
     prefix: bytes = field(repr=False)  # Hyperscan: its proper prefixes reversed, anchored
+    prefix_end: bytes = field(repr=False)  # its non-empty proper prefixes, at the end (\z)
     template: tuple[bytes | int, ...] = field(repr=False)  # ``with``: bytes and group numbers
     groups: int = 0
     literal: bytes | None = None  # bytes every match contains (a kernel prefilter may use them)
@@ -502,9 +543,22 @@ def compile_regex(pattern: str, template: tuple[bytes | int, ...] = (b"",),
     pre = prefixes(node)
     assert pre is not None
     prefix = b"\\A" + _atom(reverse(pre))
-    return Regex(source, max_len, lo, max_len if hi is None else hi, cut, emit(reverse(node)),
-                 prefix, template, conv.groups, _required_literal(node),
-                 re.compile(source) if uses_groups else None)
+    head = _head(node) if cut else node
+    head_min, head_max = width(head)
+    assert head_max is not None
+    proper = nonempty(pre)
+    prefix_end = b"" if proper is None else _atom(proper) + b"\\z"
+    return Regex(source, max_len, lo, max_len if hi is None else hi, cut, emit(head), head_min,
+                 head_max, emit(reverse(node)), prefix, prefix_end, template, conv.groups,
+                 _required_literal(node), re.compile(source) if uses_groups else None)
+
+
+def _head(node: Node) -> Node:
+    """A pattern ending in ``C{m,}`` without its unbounded part: ``... C{m}`` (every match
+    begins with a match of it)."""
+    items = node[1] if node[0] == "cat" else (node,)
+    _, body, m, _ = items[-1]
+    return ("cat", (*items[:-1], ("rep", body, m, m)))
 
 
 def _check_sets(node: Node, pattern: str) -> None:

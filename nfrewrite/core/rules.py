@@ -319,7 +319,8 @@ class Selection:
         self._prefixes: tuple[int, frozenset[bytes]] | None = None  # built on first use
         self._hs_db: Any = None  # the Hyperscan database of several literals, on first use
         self._rev_db: Any = None  # with a regex: every pattern reversed, on first use
-        self._prefix_dbs: dict[int, Any] | None = None  # regex prefixes by max_len, first use
+        # regex prefixes by max_len (whether they are matched at the end), on first use
+        self._prefix_dbs: dict[int, tuple[bool, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"Selection({[r.name for r in self.rules]!r})"
@@ -345,16 +346,21 @@ class Selection:
         reversed (:mod:`nfrewrite.core.regex`).
         """
         n = len(payload)
-        candidates = self._literal_candidates(payload)
-        if self.has_regex:
-            candidates = sorted({*candidates, *self._regex_candidates(payload)})
-        if not candidates:
-            return n
-        found = self.find_edits(payload)
-        for at in candidates:
-            if all(end <= at for start, end, _, _ in found if start < at):
+        literal = self._literal_candidates(payload)
+        found: list[Edit] | None = None
+        x = 0  # candidates before x are inside a match found
+        while True:
+            at = next((c for c in literal if c >= x), n)
+            if self.has_regex:
+                at = min(at, self._regex_candidate(payload, x))
+            if at >= n:
+                return n
+            if found is None:
+                found = self.find_edits(payload)
+            inside = [end for start, end, _, _ in found if start < at < end]
+            if not inside:
                 return at
-        return n
+            x = inside[0]
 
     def prepare(self) -> None:
         """Build what the search and the holds need now rather than on the first packet (a
@@ -363,7 +369,7 @@ class Selection:
             self.pending_from(b"")
             self.find_edits(b"")
             if self.has_regex:
-                self._regex_candidates(b"")
+                self._regex_candidate(b"", 0)
 
     def _literal_candidates(self, payload: bytes) -> list[int]:
         n = len(payload)
@@ -377,29 +383,59 @@ class Selection:
         longest, table = prefixes
         return [n - k for k in range(min(longest, n), 0, -1) if payload[n - k:] in table]
 
-    def _regex_candidates(self, payload: bytes) -> set[int]:
-        """Positions within ``max_len - 1`` of the end from which the rest of ``payload`` is a
-        proper prefix of a regex's match."""
+    def _regex_candidate(self, payload: bytes, x: int) -> int:
+        """The earliest position at or after ``x``, within ``max_len - 1`` of the end, from
+        which the rest of ``payload`` is a proper prefix of a regex's match (``len(payload)``:
+        none). One Hyperscan scan per distinct ``max_len`` of the tail for the prefixes ending
+        at its end, with the leftmost start: one report. (Hyperscan cannot give the start of
+        every pattern: then the prefixes, reversed and anchored, over the tail reversed: a
+        report per candidate.)"""
         dbs = self._prefix_dbs
         if dbs is None:
-            by_len: dict[int, list[bytes]] = {}
+            dbs = self._prefix_dbs = {}
+            by_len: dict[int, list[Regex]] = {}
             for rx in self._regexes:
                 if rx is not None:
-                    by_len.setdefault(rx.max_len, []).append(rx.prefix)
-            dbs = self._prefix_dbs = {
-                length: _hs_database(exprs, _hs.HS_FLAG_ALLOWEMPTY)
-                for length, exprs in by_len.items()}
+                    by_len.setdefault(rx.max_len, []).append(rx)
+            for length, group in by_len.items():
+                try:
+                    dbs[length] = (True, _hs_database([rx.prefix_end for rx in group
+                                                       if rx.prefix_end],
+                                                      _hs.HS_FLAG_SOM_LEFTMOST))
+                except _hs.error:
+                    dbs[length] = (False, _hs_database([rx.prefix for rx in group],
+                                                       _hs.HS_FLAG_ALLOWEMPTY))
         n = len(payload)
+        best = [n]
+        for length, (at_end, db) in dbs.items():
+            lo = max(x, n - length + 1, 0)
+            tail = payload[lo:]
+            if at_end:
+                def on_end(i: int, start: int, end: int, flags: int, context: object,
+                           lo: int = lo) -> None:
+                    if lo + start < best[0]:
+                        best[0] = lo + start
+
+                db.scan(tail, match_event_handler=on_end)
+            else:
+                def on_match(i: int, start: int, end: int, flags: int, context: object) -> None:
+                    if end and n - end < best[0]:
+                        best[0] = n - end
+
+                db.scan(tail[::-1], match_event_handler=on_match)
+        return best[0]
+
+    def _regex_candidates(self, payload: bytes) -> set[int]:
+        """Every position from which the rest of ``payload`` is a proper prefix of a regex's
+        match of at most ``max_len`` (for tests: the hold decision wants the earliest only)."""
         found: set[int] = set()
-        for length, db in dbs.items():
-            tail = payload[max(0, n - length + 1):][::-1]
-
-            def on_match(i: int, start: int, end: int, flags: int, context: object) -> None:
-                if end:
-                    found.add(n - end)
-
-            db.scan(tail, match_event_handler=on_match)
-        return found
+        x = 0
+        while True:
+            at = self._regex_candidate(payload, x)
+            if at >= len(payload):
+                return found
+            found.add(at)
+            x = at + 1
 
     def find_edits(self, payload: bytes | bytearray) -> list[Edit]:
         """Every replace of the selected rules in ``payload``: (start, end, replacement, rule).
@@ -475,37 +511,67 @@ class Selection:
         return edits
 
     def _find_reverse(self, payload: bytes | bytearray) -> list[Edit]:
-        """With a regex among the patterns: every pattern reversed, over the payload reversed,
-        in one Hyperscan scan with leftmost start of match. Each report is a forward match's
+        """With a regex among the patterns: first a forward scan for what every match begins
+        with (no start of match: cheap), whose ends give the windows where matches can be;
+        then, in each window, every pattern reversed over the window reversed, in one
+        Hyperscan scan with leftmost start of match. Each report there is a forward match's
         start with its longest end (see :mod:`nfrewrite.core.regex`); sorted by start, then
-        rule order, then longest first, the leftmost non-overlapping ones are taken."""
+        rule order, then longest first, the leftmost non-overlapping ones are taken.
+
+        The windows keep the second scan to the neighbourhood of matches: Hyperscan's cost per
+        byte for a bounded repetition depends on the input (``b(?:a|aa){1,100}`` over 64 KB of
+        ``a`` costs ~3 ms with no match at all, the forward scan ~12 us)."""
         patterns = self._patterns
         regexes = self._regexes
-        db = self._rev_db
-        if db is None:
-            db = self._rev_db = _hs_database(
-                [_hex(p[0][::-1]) if rx is None else rx.reverse
-                 for p, rx in zip(patterns, regexes, strict=True)], _hs.HS_FLAG_SOM_LEFTMOST)
+        if self._rev_db is None:
+            exprs = [(_hex(p[0]), _hex(p[0][::-1]), len(p[0]), len(p[0]), len(p[0]))
+                     if rx is None else
+                     (rx.forward, rx.reverse, rx.forward_min, rx.forward_max, rx.max_width)
+                     for p, rx in zip(patterns, regexes, strict=True)]
+            self._rev_db = (
+                _hs_database([e[0] for e in exprs], 0),
+                _hs_database([e[1] for e in exprs], _hs.HS_FLAG_SOM_LEFTMOST),
+                [e[3] for e in exprs],  # a match starts at most this far before a report
+                [e[4] - e[2] for e in exprs])  # and ends at most this far after it
+        fwd_db, rev_db, back, ahead = self._rev_db
         data = bytes(payload)
         n = len(data)
+        spans: list[tuple[int, int]] = []
+        add_span = spans.append
+
+        def on_forward(i: int, start: int, end: int, flags: int, context: object) -> None:
+            add_span((end - back[i], end + ahead[i]))
+
+        fwd_db.scan(data, match_event_handler=on_forward)
+        if not spans:
+            return []
+        spans.sort()
         hits: list[tuple[int, int, int]] = []
         add = hits.append
+        lo, hi = spans[0]
+        for a, b in [*spans[1:], (1 << 62, 0)]:  # the last: beyond every window
+            if a <= hi:
+                hi = max(hi, b)
+                continue
+            lo, top = max(lo, 0), min(hi, n)
 
-        def on_match(i: int, start: int, end: int, flags: int, context: object) -> None:
-            add((n - end, i, start))  # forward start, pattern, n - forward end
+            def on_match(i: int, start: int, end: int, flags: int, context: object,
+                         top: int = top) -> None:
+                add((top - end, i, end - start))  # forward start, pattern, -(longest end)
 
-        db.scan(data[::-1], match_event_handler=on_match)
+            rev_db.scan(data[lo:top][::-1], match_event_handler=on_match)
+            lo, hi = a, b
         hits.sort()
         edits: list[Edit] = []
         pos = 0
-        for start, i, rev_start in hits:
+        for start, i, length in hits:
             if start < pos:
                 continue
-            end = n - rev_start
+            end = start + length
             _, with_, rule = patterns[i]
             rx = regexes[i]
             if rx is not None:
-                if rx.cut and end - start > rx.max_len:
+                if rx.cut and length > rx.max_len:
                     end = start + rx.max_len
                 with_ = rx.replacement(data, start, end)
             edits.append((start, end, with_, rule))
@@ -523,7 +589,7 @@ def regex_problem(rx: Regex) -> str | None:
     the matcher would fail on."""
     if _hs is None:
         return "find_regex needs Hyperscan (the Python package hyperscan), not installed here"
-    for expression, flags in ((rx.reverse, _hs.HS_FLAG_SOM_LEFTMOST),
+    for expression, flags in ((rx.forward, 0), (rx.reverse, _hs.HS_FLAG_SOM_LEFTMOST),
                               (rx.prefix, _hs.HS_FLAG_ALLOWEMPTY)):
         try:
             _hs_database([expression], flags)

@@ -190,3 +190,29 @@ def test_a_backtracking_catastrophe_costs_linear_time() -> None:
     assert time.perf_counter() - start < 5  # seconds; only a guard against a hang
     # and it finds what there is: the leftmost start, longest match
     assert [(s, e) for s, e, _, _ in sel.find_edits(b"a" * 300 + b"b")] == [(100, 301)]
+
+
+def test_several_literals_of_which_one_occurs_are_replaced_in_c_as_found() -> None:
+    """The engine's same-length path: when one of several literals occurs, bytes.replace makes
+    the same edits the leftmost-first search finds (and none when none occurs)."""
+    from nfrewrite.core.engine import Engine
+    from nfrewrite.core.packet import TcpPacket, parse
+    from nfrewrite.core.rules import RuleSet
+    from nfrewrite.core.seqadj import FlowTable
+    from tests.test_stream import segment
+
+    reps = (Replace(b"aba", b"XYZ", 1, 1), Replace(b"bab", b"QRS", 1, 1),
+            Replace(b"zz", b"ZZ", 1, 1))
+    rules = RuleSet([Rule("r", 0, "r", 1, 1, Match(), reps, HeaderSet(), "accept", ())])
+    sel = rules.select(4, bytes(4), bytes(4), 40000, 80)
+    for text in (b"ababababa", b"xxababa zz", b"babab", b"nothing", b"zzz abab"):
+        res = Engine(rules, FlowTable()).process(segment(4, 1000, text), now=1.0)
+        out = text
+        if res.packet is not None:
+            pkt = parse(res.packet)
+            assert isinstance(pkt, TcpPacket)
+            out = pkt.payload
+        want = bytearray(text)
+        for s, e, w, _ in sel.find_edits(text):
+            want[s:e] = w
+        assert out == bytes(want), text

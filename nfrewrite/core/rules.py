@@ -286,7 +286,8 @@ class Rule:
 class Selection:
     """The rules that match one kind of packet, with their replace patterns ready to search."""
 
-    __slots__ = ("_hs_db", "_patterns", "_prefix_dbs", "_prefixes", "_regexes", "_rev_db",
+    __slots__ = ("_hs_db", "_patterns", "_prefix_dbs", "_present_db", "_prefixes", "_regexes",
+                 "_rev_db",
                  "has_regex", "has_replaces", "hold_span", "max_growth", "rules", "same_length")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
@@ -319,6 +320,7 @@ class Selection:
         self._prefixes: tuple[int, frozenset[bytes]] | None = None  # built on first use
         self._hs_db: Any = None  # the Hyperscan database of several literals, on first use
         self._rev_db: Any = None  # with a regex: every pattern reversed, on first use
+        self._present_db: Any = None  # several literals: which occur (each reported once)
         # regex prefixes by max_len (whether they are matched at the end), on first use
         self._prefix_dbs: dict[int, tuple[bool, Any]] | None = None
 
@@ -331,6 +333,22 @@ class Selection:
         if len(self._patterns) == 1 and not self.has_regex:
             return self._patterns[0]
         return None
+
+    def present(self, payload: bytes) -> list[int] | None:
+        """Which of several literal patterns occur in ``payload`` (their positions in the
+        pattern list), by one Hyperscan scan reporting each pattern once; None when this
+        selection is not several literals or Hyperscan is missing. When exactly one occurs,
+        the leftmost-first search is that pattern's own occurrences: ``bytes.replace`` in C
+        makes them (the engine's same-length path), not a Python step per occurrence."""
+        if self.has_regex or len(self._patterns) < 2 or _hs is None:
+            return None
+        db = self._present_db
+        if db is None:
+            db = self._present_db = _hs_database([_hex(p[0]) for p in self._patterns],
+                                                 _hs.HS_FLAG_SINGLEMATCH)
+        found: list[int] = []
+        db.scan(payload, match_event_handler=lambda i, s, e, f, c: found.append(i))
+        return found
 
     def pending_from(self, payload: bytes) -> int:
         """Where the undecided tail of a stream that ends with ``payload`` begins: the earliest

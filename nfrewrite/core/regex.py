@@ -30,16 +30,24 @@ repetitions), so "the longest match of at most ``max_len`` bytes" is the longest
 
 What Hyperscan runs (compiled by :class:`~nfrewrite.core.rules.Selection`, on first use):
 
-* ``reverse``: the pattern reversed, searched over the payload reversed, with
+* ``forward``: what every match begins with (the pattern; for one ending in ``C{m,}``, the
+  pattern up to ``C{m}``), scanned forward without start of match: its reports say where
+  matches can be, and only those windows get the next scan. (Hyperscan's cost per byte for a
+  bounded repetition depends on the input: ``b(?:a|aa){1,100}`` over 64 KB of ``a`` takes ~3 ms
+  with no match at all, this scan ~12 us.)
+* ``reverse``: the pattern reversed, searched over each window reversed, with
   ``HS_FLAG_SOM_LEFTMOST``. Hyperscan reports every end of a reversed match -- every *start*
   of a forward match -- once, with its leftmost start: the forward match's *longest* end. That
   is exactly what leftmost-longest needs, per start, in one linear scan (a forward scan gives
   the leftmost start per *end* instead, which can hide a later start behind an earlier,
   overlapping match).
-* ``prefix``: the proper prefixes of the pattern, reversed and anchored (``\\A``), searched
-  over the last ``max_len - 1`` bytes reversed: each report is a position from which the rest
-  of the payload is a proper prefix of a possible match, i.e. where a match may begin that the
-  next segment completes or lengthens. The prefixes are built from the tree: prefixes(AB) =
+* ``prefix_end``: the non-empty proper prefixes of the pattern followed by ``\\z``, scanned
+  over the last ``max_len - 1`` bytes with leftmost start of match: one report, the earliest
+  position from which the rest of the payload is a proper prefix of a possible match, i.e.
+  where a match may begin that the next segment completes or lengthens. Where Hyperscan
+  cannot compile that with start of match (large bounded repetitions), ``prefix``: the same
+  prefixes reversed and anchored (``\\A``) over the tail reversed, a report per candidate.
+  The prefixes are built from the tree: prefixes(AB) =
   prefixes(A) | A prefixes(B); prefixes(A|B) = prefixes(A) | prefixes(B);
   prefixes(A{m,n}) = A{0,n-1} prefixes(A); a set of bytes: only the empty string.
 

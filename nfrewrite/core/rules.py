@@ -44,7 +44,9 @@ ORIGINAL payload. At each position the leftmost match wins; when several pattern
 position, the first in rule order wins (and within one rule, the first in its ``replace`` list) —
 not the longest. Matches never overlap: the search resumes after the end of the match it took. A
 replacement's output is never searched again, so rules cannot feed each other and no rewrite can
-loop. The result is sorted by ``start``; applying it is the engine's job. A pattern split across two
+loop. A ``find_regex`` takes, at its start, its longest match of at most ``max_len`` bytes
+(leftmost-longest; :mod:`nfrewrite.core.regex`); a selection with one is searched there. The
+result is sorted by ``start``; applying it is the engine's job. A pattern split across two
 segments is found by the engine holding the first one back (:mod:`nfrewrite.core.stream`,
 ``Selection.pending_from``) and searching both as one piece.
 

@@ -290,7 +290,7 @@ class Selection:
 
     __slots__ = ("_hs_db", "_patterns", "_prefix_dbs", "_present_db", "_prefixes", "_regexes",
                  "_rev_db",
-                 "has_regex", "has_replaces", "hold_span", "max_growth", "rules", "same_length")
+                 "has_regex", "has_replaces", "max_growth", "rules", "same_length")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
@@ -299,7 +299,6 @@ class Selection:
         seen: set[tuple[bytes, int]] = set()
         growth = 0
         same_length = True
-        span = 0
         for rule in rules:
             for rep in rule.replaces:
                 if rep.changes_length:
@@ -311,14 +310,12 @@ class Selection:
                     seen.add(key)
                     patterns.append((rep.find, rep.with_, rule))
                     regexes.append(rx)
-                    span = max(span, (len(rep.find) if rx is None else rx.max_len) - 1)
         self._patterns = tuple(patterns)
         self._regexes = tuple(regexes)
         self.has_regex = any(rx is not None for rx in regexes)
         self.has_replaces = bool(patterns)
         self.same_length = same_length  # no replace of these rules changes a length
         self.max_growth = growth  # the most one replace adds to a payload (0: none grows)
-        self.hold_span = span  # the longest a pending match's beginning can be (bytes)
         self._prefixes: tuple[int, frozenset[bytes]] | None = None  # built on first use
         self._hs_db: Any = None  # the Hyperscan database of several literals, on first use
         self._rev_db: Any = None  # with a regex: every pattern reversed, on first use

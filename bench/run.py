@@ -43,7 +43,11 @@ server half is queued; 2 is the daemon running with the flow kept in the kernel)
 Micro-benchmarks before the rows: the packet core against scapy, rule matching with 1 and 1000
 rules, and the trace hook (``bench/bench_trace.py``): row 4's packets through the worker's own
 packet handler with and without the hook, side by side; its goal is that the hook, while nobody
-traces, costs no more than the noise between two identical handlers.
+traces, costs no more than the noise between two identical handlers. And the stream matcher's
+worst cases side by side with ordinary packets (``bench/bench_stream.py``): a regex that is
+exponential for a backtracking engine on 64 KB of its bait, per byte (<= 10x); 1, 100 and 1,000
+literals, a 64 KB packet of one of them repeated (<= 3x); one literal, 64 KB, with the hold
+decision against per-packet matching as before it (<= 1.2x).
 
 It must clean up after itself on any exit: the lab (its namespaces and every process in them)
 goes on Ctrl-C and SIGTERM too.
@@ -64,6 +68,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench import bench_stream
 from bench import lab_bench as lb
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
@@ -191,6 +196,16 @@ def summarize(by_key: dict[str, Case], micro: dict[str, dict[str, float]]) -> tu
         Goal("micro: match 1000 rules / 1 rule", micro["match"]["ratio"], "<= 1.2",
              micro["match"]["ratio"] <= 1.2),
     ]
+    st = micro.get("stream") or {}
+    if st:  # the stream matcher's worst cases, side by side with ordinary packets
+        goals += [
+            Goal("micro: regex hostile / ordinary per byte", st["regex_ratio"], "<= 10",
+                 st["regex_ratio"] <= 10),
+            *(Goal(f"micro: {n} literal(s) dense / ordinary 64 KB", st[f"literal_{n}_ratio"],
+                   "<= 3", st[f"literal_{n}_ratio"] <= 3) for n in (1, 100, 1000)),
+            Goal("micro: 1 literal 64 KB, hold check / per packet", st["one_literal_ratio"],
+                 "<= 1.2", st["one_literal_ratio"] <= 1.2),
+        ]
     trace = micro.get("trace") or {}
     if trace:  # the hook while nobody traces, on row 4's packets: within the noise
         limit = 1 + trace["super_noise"]
@@ -261,6 +276,8 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
         f"{p['packet_scapy_ns'] / 1000:.1f} us; match {mm['match_1_rule_ns']:.0f} ns (1 rule) vs "
         f"{mm['match_1000_rules_ns']:.0f} ns (1000 rules)",
         *(f"micro: {line}" for line in _trace_lines(micro.get("trace") or {})),
+        *(f"micro: {line}" for line in
+          (bench_stream.lines(micro["stream"]) if micro.get("stream") else [])),
         f"workers: 8 flows from {', '.join(split['sources'])}; --queue-balance hashes the "
         f"address pair only; packets per queue in 7b: {split['per_queue']}",
     ]
@@ -329,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from bench import bench_match, bench_packet, bench_trace
 
-            log("micro-benchmarks: packet core, rule matching, trace hook")
+            log("micro-benchmarks: packet core, rule matching, stream matcher, trace hook")
             micro = {"packet": bench_packet.run(), "match": bench_match.run(),
+                     "stream": bench_stream.run(rounds=2 if args.quick else bench_stream.ROUNDS),
                      "trace": bench_trace.run(rounds=10 if args.quick else bench_trace.ROUNDS)}
         with lb.bench_lab() as bench:
             log(f"lab {bench.lab.tag} up; finding client addresses for both queues")

@@ -54,11 +54,13 @@ def test_a_short_bench_run_gives_a_figure_for_every_row_and_goal(tmp_path: objec
         assert results["medians"][row]["small_pps"] > 0, row
     for row in ("1", "2", "3", "4"):
         assert 0 < results["medians"][row]["p50_us"] <= results["medians"][row]["p99_us"], row
-    assert len(results["goals"]) == 10  # the last: the trace hook while nobody traces
+    assert len(results["goals"]) == 15  # the last: the trace hook while nobody traces
     assert results["goals"][-1]["name"].startswith("micro: trace hook off")
     assert all(math.isfinite(g["value"]) for g in results["goals"])
     assert len(results["workers_split"]["per_queue"]) == 2  # both queues got packets
-    assert stdout.count("PASS") + stdout.count("MISS") == 10
+    assert stdout.count("PASS") + stdout.count("MISS") == 15
+    assert sum(g["name"].startswith("micro: ") and "literal" in g["name"]
+               for g in results["goals"]) == 4  # the stream matcher's rows
     assert _lab_namespaces_of(proc.pid) == []
 
 

@@ -177,6 +177,30 @@ RULE_CASES: list[tuple[str, str, str, str]] = [
      '[[rule]]\nname = "a"\nset.ttl = 1\n\n[[rule]]\nname = "b"\nset.ttl = 1\n'
      f'match.dport = [ 80,\n   # https\n   {MARK}"443-80" ]\n',
      "error", "dport range 443-80 is reversed"),
+    ("regex backreference",
+     f"[[rule]]\nname = \"a\"\nreplace = [ {{ find_regex = '(a){MARK}\\1', with = 'b' }} ]\n",
+     "error", "find_regex refused: backreferences"),
+    ("regex lookahead",
+     f"[[rule]]\nname = \"a\"\nreplace = [ {{ find_regex = '{MARK}(?=x)y', with = 'b' }} ]\n",
+     "error", "find_regex refused: lookaround"),
+    ("regex unbounded repetition not at the end",
+     f"[[rule]]\nname = \"a\"\nreplace = [ {{ find_regex = 'Server:.{MARK}*\\r\\n', "
+     "with = 'b' } ]\n", "error", "an unbounded repetition (* + {m,}) is allowed only"),
+    ("regex longer than its max_len",
+     f"[[rule]]\nname = \"a\"\nreplace = [ {{ find_regex = {MARK}'[0-9]{{1,64}}', with = 'b', "
+     "max_len = 16 } ]\n", "error", "a match can be 64 bytes long, more than max_len = 16"),
+    ("max_len out of range",
+     f"[[rule]]\nname = \"a\"\nreplace = [ {{ find_regex = 'a[^\\n]*', with = 'b', "
+     f"max_len = {MARK}1000000 }} ]\n", "error", "max_len 1000000 is out of range (1..4096)"),
+    ("max_len on a literal",
+     f'[[rule]]\nname = "a"\nreplace = [ {{ find = "x", with = "y", {MARK}max_len = 9 }} ]\n',
+     "error", "max_len applies to find_regex only"),
+    ("regex with a bad escape in with",
+     f"[[rule]]\nname = \"a\"\nreplace = [ {{ find_regex = '(a)', with = 'x{MARK}\\n' }} ]\n",
+     "error", "a backslash must start"),
+    ("find_regex and find together",
+     f"[[rule]]\nname = \"a\"\nreplace = [ {{ find_regex = 'a', {MARK}find = 'a', "
+     "with = 'b' } ]\n", "error", "give find_regex or find, not both"),
     ("ttl on an IPv6-only rule", f'[[rule]]\nname = "a"\nmatch = {{ dst = "::/0" }}\n'
      f'set = {{ {MARK}ttl = 64 }}\n', "warning", "set.ttl applies to IPv4 only"),
 ]

@@ -151,3 +151,26 @@ def test_a_failing_example_shows_its_line_as_loaded_not_as_the_file_says_now(
     failed = check_examples(ruleset)
     assert [(d.line, d.col, d.source) for d in failed] == [
         (4, 14, 'examples = [ { input = "a", output = "c" } ]')]
+
+
+def test_regex_examples_run_through_the_same_matcher(tmp_path: Path) -> None:
+    """Leftmost-longest, cut at max_len, groups and case-insensitivity: what check promises is
+    what the engine does on the wire (the same Engine and Selection)."""
+    proc = check(tmp_path, (
+        '[[rule]]\nname = "server"\nmatch = { sport = 80 }\n'
+        "replace = [ { find_regex = 'Server: [^\\r\\n]*', with = 'Server: web' },\n"
+        "            { find_regex = '(?i)x-powered-by: php/([0-9]{1,2})[0-9.]*', "
+        "with = 'X-Powered-By: PHP/\\1', max_len = 24 } ]\n"
+        'examples = [\n'
+        '  { input = "HTTP/1.0 200 OK\\r\\nServer: SimpleHTTP/0.6 Python/3.11\\r\\n\\r\\n", '
+        'output = "HTTP/1.0 200 OK\\r\\nServer: web\\r\\n\\r\\n" },\n'
+        '  { input = "x-powered-by: PHP/8.2.7\\r\\n", output = "X-Powered-By: PHP/8\\r\\n" },\n'
+        '  { input = "Server: a\\r\\nServer: b", output = "Server: web\\r\\nServer: web" },\n'
+        '  { input = "Server: nginx", output = "Server: nginx" },\n'
+        ']\n'
+    ))
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines[0] == ("rules/50-test.toml:10:3: error: example does not hold (rule 'server'): "
+                        "expected 'Server: nginx' got 'Server: web'")
+    assert "1 error" in proc.stderr

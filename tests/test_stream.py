@@ -191,3 +191,53 @@ def test_hyperscan_search_finds_what_the_pure_search_finds() -> None:
         finally:
             rules_module._hs = saved
         assert [e[:2] for e in fast] == [e[:2] for e in pure], (pats, data)
+
+
+def regex_rules(pattern: str, with_: str, max_len: int = 256) -> RuleSet:
+    from nfrewrite.core.regex import compile_regex, parse_template
+
+    parts, bad = parse_template(with_)
+    assert bad is None
+    rx = compile_regex(pattern, parts, max_len)
+    rule = Rule("regex", 0, "r.toml", 1, 1, Match(dport=((80, 80),)),
+                (Replace(rx.source, with_.encode(), 1, 1, rx),), HeaderSet(), "accept", ())
+    return RuleSet([rule])
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_regex_split_at_every_point(version: int) -> None:
+    """The header's match is held back wherever TCP cuts it (also after its last byte: the
+    match could grow) and rewritten whole, same-length or not."""
+    line = b"Server: SimpleHTTP/0.6 Python/3.11.7"
+    before, after = b"HTTP/1.0 200 OK\r\n", b"\r\nDate: x\r\n\r\n"
+    for with_ in ("Server: web", "Server: " + "w" * (len(line) - 8)):
+        for k in range(1, len(line) + 2):
+            engine = Engine(regex_rules(r"Server: [^\r\n]*", with_), FlowTable())
+            stream = before + line + after
+            cut = len(before) + k
+            rx = feed(engine, [stream[:cut], stream[cut:]], version)
+            assert rx.stream(ISN) == before + with_.encode() + after, (with_, k)
+            assert engine.holds.expired == 0
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_regex_with_groups_over_many_small_segments(version: int) -> None:
+    engine = Engine(regex_rules(r"(?i)php/([0-9]{1,2})[0-9.]*", r"PHP/\1", 32), FlowTable())
+    stream = b"".join(b"X-Powered-By: %s/%d.2.7\r\n" % (b"PHP" if i % 2 else b"php", i)
+                      for i in range(12)) + b"\r\n"
+    pieces = [stream[i:i + 5] for i in range(0, len(stream), 5)]
+    rx = feed(engine, pieces, version)
+    want = b"".join(b"X-Powered-By: PHP/%d\r\n" % i for i in range(12)) + b"\r\n"
+    assert rx.stream(ISN) == want
+
+
+def test_a_regex_match_that_may_grow_is_released_by_the_deadline_as_it_is() -> None:
+    engine = Engine(regex_rules(r"Server: [^\r\n]*", "Server: web"), FlowTable(),
+                    hold_limits=HoldLimits(deadline=0.005))
+    rx = feed(engine, [b"abc\r\nServer: ngi"], 4, tail=None)
+    assert rx.got == {}
+    released = engine.release_due(1.005)
+    rx.take(segment(4, ISN, b"abc\r\nServer: ngi"), released[0][1])
+    # what was there when the deadline came is a whole match: rewritten as it is
+    assert rx.stream(ISN) == b"abc\r\nServer: web"
+    assert engine.holds.expired == 1

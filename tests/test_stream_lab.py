@@ -5,13 +5,17 @@ the rest; TCP_NODELAY, so they travel as separate segments), for every ``k``; th
 what it gets, and the echo (on a port no rule names) must hold the rewritten stream exactly.
 Also: a request that ends in the beginning of the token is echoed in well under 50 ms (it was
 held, then released by the deadline, unchanged), and a 2 MB stream with the token every ~700
-bytes at random write sizes arrives byte-exact, every token rewritten.
+bytes at random write sizes arrives byte-exact, every token rewritten. And a ``find_regex``
+rule: the ``Server:`` header of python's ``http.server`` as ``curl`` sees it, and a header split
+at every point of its line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -101,14 +105,14 @@ print(json.dumps(out), flush=True)
 """
 
 
-def _run(lab: Lab, family: int, mode: str) -> dict[str, object]:
+def _run(lab: Lab, family: int, mode: str, token: bytes = TOKEN) -> dict[str, object]:
     env = lab.python_env()
     server = lab.popen("server", [sys.executable, "-c", ECHO_SERVER, lab.addr("server", family)],
                        env=env)
     try:
         assert read_line(server, 10).strip() == b"READY"
         client = lab.run("client", [sys.executable, "-c", CLIENT, lab.addr("server", family),
-                                    mode, TOKEN.decode()], env=env, timeout=120)
+                                    mode, token.decode()], env=env, timeout=120)
         result: dict[str, object] = json.loads(client.stdout)
         return result
     finally:
@@ -157,3 +161,63 @@ def test_a_2mb_stream_at_random_write_sizes_is_rewritten_byte_exact(
     sent, echo = str(got["sent"]), str(got["echo"])
     assert echo.count(TOKEN.decode()) == 0
     assert echo == sent.replace(TOKEN.decode(), "[redacted]")
+
+
+REGEX_RULES = """
+[[rule]]
+name = "server-header"
+match = {{ {side} = {port} }}
+replace = [ {{ find_regex = 'Server: [^\\r\\n]*', with = 'Server: web' }} ]
+"""
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_regex_rewrites_the_server_header_of_http_server_as_curl_sees_it(
+        lab: Lab, workdir: str, family: int) -> None:
+    config = write_lab_config(workdir, {"10-server.toml": REGEX_RULES.format(side="sport",
+                                                                           port=8000)})
+    root = os.path.join(workdir, "www")
+    os.mkdir(root)
+    body = bytes(range(256)) * 64 + b"\r\nServer: abc"  # 16 KB, binary, and a match
+    with open(os.path.join(root, "f.bin"), "wb") as f:
+        f.write(body)
+    addr = lab.addr("server", family)
+    server = lab.popen("server", [sys.executable, "-m", "http.server", "-b", addr, "-d", root,
+                                  "8000"], env=lab.python_env())
+    head_path, body_path = os.path.join(workdir, "head.txt"), os.path.join(workdir, "body.bin")
+    try:
+        with Daemon(lab, config):
+            lab.wait_reachable()
+            url = f"http://[{addr}]:8000/f.bin" if family == 6 else f"http://{addr}:8000/f.bin"
+            for _ in range(50):  # the server may still be starting
+                done = lab.run("client", ["curl", "-sS", "-g", "--max-time", "10", "-D",
+                                          head_path, "-o", body_path, url],
+                               check=False, timeout=20)
+                if done.returncode == 0:
+                    break
+                time.sleep(0.1)
+            assert done.returncode == 0, done.stderr
+    finally:
+        server.kill()
+        server.wait(5)
+    with open(head_path, "rb") as f:
+        head = f.read()
+    with open(body_path, "rb") as f:
+        received = f.read()
+    assert b"\r\nServer: web\r\n" in head, head
+    assert b"SimpleHTTP" not in head and b"Python/" not in head
+    # the body's last line is a match too (as long as its replacement: Content-Length holds)
+    assert received == body.replace(b"Server: abc", b"Server: web")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_regex_split_at_every_point_is_rewritten(lab: Lab, workdir: str, family: int) -> None:
+    config = write_lab_config(workdir, {"10-server.toml": REGEX_RULES.format(side="dport",
+                                                                           port=8080)})
+    token = b"Server: nginx/1.2"
+    with Daemon(lab, config):
+        lab.wait_reachable()
+        got = _run(lab, family, "split", token)
+    assert len(got) == len(token) - 1
+    want = "GET /?q=Server: web\r\n\r\n"  # the match runs to the end of the line
+    assert all(echo == want for echo in got.values()), got

@@ -126,12 +126,15 @@ def search_steps(
     selection = ruleset.select(version, src, dst, sport, dport, rule.match.in_port,
                                rule.match.out_port)
     patterns = {rep.find for r in selection.rules for rep in r.replaces}
+    # a find_regex is scanned like a literal; its matches are not counted ahead (each costs
+    # one step, as a literal's, on a scan that is linear anyway)
+    literals = {rep.find for r in selection.rules for rep in r.replaces if rep.regex is None}
     payload = example.input
     steps = len(payload) * len(patterns) // SCAN_BYTES_PER_STEP + 1
     if steps > limit:
         return steps, len(patterns), 0
     hits = 0
-    for pattern in patterns:
+    for pattern in literals:
         hits += payload.count(pattern)
         if steps + hits * len(patterns) > limit:
             break

@@ -19,7 +19,8 @@ Schema (every key but ``name`` is optional)::
                  in_port = "eth1" }   # in_port/out_port: a port of a configured [[bridge]]
                                    # (or out_port = "lo" in host mode: the loopback)
                                    # no match at all = every TCP packet
-    replace  = [ { find = "a", with = "b" }, { find_hex = "de ad", with_hex = "" } ]
+    replace  = [ { find = "a", with = "b" }, { find_hex = "de ad", with_hex = "" },
+                 { find_regex = 'Server: [^\\r\\n]*', with = 'Server: web', max_len = 256 } ]
     set      = { ttl = 64 }        # ttl 1..255 (IPv4), hop_limit 1..255 (IPv6), dscp 0..63,
                                    # window 0..65535, mss / mss_max 536..65535 (not both)
     verdict  = "accept"            # or "drop"
@@ -28,6 +29,11 @@ Schema (every key but ``name`` is optional)::
 Text (``find``/``with``) is encoded as UTF-8; ``find_hex``/``with_hex`` are hex bytes in which
 whitespace is ignored. The two forms may be mixed in one entry (``find`` with ``with_hex`` and the
 other way round): each side is just bytes. ``find`` must not be empty; ``with`` may be (deletes).
+``find_regex`` is a regular expression over bytes (Python's syntax; what is accepted, and the
+leftmost-longest semantics, in :mod:`nfrewrite.core.regex`), refused at the spot it is about
+when it is not linear-time or its matches cannot be bounded by ``max_len`` (default
+``DEFAULT_MAX_LEN``, 256; at most ``MAX_MAX_LEN``, 4096); its ``with`` inserts groups with
+``\\1``..``\\9`` (``\\\\``: a backslash), its ``with_hex`` is literal bytes.
 
 Warnings (the rule still loads): a rule with no replace, no set and no drop; ``with`` equal to
 ``find``; the same ``find`` twice in a rule; ``ttl`` on an IPv6-only rule (``hop_limit`` on an
@@ -59,6 +65,13 @@ from collections.abc import Collection
 from nfrewrite.config.diagnostics import Diagnostic, has_errors, type_name
 from nfrewrite.config.tomlfile import Opener, TomlFile
 from nfrewrite.config.tomlpos import KeyPath
+from nfrewrite.core.regex import (
+    DEFAULT_MAX_LEN,
+    MAX_MAX_LEN,
+    RegexError,
+    compile_regex,
+    parse_template,
+)
 from nfrewrite.core.rules import (
     SET_KEYS,
     Example,
@@ -69,6 +82,7 @@ from nfrewrite.core.rules import (
     Replace,
     Rule,
     RuleSet,
+    regex_problem,
 )
 
 __all__ = ["MAX_BYTES", "MAX_RULE_FILES", "MAX_RULES", "load_rules", "rule_files"]
@@ -83,7 +97,7 @@ PROTOCOLS = ("tcp",)
 
 RULE_KEYS = ("name", "match", "replace", "set", "verdict", "examples")
 MATCH_KEYS = ("protocol", "sport", "dport", "src", "dst", "in_port", "out_port")
-REPLACE_KEYS = ("find", "with", "find_hex", "with_hex")
+REPLACE_KEYS = ("find", "with", "find_hex", "with_hex", "find_regex", "max_len")
 EXAMPLE_KEYS = ("input", "output", "input_hex", "output_hex")
 # (lo, hi) for every integer under `set`
 SET_RANGES = {
@@ -425,31 +439,105 @@ class _Loader:
                           f"{type_name(value)}")
             return ()
         out: list[Replace] = []
-        finds: set[bytes] = set()
+        finds: set[tuple[bytes, int]] = set()
         for ekp, table in doc.tables_in(kp, value, "a replace entry", REPLACE_KEYS):
-            find = self.bytes_of(doc, ekp, table, "find", "find_hex")
-            with_ = self.bytes_of(doc, ekp, table, "with", "with_hex")
-            if find is None or with_ is None:
+            if "find_regex" in table:
+                rep = self.regex_replace(doc, ekp, table)
+            else:
+                if "max_len" in table:
+                    doc.error(ekp + ("max_len",), "max_len applies to find_regex only (a "
+                                                  "literal's length is its own)", key=True)
+                rep = self.literal_replace(doc, ekp, table)
+            if rep is None:
                 continue
-            fkey = "find" if "find" in table else "find_hex"
-            wkey = "with" if "with" in table else "with_hex"
-            if not find:
-                doc.error(ekp + (fkey,), f"{fkey} must not be empty")
-                continue
-            if find == with_:
-                doc.warning(ekp + (wkey,), f"{wkey} equals {fkey}: this replace does nothing")
-            elif len(find) != len(with_) and not self.allow_length_change:
-                doc.error(ekp + (wkey,), "length-changing replace is not supported yet "
-                                         f"({fkey} is {len(find)} bytes, {wkey} is "
-                                         f"{len(with_)})")
-                continue
-            if find in finds:
+            fkey = next(k for k in ("find", "find_hex", "find_regex") if k in table)
+            key = (rep.find, 0 if rep.regex is None else rep.regex.max_len)
+            if key in finds:
                 doc.warning(ekp + (fkey,), f"the same {fkey} appears earlier in this rule; "
                                            "this entry never matches")
-            finds.add(find)
-            line, col = doc.at(ekp)
-            out.append(Replace(find, with_, line, col))
+            finds.add(key)
+            out.append(rep)
         return tuple(out)
+
+    def literal_replace(self, doc: TomlFile, ekp: KeyPath,
+                        table: dict[str, object]) -> Replace | None:
+        find = self.bytes_of(doc, ekp, table, "find", "find_hex")
+        with_ = self.bytes_of(doc, ekp, table, "with", "with_hex")
+        if find is None or with_ is None:
+            return None
+        fkey = "find" if "find" in table else "find_hex"
+        wkey = "with" if "with" in table else "with_hex"
+        if not find:
+            doc.error(ekp + (fkey,), f"{fkey} must not be empty")
+            return None
+        if find == with_:
+            doc.warning(ekp + (wkey,), f"{wkey} equals {fkey}: this replace does nothing")
+        elif len(find) != len(with_) and not self.allow_length_change:
+            doc.error(ekp + (wkey,), "length-changing replace is not supported yet "
+                                     f"({fkey} is {len(find)} bytes, {wkey} is "
+                                     f"{len(with_)})")
+            return None
+        line, col = doc.at(ekp)
+        return Replace(find, with_, line, col)
+
+    def regex_replace(self, doc: TomlFile, ekp: KeyPath,
+                      table: dict[str, object]) -> Replace | None:
+        """A ``find_regex`` entry: the pattern checked (see :mod:`nfrewrite.core.regex`), its
+        ``with`` (``\\1``..``\\9`` insert groups) and ``max_len``."""
+        rkp = ekp + ("find_regex",)
+        for other in ("find", "find_hex"):
+            if other in table:
+                doc.error(ekp + (other,), f"give find_regex or {other}, not both", key=True)
+                return None
+        pattern = doc.want_str(rkp, table["find_regex"], "find_regex")
+        max_len: int | None = DEFAULT_MAX_LEN
+        if "max_len" in table:
+            max_len = doc.want_int(ekp + ("max_len",), table["max_len"], "max_len", 1,
+                                   MAX_MAX_LEN)
+        template = self.template(doc, ekp, table)
+        if pattern is None or max_len is None or template is None:
+            return None
+        if len(pattern.encode()) > MAX_BYTES:
+            doc.error(rkp, f"find_regex is longer than {MAX_BYTES} bytes")
+            return None
+        try:
+            rx = compile_regex(pattern, template[0], max_len)
+        except RegexError as exc:
+            where = 0 if exc.offset is None else doc.string_offset(rkp, pattern, exc.offset)
+            doc.error(rkp, f"find_regex refused: {exc}", offset=where)
+            return None
+        problem = regex_problem(rx)
+        if problem is not None:
+            doc.error(rkp, f"find_regex refused: {problem}")
+            return None
+        rep = Replace(rx.source, template[1], *doc.at(ekp), rx)
+        if rep.changes_length and not self.allow_length_change:
+            doc.error(rkp, "length-changing replace is not supported yet (a find_regex "
+                           "replace may change a length)")
+            return None
+        return rep
+
+    def template(self, doc: TomlFile, ekp: KeyPath, table: dict[str, object]
+                 ) -> tuple[tuple[bytes | int, ...], bytes] | None:
+        """A find_regex's ``with`` as (parts, bytes as written): text may insert groups, hex
+        is literal bytes."""
+        if "with" in table and "with_hex" not in table:
+            wkp = ekp + ("with",)
+            text = doc.want_str(wkp, table["with"], "with")
+            if text is None:
+                return None
+            parts, bad = parse_template(text)
+            if bad is not None:
+                doc.error(wkp, "with of a find_regex: a backslash must start \\1..\\9 (a "
+                               "group) or \\\\ (a backslash)",
+                          offset=doc.string_offset(wkp, text, bad))
+                return None
+            if len(text.encode()) > MAX_BYTES:
+                doc.error(wkp, f"with is longer than {MAX_BYTES} bytes")
+                return None
+            return parts, text.encode()
+        raw = self.bytes_of(doc, ekp, table, "with", "with_hex")
+        return None if raw is None else ((raw,), raw)
 
     def bytes_of(
         self, doc: TomlFile, kp: KeyPath, table: dict[str, object], text_key: str, hex_key: str

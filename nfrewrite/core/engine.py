@@ -427,6 +427,12 @@ class Engine:
             # Every pattern of the selection keeps its length (the common case): no growth to
             # check, no edit to inspect one by one; a (GSO super-)packet may carry hundreds.
             one = sel.single_pattern
+            if one is None:
+                present = sel.present(pkt.payload)  # several literals: which occur
+                if present is not None and len(present) < 2:
+                    if not present:
+                        return None, 0
+                    one = sel._patterns[present[0]]
             if one is not None:  # one pattern: found and replaced in C
                 if pkt.replace_literal(one[0], one[1]):
                     fired.append(one[2].name)

@@ -14,6 +14,11 @@ pattern the kernel does not see in the packet cannot be in its TCP payload eithe
 match scans the whole packet, headers included: it can only over-approximate), and a same-length
 edit leaves every other packet of the connection valid as it is.
 
+A ``find_regex`` replace uses, in that mode, a literal that every match contains (its
+longest run of single bytes in the pattern's top-level sequence, ``Regex.literal``: "Server: "
+for ``Server: [^\r\n]*``); one without any (``[0-9]{4}``) or that may change a length queues
+the rule's port match as any other rule does.
+
 A length-changing rule gets no literal: once its first edit happens, every later segment of that
 direction must have its sequence number moved, and the connmark that queues the rest of the flow
 is set only when the edited packet's verdict is given. Segments already on their way behind it
@@ -55,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 
 from nfrewrite.config.diagnostics import Diagnostic
-from nfrewrite.core.rules import Rule, RuleSet
+from nfrewrite.core.rules import Replace, Rule, RuleSet
 from nfrewrite.kernel.ruletext import (
     MAX_LITERAL,
     HostMatches,
@@ -87,7 +92,9 @@ def _matches_of(rule: Rule, literals: bool = False, *, host: bool = False) -> li
         and rule.verdict != "drop"
         and rule.set.empty
         and rule.replaces
-        and all(len(r.find) <= MAX_LITERAL and len(r.find) == len(r.with_) for r in rule.replaces)
+        and all(len(lit) <= MAX_LITERAL and not r.changes_length
+                for r in rule.replaces if (lit := _literal(r)) is not None)
+        and all(_literal(r) is not None for r in rule.replaces)
     )
     hs = rule.set
     mss_only = (
@@ -100,7 +107,7 @@ def _matches_of(rule: Rule, literals: bool = False, *, host: bool = False) -> li
         return [QueueMatch(**base, syn_only=True)]  # type: ignore[arg-type]
     if not literal_only:
         out = [QueueMatch(**base)]  # type: ignore[arg-type]
-        changes_length = any(len(r.with_) != len(r.find) for r in rule.replaces)
+        changes_length = any(r.changes_length for r in rule.replaces)
         if host and changes_length:
             # the reverse direction, whole: an edit made at INPUT marks its packet, but no later
             # hook of ours copies that mark into the connmark (see the module docstring)
@@ -110,7 +117,7 @@ def _matches_of(rule: Rule, literals: bool = False, *, host: bool = False) -> li
                 "src": base["dst"], "dst": base["src"], "in_port": None, "out_port": None,
             }
             out.append(QueueMatch(**reverse))  # type: ignore[arg-type]
-        elif any(len(r.with_) > len(r.find) for r in rule.replaces):
+        elif any(r.growth > 0 for r in rule.replaces):
             # the SYNs of the other direction announce the MSS that bounds this direction's
             # segments: the engine lowers it to leave room for growth (see engine.py)
             reverse = {
@@ -121,8 +128,14 @@ def _matches_of(rule: Rule, literals: bool = False, *, host: bool = False) -> li
             }
             out.append(QueueMatch(**reverse, syn_only=True))  # type: ignore[arg-type]
         return out
-    finds = dict.fromkeys(r.find for r in rule.replaces)
+    finds = dict.fromkeys(_literal(r) for r in rule.replaces)
     return [QueueMatch(**base, literal=f) for f in finds]  # type: ignore[arg-type]
+
+
+def _literal(rep: Replace) -> bytes | None:
+    """Bytes every match of ``rep`` contains: its ``find``, or a ``find_regex``'s longest run
+    of single bytes in its top-level sequence (None: it has none)."""
+    return rep.find if rep.regex is None else rep.regex.literal
 
 
 def _split(matches: list[QueueMatch]) -> tuple[list[QueueMatch], list[QueueMatch]]:

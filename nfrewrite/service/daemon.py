@@ -183,6 +183,7 @@ def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's
     store = open_store(queue_num, config, ruleset, flows, log)  # records restored, journal on
     engine = Engine(ruleset, flows, mtu=netsetup.largest_mtu(),
                     hold_limits=HoldLimits(deadline=config.flows.hold))
+    ruleset.prepare()  # compiled now, not on a packet whose hold deadline is running
     wm = metrics.WorkerMetrics(queue_num, rules=[r.name for r in ruleset.rules])
     tracer = WorkerTracer(queue_num, trace_sock, flows, log=log)
     observe = wm.observe
@@ -242,6 +243,7 @@ def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's
             msg = conn.recv()
             if msg[0] == "rules":
                 new: RuleSet = msg[1]
+                new.prepare()
                 engine.ruleset = new
                 if store is not None:
                     store.set_rules(new)
@@ -435,7 +437,7 @@ class Supervisor:
         """Length-changing rules need conntrack's liberal TCP window mode (see netsetup)."""
         from nfrewrite.kernel.netsetup import NetSetupError, set_conntrack_tcp_liberal
 
-        grows = any(len(r.find) != len(r.with_) for rule in ruleset.rules for r in rule.replaces)
+        grows = any(r.changes_length for rule in ruleset.rules for r in rule.replaces)
         if grows and not self._liberal_set:
             try:
                 self._liberal_before = set_conntrack_tcp_liberal(True, keeper=self.sysctls)

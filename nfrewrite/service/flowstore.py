@@ -69,6 +69,8 @@ def rules_digest(ruleset: RuleSet) -> bytes:
         for r in rule.replaces:
             h.update(len(r.find).to_bytes(4, "little") + r.find)
             h.update(len(r.with_).to_bytes(4, "little") + r.with_)
+            if r.regex is not None:  # the same text as a regex, or with another bound
+                h.update(b"regex %d" % r.regex.max_len)
     return h.digest()
 
 

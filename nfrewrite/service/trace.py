@@ -117,7 +117,7 @@ class WorkerTracer:
         self._last_told = 0
         self._send({"v": self._version, "on": self.active})
 
-    def packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
+    def packet(self, payload: bytes | memoryview, meta: PacketMeta, result: Result) -> None:
         """A packet the engine handled while tracing: a record if a wanted rule acted on it."""
         names = result.rules
         if not names:
@@ -139,7 +139,8 @@ class WorkerTracer:
         else:
             self._last_told = self.dropped
 
-    def record(self, payload: bytes, meta: PacketMeta, result: Result) -> dict[str, Any]:
+    def record(self, payload: bytes | memoryview, meta: PacketMeta,
+               result: Result) -> dict[str, Any]:
         """The trace record of one packet (JSON-ready)."""
         dropped = result.verdict == DROP
         after = None if dropped else len(result.packet) if result.packet is not None else len(
@@ -149,7 +150,7 @@ class WorkerTracer:
             "verdict": "drop" if dropped else "accept", "len_before": len(payload),
             "len_after": after, "in_port": meta.in_port, "out_port": meta.out_port,
         }
-        ends = endpoints(payload)
+        ends = endpoints(bytes(payload[:64]))  # the headers endpoints() reads, as bytes
         if ends is not None:
             src, sport, dst, dport = ends
             rec.update(src=str(ipaddress.ip_address(src)), sport=sport,

@@ -404,7 +404,10 @@ def test_unchanged_packets_are_accepted_in_batches_that_never_cover_a_held_one()
         9: (ACCEPT, None), 10: (DROP, None),  # while 8 is held: each on its own
         11: (ACCEPT, None), 12: (ACCEPT, None),  # after 8's release: batched again
     }
-    w = _worker(lambda payload, meta: answers[w.packet_id], log, batch_verdicts=True)
+    def handler(payload: bytes, meta: object) -> tuple[int, bytes | None]:
+        return answers[w.packet_id]
+
+    w = _worker(handler, log, batch_verdicts=True)
     w._sock = FakeSocket(events)  # type: ignore[assignment]
     for packet_id in range(1, 13):
         if packet_id == 11:

@@ -45,6 +45,7 @@ What it must not do: open sockets, block, or guess: every parse checks lengths.
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,6 +189,15 @@ def parse(datagram: bytes) -> Iterator[NlMsg]:
             return
         yield NlMsg(mtype, mflags, seq, pid, datagram[off + _NLMSGHDR.size : off + length])
         off += _align4(length)
+
+
+def answer_error(datagram: bytes) -> int:
+    """The error (negative errno, 0 for an ACK) of the first message of ``datagram``, an
+    NLMSG_ERROR; -EBADMSG when it does not parse as one."""
+    for msg in parse(datagram):
+        err = msg.error
+        return -errno.EBADMSG if err is None else err
+    return -errno.EBADMSG
 
 
 def answer_to(datagram: bytes, seq: int) -> int | None:

@@ -112,6 +112,7 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 MAX_COPY = 4016
 #: One netlink datagram: a whole 65,535-byte packet plus the message's headers and attributes.
 _RECV_SIZE = 65536 + 4096
+_NLMSG_ERROR_TYPE = nfnl.NLMSG_ERROR.to_bytes(2, sys.byteorder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,9 @@ class _BudgetSocket:
         #: copy than the walk.
         self.skb_info: dict[int, tuple[int, int, int, bytes]] = {}
         self._read_skb_info = skb_info
+        #: errors (negative errno) the kernel answered a message with: a verdict for a packet no
+        #: longer queued (ENOENT), say; the loop logs and counts them after each batch
+        self.refused: list[int] = []
 
     def recv(self, bufsize: int) -> bytes:
         if self.pending:
@@ -221,6 +225,10 @@ class _BudgetSocket:
                 if e.errno == errno.ENOBUFS:
                     self.stats.enobufs += 1
                 raise
+        if datagram[4:6] == _NLMSG_ERROR_TYPE:  # the kernel refused a verdict (no ACKs asked)
+            err = nfnl.answer_error(datagram)
+            if err:  # 0: an ACK nobody waits for
+                self.refused.append(err)
         if self._read_skb_info:
             info = self.skb_info
             if len(info) >= 1024:  # ids of packets NetfilterQueue never called back with
@@ -587,6 +595,11 @@ class QueueWorker:
             self._error("RecvFailed", f"{type(e).__name__}: {e}")
         if self._batch_n:
             self._send_batch()
+        if self._reader.refused:
+            for err in self._reader.refused:
+                self._error("VerdictRefused", f"the kernel answered {os.strerror(-err)}",
+                            "a verdict for a packet no longer queued is lost")
+            self._reader.refused.clear()
         if self.on_batch is not None:
             try:
                 self.on_batch()

@@ -403,25 +403,28 @@ def test_unchanged_packets_are_accepted_in_batches_that_never_cover_a_held_one()
         7: (ACCEPT, None), 8: (HOLD, None),  # 8 held: 6-7 go out before it is
         9: (ACCEPT, None), 10: (DROP, None),  # while 8 is held: each on its own
         11: (ACCEPT, None), 12: (ACCEPT, None),  # after 8's release: batched again
+        13: (ACCEPT, None), 14: (ACCEPT, _ipv4(5)),  # a batch of one: the packet's own verdict
     }
     def handler(payload: bytes, meta: object) -> tuple[int, bytes | None]:
         return answers[w.packet_id]
 
     w = _worker(handler, log, batch_verdicts=True)
     w._sock = FakeSocket(events)  # type: ignore[assignment]
-    for packet_id in range(1, 13):
+    for packet_id in range(1, 15):
         if packet_id == 11:
             w.release(8, ACCEPT, None)
         w._on_packet(FakePacket(_ipv4(), mark=FLOW_MARK if packet_id == 6 else 0,
                                 packet_id=packet_id, events=events))
-    assert w._batch_n == 2 and ("batch", 12) not in events
-    w._send_batch()  # what the end of a drain does
+        if packet_id == 12:
+            assert w._batch_n == 2 and ("batch", 12) not in events
+            w._send_batch()  # what the end of a drain does
     assert events == [
-        ("batch", 2), ("accept", 3), ("batch", 4), ("accept", 5), ("batch", 7),
-        ("accept", 9), ("drop", 10), ("accept", 8), ("batch", 12)]
+        ("batch", 2), ("accept", 3), ("accept", 4), ("accept", 5), ("batch", 7),
+        ("accept", 9), ("drop", 10), ("accept", 8), ("batch", 12), ("accept", 13),
+        ("accept", 14)]
     assert not w.held and w._batch_n == 0
     st = w.stats
-    assert (st.packets, st.accepted, st.dropped, st.modified, st.tracked) == (12, 11, 1, 1, 1)
+    assert (st.packets, st.accepted, st.dropped, st.modified, st.tracked) == (14, 13, 1, 2, 1)
     assert log == []
 
 
@@ -430,7 +433,8 @@ def test_a_batch_that_cannot_be_sent_is_logged_and_counted() -> None:
 
     log: list[str] = []
     w = _worker(lambda payload, meta: (ACCEPT, None), log, batch_verdicts=True)
-    w._on_packet(FakePacket(_ipv4(), packet_id=1))  # not bound: no socket to send it on
+    for packet_id in (1, 2):  # two: a batch message, and no socket to send it on (not bound)
+        w._on_packet(FakePacket(_ipv4(), packet_id=packet_id))
     w._send_batch()
     assert w.stats.errors_by_kind == {"VerdictFailed": 1} and w._batch_n == 0
 

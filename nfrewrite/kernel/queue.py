@@ -289,11 +289,11 @@ class QueueWorker:
         self.held: dict[int, tuple[_Packet, Payload, int]] = {}
         self.timer = timer
         self._timer_at: float | None = None
-        #: batch verdicts (see the module doc): the highest id of the unchanged packets accepted
-        #: but not yet told to the kernel, and how many they are
+        #: batch verdicts (see the module doc): the last of the unchanged packets accepted but
+        #: not yet told to the kernel (its id is the batch's), and how many they are
         self.batch_verdicts = batch_verdicts
         self.on_batch = on_batch
-        self._batch_id = 0
+        self._batch_last: _Packet | None = None
         self._batch_n = 0
 
     # -- setup ----------------------------------------------------------------------------
@@ -484,19 +484,26 @@ class QueueWorker:
         if (new is None and not self.held and self.batch_verdicts
                 and verdict & VERDICT_MASK == ACCEPT
                 and (not verdict & TRACK_FLOW or mark & FLOW_MARK)):
-            self._batch_id = pkt.id  # accepted unchanged: the batch at the end tells the kernel
+            self._batch_last = pkt  # accepted unchanged: the batch at the end tells the kernel
             self._batch_n += 1
             return
         self._verdict(pkt, verdict, new, mark)
 
     def _send_batch(self) -> None:
-        """Accept every packet up to the highest id noted (none is held: see the module doc)."""
+        """Accept every packet up to the last one noted (none is held: see the module doc); a
+        batch of one is that packet's own verdict (the library's, no message to build)."""
         n, self._batch_n = self._batch_n, 0
+        last, self._batch_last = self._batch_last, None
         try:
-            if self._sock is None:
-                raise QueueError("queue is not bound")
-            self._sock.sendto(nfnl.verdict_batch_message(
-                self.queue_num, nfnl.NF_ACCEPT, self._batch_id, self._next_seq()), (0, 0))
+            if last is None:
+                raise QueueError("no packet to accept")
+            if n == 1:
+                last.accept()
+            else:
+                if self._sock is None:
+                    raise QueueError("queue is not bound")
+                self._sock.sendto(nfnl.verdict_batch_message(
+                    self.queue_num, nfnl.NF_ACCEPT, last.id, self._next_seq()), (0, 0))
             self.stats.accepted += n
         except Exception as e:  # noqa: BLE001 - e.g. queue unbound meanwhile
             self._error("VerdictFailed", f"{type(e).__name__}: {e}")

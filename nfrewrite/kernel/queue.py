@@ -67,7 +67,8 @@ leave in the order the packets came. A batch accepts *every* waiting packet up t
 must never cover a held packet (below): the pending batch goes out before a packet is held, and
 while any packet is held each verdict is given on its own. ``batch_verdicts=False`` gives every
 packet its own verdict. ``on_batch`` (optional) is called after each drained batch, once its
-verdicts are out (the daemon moves its metrics tallies then).
+verdicts are out (the daemon moves its metrics tallies then). A batch of one packet is given as
+that packet's own verdict, through the library (nothing to gain from a message of our own).
 
 Delayed verdicts. A handler may answer ``HOLD`` (the engine holds a segment that ends in the
 beginning of a pattern, :mod:`nfrewrite.core.stream`): the packet then stays queued in the kernel,

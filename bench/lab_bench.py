@@ -84,6 +84,11 @@ def rule_shorter(port: int = BULK_PORT) -> str:
 RULE_PING = (f'[[rule]]\nname = "bench-ping"\nmatch = {{ dport = {PING_PORT} }}\n'
              'set = { ttl = 64 }\n')
 
+#: Queues every bulk and ping-pong packet client -> server and edits its IP header (TTL 64 -> 63):
+#: the queued path with a header edit and no payload search.
+RULE_TTL = (f'[[rule]]\nname = "bench-ttl"\nmatch = {{ dport = [{BULK_PORT}, {PING_PORT}] }}\n'
+            'set = { ttl = 63 }\n')
+
 #: Rules that never match the bench traffic (other ports).
 RULE_ELSEWHERE = rule_same("bench-elsewhere", 9)
 

@@ -18,7 +18,8 @@ from lab.netns import list_namespaces
 pytestmark = pytest.mark.privileged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("1", "1i", "2", "3", "3g", "4", "4d", "4n", "4q", "5", "6", "7a", "7b", "7c", "7d", "8")
+ROWS = ("1", "1i", "2", "3", "3g", "4", "4d", "4n", "4q", "4t", "5", "6", "7a", "7b", "7c", "7d",
+        "8")
 
 
 def _default_sigint() -> None:
@@ -52,13 +53,16 @@ def test_a_short_bench_run_gives_a_figure_for_every_row_and_goal(tmp_path: objec
         assert results["medians"][row]["queued_pps"] > 0, row
     for row in ("3", "4"):
         assert results["medians"][row]["small_pps"] > 0, row
-    for row in ("1", "2", "3", "4"):
+    for row in ("1", "2", "3", "4", "4t"):
         assert 0 < results["medians"][row]["p50_us"] <= results["medians"][row]["p99_us"], row
-    assert len(results["goals"]) == 15  # the last: the trace hook while nobody traces
+    assert len(results["goals"]) == 19  # the last: the trace hook while nobody traces
+    queued = [g["name"].split()[0] for g in results["goals"] if "/ 3g" in g["name"]]
+    assert queued == ["4q", "4t", "4"]  # the queued path against the reference with GSO
+    assert any(g["name"].startswith("small") for g in results["goals"])
     assert results["goals"][-1]["name"].startswith("micro: trace hook off")
     assert all(math.isfinite(g["value"]) for g in results["goals"])
     assert len(results["workers_split"]["per_queue"]) == 2  # both queues got packets
-    assert stdout.count("PASS") + stdout.count("MISS") == 15
+    assert stdout.count("PASS") + stdout.count("MISS") == 19
     assert sum(g["name"].startswith("micro: ") and "literal" in g["name"]
                for g in results["goals"]) == 4  # the stream matcher's rows
     assert _lab_namespaces_of(proc.pid) == []

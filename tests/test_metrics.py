@@ -80,6 +80,8 @@ def test_observe_counts_each_outcome_per_queue_and_rule(
     w0.observe(PASS, 4e-5)
     w0.observe(header_only_unchanged, 4e-5)
     w1.observe(modified, 0.02)
+    w0.flush()
+    w1.flush()
 
     got = samples(scrape_text(sup))
     assert value(got, "nfrewrite_packets_seen_total", queue="0") == 10
@@ -105,6 +107,37 @@ def test_observe_counts_each_outcome_per_queue_and_rule(
     assert value(got, hist + "_bucket", queue="1", le="+Inf") == 1
 
 
+def test_observe_tallies_until_a_flush_and_a_flush_adds_exactly_what_came(
+    world: tuple[M.Metrics, M.SupervisorMetrics],
+) -> None:
+    m, sup = world
+    w = M.WorkerMetrics(0, rules=["banner"], metrics=m)
+    hist = "nfrewrite_packet_processing_seconds"
+    w.observe(Result(ACCEPT, b"new", rules=("banner",)), 3e-6)
+    w.observe(Result(ACCEPT, unparsed=REASONS[1]), 2e-5)
+    w.observe_released(Result(DROP, rules=("banner",)))
+    got = samples(scrape_text(sup))
+    assert value(got, "nfrewrite_packets_seen_total", queue="0") == 0  # tallied, not yet moved
+    assert value(got, hist + "_count", queue="0") == 0
+    for _ in range(2):  # a second flush with nothing tallied adds nothing
+        w.flush()
+        got = samples(scrape_text(sup))
+        assert value(got, "nfrewrite_packets_seen_total", queue="0") == 2
+        assert value(got, "nfrewrite_packets_modified_total", queue="0") == 1
+        assert value(got, "nfrewrite_packets_dropped_total", queue="0") == 1
+        assert value(got, "nfrewrite_packets_unparsed_total", queue="0", reason=REASONS[1]) == 1
+        assert value(got, "nfrewrite_rule_applied_total", rule="banner") == 2
+        assert value(got, hist + "_count", queue="0") == 2
+        assert value(got, hist + "_sum", queue="0") == pytest.approx(2.3e-5)
+        assert value(got, hist + "_bucket", queue="0", le="5e-06") == 1
+        assert value(got, hist + "_bucket", queue="0", le="2e-05") == 2
+    w.observe(PASS, 1e-6)
+    w.flush()
+    got = samples(scrape_text(sup))
+    assert value(got, "nfrewrite_packets_seen_total", queue="0") == 3
+    assert value(got, hist + "_bucket", queue="0", le="2e-06") == 1
+
+
 def test_every_unparsed_reason_and_error_kind_reads_zero_before_any_packet(
     world: tuple[M.Metrics, M.SupervisorMetrics],
 ) -> None:
@@ -128,6 +161,7 @@ def test_rules_loaded_later_and_rules_never_announced_are_both_counted(
     w = M.WorkerMetrics(0, rules=["a"], metrics=m)
     w.set_rules(["a", "b"])  # reload added b
     w.observe(Result(ACCEPT, b"x", rules=("surprise",)), 1e-5)
+    w.flush()
     got = samples(scrape_text(sup))
     assert value(got, "nfrewrite_rule_applied_total", rule="a") == 0
     assert value(got, "nfrewrite_rule_applied_total", rule="b") == 0
@@ -288,6 +322,7 @@ def test_label_values_come_only_from_fixed_sets_rule_names_and_configured_ports(
         w.observe(Result(DROP, rules=("clamp.mss",)), 1e-5)
         for reason in REASONS:
             w.observe(Result(ACCEPT, unparsed=reason), 1e-6)
+        w.flush()
         w.error(OSError())
         w.set_flows(1, {"flows_evicted": 1})
     sup.offloads("eth1", {"gro": True})

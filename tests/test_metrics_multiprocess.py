@@ -44,6 +44,7 @@ def _worker(queue: int, plan: dict[str, int], ready: Any, stop: Any) -> None:
         w.observe(Result(ACCEPT, unparsed=NOT_TCP), 1e-6)
     for _ in range(plan["errors"]):
         w.error(OSError())
+    w.flush()
     w.set_flows(plan["flows"], {"flows_evicted": plan["evicted"]})
     ready.set()
     stop.wait(60)

@@ -51,6 +51,7 @@ def busy_scrape(tmp_path: Path) -> str:
         w.observe(Result(ACCEPT, b"x", rules=("hide-server-banner",)), 2e-5)
         w.observe(Result(DROP, rules=("hide-server-banner",)), 2e-5)
         w.observe(Result(ACCEPT, unparsed=REASONS[-1]), 1e-6)
+        w.flush()
         w.error(ValueError())
         w.set_flows(2, {"flows_evicted": 1})
     sup.rules_loaded(1)

@@ -282,15 +282,21 @@ def test_ack_and_error_parsing() -> None:
 
 
 class FakePacket:
-    def __init__(self, payload: bytes, mark: int = 0) -> None:
+    def __init__(self, payload: bytes, mark: int = 0, packet_id: int = 0,
+                 events: list[tuple[str, int]] | None = None) -> None:
         self.payload, self.mark = payload, mark
-        self.id = self.indev = self.outdev = self.physindev = self.physoutdev = 0
+        self.id = packet_id
+        self.indev = self.outdev = self.physindev = self.physoutdev = 0
         self.verdicts: list[str] = []
         self.new_payload: bytes | None = None
         self.new_mark: int | None = None
+        self.events = events if events is not None else []
 
     def get_payload(self) -> bytes:
         return self.payload
+
+    def get_payload_len(self) -> int:
+        return len(self.payload)
 
     def get_mark(self) -> int:
         return self.mark
@@ -303,9 +309,11 @@ class FakePacket:
 
     def accept(self) -> None:
         self.verdicts.append("accept")
+        self.events.append(("accept", self.id))
 
     def drop(self) -> None:
         self.verdicts.append("drop")
+        self.events.append(("drop", self.id))
 
 
 def _ipv4(payload_len: int = 4, claimed: int | None = None) -> bytes:
@@ -313,10 +321,11 @@ def _ipv4(payload_len: int = 4, claimed: int | None = None) -> bytes:
     return bytes([0x45, 0]) + total.to_bytes(2, "big") + bytes(36) + b"x" * payload_len
 
 
-def _worker(handler: object, log: list[str]) -> QueueWorker:
+def _worker(handler: object, log: list[str], *, batch_verdicts: bool = False) -> QueueWorker:
     from nfrewrite.kernel.queue import QueueWorker
 
-    return QueueWorker(0, handler, log=log.append)  # type: ignore[arg-type]
+    return QueueWorker(0, handler, log=log.append,  # type: ignore[arg-type]
+                       batch_verdicts=batch_verdicts)
 
 
 def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
@@ -356,6 +365,98 @@ def test_verdicts_payloads_marks_and_errors_follow_the_contract() -> None:
                                  "VerdictTooLong": 1}
     assert len(log) == 4 and all(line.count("\n") == 0 for line in log)  # once per kind
     assert "VerdictTooLong: handler returned 65532 bytes" in log[-1] and "dropped" in log[-1]
+
+
+class FakeSocket:
+    """What the worker sends batch verdicts on: each one noted as ("batch", its id)."""
+
+    def __init__(self, events: list[tuple[str, int]], queue_num: int = 0) -> None:
+        self.events, self.queue_num = events, queue_num
+
+    def sendto(self, data: bytes, address: object) -> int:
+        (msg,) = nfnl.parse(data)
+        assert msg.type == (nfnl.NFNL_SUBSYS_QUEUE << 8) | nfnl.NFQNL_MSG_VERDICT_BATCH
+        assert msg.flags == nfnl.NLM_F_REQUEST  # no ACK asked for
+        assert struct.unpack("!BBH", msg.payload[:4])[2] == self.queue_num
+        length, kind = struct.unpack("=HH", msg.payload[4:8])
+        assert (length, kind) == (12, nfnl.NFQA_VERDICT_HDR) and len(msg.payload) == 16
+        verdict, max_id = struct.unpack("!II", msg.payload[8:16])
+        assert verdict == nfnl.NF_ACCEPT
+        self.events.append(("batch", max_id))
+        return len(data)
+
+
+def test_unchanged_packets_are_accepted_in_batches_that_never_cover_a_held_one() -> None:
+    """A batch verdict accepts every queued packet up to its id, so: runs of unchanged accepts
+    go out as one batch, at the end of the drain or before any verdict of its own (order kept);
+    a packet about to be held sends the pending batch first; while one is held, every verdict
+    is its own; a packet with a new payload, a mark to set or a DROP always gets its own."""
+    from nfrewrite.core.constants import ACCEPT, DROP, FLOW_MARK, HOLD
+    from nfrewrite.kernel.queue import TRACK_FLOW
+
+    log: list[str] = []
+    events: list[tuple[str, int]] = []
+    answers: dict[int, tuple[int, bytes | None]] = {
+        1: (ACCEPT, None), 2: (ACCEPT, None), 3: (ACCEPT, _ipv4(5)),  # 1-2 batched, 3 alone
+        4: (ACCEPT, None), 5: (ACCEPT | TRACK_FLOW, None),  # 5 needs the mark set: alone
+        6: (ACCEPT | TRACK_FLOW, None),  # already marked (below): nothing to set, batched
+        7: (ACCEPT, None), 8: (HOLD, None),  # 8 held: 6-7 go out before it is
+        9: (ACCEPT, None), 10: (DROP, None),  # while 8 is held: each on its own
+        11: (ACCEPT, None), 12: (ACCEPT, None),  # after 8's release: batched again
+        13: (ACCEPT, None), 14: (ACCEPT, _ipv4(5)),  # a batch of one: the packet's own verdict
+    }
+    def handler(payload: bytes, meta: object) -> tuple[int, bytes | None]:
+        return answers[w.packet_id]
+
+    w = _worker(handler, log, batch_verdicts=True)
+    w._sock = FakeSocket(events)  # type: ignore[assignment]
+    for packet_id in range(1, 15):
+        if packet_id == 11:
+            w.release(8, ACCEPT, None)
+        w._on_packet(FakePacket(_ipv4(), mark=FLOW_MARK if packet_id == 6 else 0,
+                                packet_id=packet_id, events=events))
+        if packet_id == 12:
+            assert w._batch_n == 2 and ("batch", 12) not in events
+            w._send_batch()  # what the end of a drain does
+    assert events == [
+        ("batch", 2), ("accept", 3), ("accept", 4), ("accept", 5), ("batch", 7),
+        ("accept", 9), ("drop", 10), ("accept", 8), ("batch", 12), ("accept", 13),
+        ("accept", 14)]
+    assert not w.held and w._batch_n == 0
+    st = w.stats
+    assert (st.packets, st.accepted, st.dropped, st.modified, st.tracked) == (14, 13, 1, 2, 1)
+    assert log == []
+
+
+def test_a_batch_that_cannot_be_sent_is_logged_and_counted() -> None:
+    from nfrewrite.core.constants import ACCEPT
+
+    log: list[str] = []
+    w = _worker(lambda payload, meta: (ACCEPT, None), log, batch_verdicts=True)
+    for packet_id in (1, 2):  # two: a batch message, and no socket to send it on (not bound)
+        w._on_packet(FakePacket(_ipv4(), packet_id=packet_id))
+    w._send_batch()
+    assert w.stats.errors_by_kind == {"VerdictFailed": 1} and w._batch_n == 0
+
+
+def test_verdict_batch_message_layout() -> None:
+    msg = nfnl.verdict_batch_message(0x1234, nfnl.NF_ACCEPT, 0xFFFFFFFF, seq=9)
+    length, mtype, flags, seq, pid = struct.unpack("=IHHII", msg[:16])
+    assert (length, mtype, flags, seq, pid) == (len(msg), 0x0303, nfnl.NLM_F_REQUEST, 9, 0)
+    assert msg[16:20] == bytes([0, 0, 0x12, 0x34])  # AF_UNSPEC, version 0, queue (big endian)
+    assert msg[20:] == struct.pack("=HH", 12, 2) + struct.pack("!II", 1, 0xFFFFFFFF)
+    with pytest.raises(ValueError):
+        nfnl.verdict_batch_message(0x10000, nfnl.NF_ACCEPT, 1, seq=1)
+
+
+def test_the_payload_is_found_in_the_datagram_by_the_same_walk() -> None:
+    payload = b"E" + bytes(59)
+    msg = _packet_message(41, [(3, struct.pack("!I", 7))], payload)
+    ((packet_id, flags, start, stop),) = nfnl.packet_info(msg)
+    assert (packet_id, flags, msg[start:stop]) == (41, 0, payload)
+    big = _packet_message(43, [], bytes(range(256)) * 256)  # 65,536 bytes: the length wraps
+    ((_, _, start, stop),) = nfnl.packet_info(big)
+    assert big[start:stop] == bytes(range(256)) * 256
 
 
 # -- in the kernel ---------------------------------------------------------------------------

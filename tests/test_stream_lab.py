@@ -221,3 +221,61 @@ def test_a_regex_split_at_every_point_is_rewritten(lab: Lab, workdir: str, famil
     assert len(got) == len(token) - 1
     want = "GET /?q=Server: web\r\n\r\n"  # the match runs to the end of the line
     assert all(echo == want for echo in got.values()), got
+
+
+BULK = r"""
+import socket, sys, threading, time
+s = socket.create_connection((sys.argv[1], 8080), timeout=20)
+got = [0]
+def read():
+    while True:
+        d = s.recv(65536)
+        if not d:
+            return
+        got[0] += len(d)
+reader = threading.Thread(target=read); reader.start()
+print("READY", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+chunk = b"b" * 65536
+sent = 0
+while time.monotonic() < end:
+    s.sendall(chunk); sent += len(chunk)
+s.shutdown(socket.SHUT_WR); reader.join(30)
+print(sent, got[0], flush=True)
+"""
+
+
+def test_a_held_split_pattern_is_not_passed_by_the_batch_verdicts_of_other_packets(
+        lab: Lab, workdir: str) -> None:
+    """Batch verdicts accept every queued packet up to an id: one must never cover a packet the
+    engine holds. A bulk flow on the same queue (so runs of unchanged packets are accepted in
+    batches) while every split point of the token is held and completed: all are rewritten, and
+    the kernel refused no verdict (a held packet a batch had passed would be refused later)."""
+    config = write_lab_config(workdir, {"10-redact.toml": RULES.format(token=TOKEN.decode(),
+                                                                         with_="[redacted]")})
+    with open(config, "a") as f:  # a deadline no pause of a loaded machine reaches
+        f.write("\n[flows]\nhold_ms = 500\n")
+    env = lab.python_env()
+    with Daemon(lab, config) as daemon:
+        lab.wait_reachable()
+        server = lab.popen("server", [sys.executable, "-c", ECHO_SERVER, lab.server_v4], env=env)
+        try:
+            assert read_line(server, 10).strip() == b"READY"
+            bulk = lab.popen("client", [sys.executable, "-c", BULK, lab.server_v4, "6"], env=env)
+            assert read_line(bulk, 10).strip() == b"READY"
+            client = lab.run("client", [sys.executable, "-c", CLIENT, lab.server_v4, "split",
+                                        TOKEN.decode()], env=env, timeout=120)
+            sent, echoed = map(int, read_line(bulk, 60).split())
+            bulk.wait(30)
+        finally:
+            server.kill()
+            server.wait(5)
+        queued = lab.run("appliance", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+        log = daemon.log()
+    got = json.loads(client.stdout)
+    want = "GET /?q=[redacted] HTTP/1.1\r\n\r\n"
+    assert len(got) == len(TOKEN) - 1
+    assert all(echo == want for echo in got.values()), got
+    assert sent > 1 << 20 and echoed == sent  # the bulk flow went through the queue, whole
+    assert int(queued.split()[7]) > 1000, queued  # packets the queue saw
+    assert "VerdictRefused" not in log and "VerdictFailed" not in log, log[-2000:]

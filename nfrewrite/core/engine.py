@@ -148,7 +148,7 @@ class Engine:
 
     def process(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         *,
         in_port: str | None = None,
         out_port: str | None = None,

@@ -176,7 +176,7 @@ def splice(data: bytes, edits: Sequence[tuple[int, int, bytes]], origin: int = 0
 
 
 def parse(  # noqa: C901 - one early return per refusal reason, in the headers' order
-    data: bytes | bytearray, *, csum_partial: bool | None = False
+    data: bytes | bytearray | memoryview, *, csum_partial: bool | None = False
 ) -> TcpPacket | Unparsed:
     """Parse a raw IPv4/IPv6 packet. Returns a :class:`TcpPacket` view or an :class:`Unparsed`.
 

@@ -28,11 +28,24 @@ from the very datagram NetfilterQueue then parses, so the queue loop can pair th
 packet by id. ``NFQA_PAYLOAD`` comes last and may be longer than a 16-bit attribute length can
 say (a 65,535-byte packet): the walk stops there.
 
+Batch verdicts: ``NFQNL_MSG_VERDICT_BATCH`` carries one ``NFQA_VERDICT_HDR`` (verdict, id) and
+applies that verdict to *every* packet still waiting in the queue whose id is not after the given
+one (``nfqnl_recv_verdict_batch``: it walks the queue's list in order, ids compared with
+wrap-around, and stops at the first later id). Packets are listed, and sent to us, in id order
+(both happen under the queue's lock), so a batch for the highest id read covers exactly the
+packets read and not yet given a verdict - including any the caller still holds back on purpose,
+which is the caller's to avoid. Packets the kernel passed without queueing them (fail-open: queue
+or socket full) never get on the list, so a batch cannot touch them; with the GSO flag off, each
+segment of a GSO packet is queued with its own id and covered like any packet. A batch may carry
+a mark for all its packets, never a payload. An empty batch is refused with ENOENT; without
+``NLM_F_ACK`` only such an error comes back, and libnetfilter_queue drops it (see ACKs above).
+
 What it must not do: open sockets, block, or guess: every parse checks lengths.
 """
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,11 +57,14 @@ NLM_F_ACK = 0x4
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET = 0
+NFQNL_MSG_VERDICT = 1
 NFQNL_MSG_CONFIG = 2
+NFQNL_MSG_VERDICT_BATCH = 3
 NFNETLINK_V0 = 0
 
 #: packet message attributes (``enum nfqnl_attr_type``) and ``NFQA_SKB_INFO`` flags
 NFQA_PACKET_HDR = 1
+NFQA_VERDICT_HDR = 2
 NFQA_PAYLOAD = 10
 NFQA_SKB_INFO = 14
 NFQA_SKB_CSUMNOTREADY = 0x1
@@ -72,12 +88,17 @@ NFQA_CFG_F_GSO = 0x4
 NFQA_CFG_F_UID_GID = 0x8
 NFQA_CFG_F_SECCTX = 0x10
 
+#: verdicts (``NF_DROP``, ``NF_ACCEPT`` in ``linux/netfilter.h``)
+NF_DROP = 0
+NF_ACCEPT = 1
+
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host order)
 _NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (big endian)
 _NLATTR = struct.Struct("=HH")
 _CONFIG_PARAMS = struct.Struct("!IB")  # struct nfqnl_msg_config_params: copy_range, copy_mode
 _MSG_HEAD = struct.Struct("=IH")  # nlmsghdr's length and type
 _BE32 = struct.Struct("!I")
+_VERDICT_HDR = struct.Struct("!II")  # struct nfqnl_msg_verdict_hdr: verdict, id
 _PACKET_MSG = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
@@ -124,6 +145,18 @@ def config_params_message(
     return _config_message(queue_num, attrs, seq, ack)
 
 
+def verdict_batch_message(queue_num: int, verdict: int, max_id: int, seq: int) -> bytes:
+    """NFQNL_MSG_VERDICT_BATCH: ``verdict`` for every packet of queue ``queue_num`` still
+    waiting whose id is not after ``max_id`` (see the module doc), without an ACK."""
+    if not 0 <= queue_num <= 0xFFFF:
+        raise ValueError(f"queue number out of range: {queue_num}")
+    body = _NFGENMSG.pack(0, NFNETLINK_V0, queue_num) + _attr(
+        NFQA_VERDICT_HDR, _VERDICT_HDR.pack(verdict, max_id & 0xFFFFFFFF))
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body),
+                          (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH,
+                          NLM_F_REQUEST, seq & 0xFFFFFFFF, 0) + body
+
+
 @dataclass(frozen=True, slots=True)
 class NlMsg:
     type: int
@@ -158,6 +191,15 @@ def parse(datagram: bytes) -> Iterator[NlMsg]:
         off += _align4(length)
 
 
+def answer_error(datagram: bytes) -> int:
+    """The error (negative errno, 0 for an ACK) of the first message of ``datagram``, an
+    NLMSG_ERROR; -EBADMSG when it does not parse as one."""
+    for msg in parse(datagram):
+        err = msg.error
+        return -errno.EBADMSG if err is None else err
+    return -errno.EBADMSG
+
+
 def answer_to(datagram: bytes, seq: int) -> int | None:
     """If ``datagram`` is the ACK/error for request ``seq``: 0 or -errno; else None."""
     for msg in parse(datagram):
@@ -168,32 +210,43 @@ def answer_to(datagram: bytes, seq: int) -> int | None:
 
 def packet_skb_info(datagram: bytes) -> list[tuple[int, int]]:
     """(packet id, ``NFQA_SKB_*`` flags) of each packet message in ``datagram`` (flags 0 when the
-    kernel sent no ``NFQA_SKB_INFO``: none set). Messages or attributes that do not parse end the
-    walk; a packet message without an id is left out. (Not through :func:`parse`: that copies
-    each message's payload, up to 64 KB here, for two 4-byte attributes.)"""
-    out: list[tuple[int, int]] = []
+    kernel sent no ``NFQA_SKB_INFO``: none set); see :func:`packet_info`."""
+    return [(packet_id, flags) for packet_id, flags, _, _ in packet_info(datagram)]
+
+
+def packet_info(datagram: bytes) -> list[tuple[int, int, int, int]]:
+    """(packet id, ``NFQA_SKB_*`` flags, payload start, payload end) of each packet message in
+    ``datagram``: flags 0 when the kernel sent no ``NFQA_SKB_INFO`` (none set); the payload runs
+    from its attribute's data to the end of its message (the last attribute, whose 16-bit length
+    may have wrapped), start = end = 0 when there is none. Messages or attributes that do not
+    parse end the walk; a packet message without an id is left out. (Not through :func:`parse`:
+    that copies each message's payload, up to 64 KB here, for two 4-byte attributes.)"""
+    out: list[tuple[int, int, int, int]] = []
     off, n = 0, len(datagram)
     head, attr, be32 = _MSG_HEAD.unpack_from, _NLATTR.unpack_from, _BE32.unpack_from
-    while off + _NLMSGHDR.size <= n:
+    while off + 16 <= n:  # 16: _NLMSGHDR.size
         length, mtype = head(datagram, off)
-        if length < _NLMSGHDR.size or off + length > n:
+        if length < 16 or off + length > n:
             break
         if mtype == _PACKET_MSG:
-            packet_id: int | None = None
-            flags = 0
-            at, end = off + _NLMSGHDR.size + _NFGENMSG.size, off + length
-            while at + _NLATTR.size <= end:
+            packet_id = -1
+            flags = start = stop = 0
+            at, end = off + 20, off + length  # 20: nlmsghdr + nfgenmsg
+            while at + 4 <= end:
                 alen, atype = attr(datagram, at)
                 atype &= _NLA_TYPE_MASK
-                if atype == NFQA_PAYLOAD or alen < _NLATTR.size:
+                if atype == NFQA_PAYLOAD:
+                    start, stop = at + 4, end
+                    break
+                if alen < 4:
                     break
                 if alen >= 8 and at + 8 <= end:
                     if atype == NFQA_PACKET_HDR:
                         packet_id = be32(datagram, at + 4)[0]
                     elif atype == NFQA_SKB_INFO:
                         flags = be32(datagram, at + 4)[0]
-                at += _align4(alen)
-            if packet_id is not None:
-                out.append((packet_id, flags))
-        off += _align4(length)
+                at += (alen + 3) & ~3
+            if packet_id >= 0:
+                out.append((packet_id, flags, start, stop))
+        off += (length + 3) & ~3
     return out

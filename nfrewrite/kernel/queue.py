@@ -35,7 +35,10 @@ NetfilterQueue (libnetfilter_queue), copy mode "packet", and then:
   copying (``csum_partial`` False: every packet is wire-sized with a complete checksum), which
   costs a queue round trip per wire segment.
 
-Each packet: ``handler(payload, meta) -> (verdict, new_payload | None)``. ``ACCEPT``/``DROP`` are
+Each packet: ``handler(payload, meta) -> (verdict, new_payload | None)``; ``payload`` is bytes or,
+with the GSO flag, a memoryview of the very datagram the kernel sent (the packet is found there by
+the same walk that reads its skb info, so it is not copied once more before the engine copies it
+into the packet it parses). ``ACCEPT``/``DROP`` are
 the verdicts; ``ACCEPT | TRACK_FLOW`` also sets the ``FLOW_MARK`` bit in the packet mark, which the
 firewall's POSTROUTING rule copies into the conntrack mark so that the whole flow keeps coming to
 the queue (needed once a length-changing edit gave it a sequence offset). A handler exception never
@@ -53,6 +56,19 @@ supervisor sends ``WATCHDOG=1`` only while every heartbeat is fresh) and ``stop(
 (safe from a signal handler: it sets a flag and writes one byte) ends ``run()`` within
 milliseconds. Datagrams are pulled with ``MSG_DONTWAIT`` through ``NetfilterQueue.run_socket`` in
 batches of ``batch`` so that a flood cannot starve the idle hook.
+
+Batch verdicts. An unchanged packet that is simply accepted (no new payload, no mark to set)
+gets no verdict of its own: its id is noted, and at the end of the batch of datagrams drained
+(and before any other verdict) one ``NFQNL_MSG_VERDICT_BATCH`` message accepts every packet up to
+the highest id noted (:func:`~.nfnl.verdict_batch_message`). One system call then passes a whole
+run of packets instead of one each. A packet with a new payload, a mark, a DROP, or any verdict
+given out of the loop's order (an error, a release) first sends the pending batch, so verdicts
+leave in the order the packets came. A batch accepts *every* waiting packet up to its id, so it
+must never cover a held packet (below): the pending batch goes out before a packet is held, and
+while any packet is held each verdict is given on its own. ``batch_verdicts=False`` gives every
+packet its own verdict. ``on_batch`` (optional) is called after each drained batch, once its
+verdicts are out (the daemon moves its metrics tallies then). A batch of one packet is given as
+that packet's own verdict, through the library (nothing to gain from a message of our own).
 
 Delayed verdicts. A handler may answer ``HOLD`` (the engine holds a segment that ends in the
 beginning of a pattern, :mod:`nfrewrite.core.stream`): the packet then stays queued in the kernel,
@@ -97,6 +113,7 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 MAX_COPY = 4016
 #: One netlink datagram: a whole 65,535-byte packet plus the message's headers and attributes.
 _RECV_SIZE = 65536 + 4096
+_NLMSG_ERROR_TYPE = nfnl.NLMSG_ERROR.to_bytes(2, sys.byteorder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +136,9 @@ class PacketMeta:
     gso: bool | None = None
 
 
-Handler = Callable[[bytes, PacketMeta], tuple[int, bytes | None]]
+#: a packet's bytes as handed to the handler: a view into the datagram when the walk found them
+Payload = bytes | memoryview
+Handler = Callable[[Payload, PacketMeta], tuple[int, bytes | None]]
 _MetaKey = tuple[int, int, int, int, int, int | None]
 
 
@@ -131,6 +150,7 @@ class _Packet(Protocol):
     physoutdev: int
 
     def get_payload(self) -> bytes: ...
+    def get_payload_len(self) -> int: ...
     def get_mark(self) -> int: ...
     def set_payload(self, payload: bytes) -> None: ...
     def set_mark(self, mark: int) -> None: ...
@@ -182,11 +202,16 @@ class _BudgetSocket:
         self.stats = stats
         self.pending: list[bytes] = []
         self.budget = 0
-        #: packet id -> NFQA_SKB_* flags, read from each datagram before NetfilterQueue parses it
-        #: (and calls back with that packet): the queue loop takes them out by id. Only with the
-        #: GSO flag: without it the kernel segments and completes checksums first (no flag set).
-        self.skb_info: dict[int, int] = {}
+        #: packet id -> (NFQA_SKB_* flags, payload start, payload end, the datagram), read from
+        #: each datagram before NetfilterQueue parses it (and calls back with that packet): the
+        #: queue loop takes them out by id. Only with the GSO flag: without it the kernel segments
+        #: and completes checksums first (no flag set), and a wire-sized payload costs less to
+        #: copy than the walk.
+        self.skb_info: dict[int, tuple[int, int, int, bytes]] = {}
         self._read_skb_info = skb_info
+        #: errors (negative errno) the kernel answered a message with: a verdict for a packet no
+        #: longer queued (ENOENT), say; the loop logs and counts them after each batch
+        self.refused: list[int] = []
 
     def recv(self, bufsize: int) -> bytes:
         if self.pending:
@@ -201,11 +226,16 @@ class _BudgetSocket:
                 if e.errno == errno.ENOBUFS:
                     self.stats.enobufs += 1
                 raise
+        if datagram[4:6] == _NLMSG_ERROR_TYPE:  # the kernel refused a verdict (no ACKs asked)
+            err = nfnl.answer_error(datagram)
+            if err:  # 0: an ACK nobody waits for
+                self.refused.append(err)
         if self._read_skb_info:
             info = self.skb_info
             if len(info) >= 1024:  # ids of packets NetfilterQueue never called back with
                 info.clear()
-            info.update(nfnl.packet_skb_info(datagram))
+            for packet_id, flags, start, stop in nfnl.packet_info(datagram):
+                info[packet_id] = (flags, start, stop, datagram)
         return datagram
 
 
@@ -226,6 +256,8 @@ class QueueWorker:
         batch: int = 64,
         log: Callable[[str], None] | None = None,
         timer: Callable[[float], float | None] | None = None,
+        batch_verdicts: bool = True,
+        on_batch: Callable[[], None] | None = None,
     ) -> None:
         self.queue_num = queue_num
         self.handler = handler
@@ -255,9 +287,15 @@ class QueueWorker:
         #: delayed verdicts (see the module doc): the id of the packet being handled, the held
         #: packets by id (with their payload and mark), the handler's timer and when it is due
         self.packet_id = 0
-        self.held: dict[int, tuple[_Packet, bytes, int]] = {}
+        self.held: dict[int, tuple[_Packet, Payload, int]] = {}
         self.timer = timer
         self._timer_at: float | None = None
+        #: batch verdicts (see the module doc): the last of the unchanged packets accepted but
+        #: not yet told to the kernel (its id is the batch's), and how many they are
+        self.batch_verdicts = batch_verdicts
+        self.on_batch = on_batch
+        self._batch_last: _Packet | None = None
+        self._batch_n = 0
 
     # -- setup ----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -394,9 +432,17 @@ class QueueWorker:
         st = self.stats
         st.packets += 1
         try:
-            payload = pkt.get_payload()
+            info = self._reader.skb_info.pop(pkt.id, None) if self.gso and self._reader else None
+            if info is None:
+                skb = None
+                payload: bytes | memoryview = pkt.get_payload()
+            else:
+                skb, start, stop, datagram = info
+                # the payload where it lies in the datagram, not a copy of up to 64 KB (the
+                # engine copies it once, into the packet it edits); the two parses must agree
+                payload = (memoryview(datagram)[start:stop]
+                           if stop - start == pkt.get_payload_len() else pkt.get_payload())
             mark = pkt.get_mark()
-            skb = self._reader.skb_info.pop(pkt.id, None) if self.gso and self._reader else None
             key = (pkt.physindev, pkt.physoutdev, pkt.indev, pkt.outdev, mark, skb)
             meta = self._metas.get(key)
             if meta is None:
@@ -409,6 +455,8 @@ class QueueWorker:
             self.packet_id = pkt.id
             verdict, new = self.handler(payload, meta)
             if verdict == HOLD:
+                if self._batch_n:
+                    self._send_batch()  # it would cover the held packet from now on
                 self.held[pkt.id] = (pkt, payload, mark)
                 return
             if not isinstance(verdict, int) or (verdict & VERDICT_MASK) not in (ACCEPT, DROP):
@@ -434,10 +482,37 @@ class QueueWorker:
                 self._error("VerdictTooLong", f"handler returned {len(new)} bytes, a verdict "
                             f"carries at most {MAX_VERDICT_PACKET}", "packet dropped")
                 verdict, new = DROP, None
+        if (new is None and not self.held and self.batch_verdicts
+                and verdict & VERDICT_MASK == ACCEPT
+                and (not verdict & TRACK_FLOW or mark & FLOW_MARK)):
+            self._batch_last = pkt  # accepted unchanged: the batch at the end tells the kernel
+            self._batch_n += 1
+            return
         self._verdict(pkt, verdict, new, mark)
+
+    def _send_batch(self) -> None:
+        """Accept every packet up to the last one noted (none is held: see the module doc); a
+        batch of one is that packet's own verdict (the library's, no message to build)."""
+        n, self._batch_n = self._batch_n, 0
+        last, self._batch_last = self._batch_last, None
+        try:
+            if last is None:
+                raise QueueError("no packet to accept")
+            if n == 1:
+                last.accept()
+            else:
+                if self._sock is None:
+                    raise QueueError("queue is not bound")
+                self._sock.sendto(nfnl.verdict_batch_message(
+                    self.queue_num, nfnl.NF_ACCEPT, last.id, self._next_seq()), (0, 0))
+            self.stats.accepted += n
+        except Exception as e:  # noqa: BLE001 - e.g. queue unbound meanwhile
+            self._error("VerdictFailed", f"{type(e).__name__}: {e}")
 
     def _verdict(self, pkt: _Packet, verdict: int, new: bytes | None, mark: int) -> None:
         st = self.stats
+        if self._batch_n:
+            self._send_batch()  # the earlier packets' verdicts first
         try:
             if verdict & VERDICT_MASK == DROP:
                 pkt.drop()
@@ -526,6 +601,18 @@ class QueueWorker:
             self._nfq.run_socket(self._reader)
         except OSError as e:
             self._error("RecvFailed", f"{type(e).__name__}: {e}")
+        if self._batch_n:
+            self._send_batch()
+        if self._reader.refused:
+            for err in self._reader.refused:
+                self._error("VerdictRefused", f"the kernel answered {os.strerror(-err)}",
+                            "a verdict for a packet no longer queued is lost")
+            self._reader.refused.clear()
+        if self.on_batch is not None:
+            try:
+                self.on_batch()
+            except Exception as e:  # noqa: BLE001 - the contract: never stop the loop
+                self._error("BatchHookFailed", f"{type(e).__name__}: {e}")
 
     def _idle(self, now: float) -> None:
         if now - self._ifnames_at > 30.0:  # ifindexes can be reused: forget names now and then

@@ -175,7 +175,7 @@ def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's
     from nfrewrite.core.engine import PASS, Engine, Result
     from nfrewrite.core.seqadj import FlowTable
     from nfrewrite.core.stream import HoldLimits
-    from nfrewrite.kernel.queue import TRACK_FLOW, PacketMeta, QueueWorker
+    from nfrewrite.kernel.queue import TRACK_FLOW, PacketMeta, Payload, QueueWorker
     from nfrewrite.service.flowstore import open_store
 
     flows = FlowTable(max_flows=config.flows.max, idle_timeout=config.flows.idle_timeout,
@@ -189,7 +189,7 @@ def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's
     observe = wm.observe
     process = engine.process
 
-    def handler(payload: bytes, meta: PacketMeta) -> tuple[int, bytes | None]:
+    def handler(payload: Payload, meta: PacketMeta) -> tuple[int, bytes | None]:
         t0 = perf_counter()
         try:
             res = process(
@@ -235,6 +235,7 @@ def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's
 
     def on_idle() -> None:
         conn.send(("hb",))
+        wm.flush()
         if store is not None:
             store.idle()
         wm.set_flows(flows.flows_active, flows.stats())
@@ -262,6 +263,7 @@ def worker_main(  # noqa: C901 - closures sharing one worker's state: a packet's
         on_idle=on_idle,
         log=log,
         timer=timer,
+        on_batch=wm.flush,  # the batch's metrics tallies, once its verdicts are out
     )
     signal.signal(signal.SIGTERM, lambda *_: qw.stop())
     try:

@@ -134,7 +134,7 @@ class WorkerTracer:
             self._confirm = None
         return self._confirm is None
 
-    def packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
+    def packet(self, payload: bytes | memoryview, meta: PacketMeta, result: Result) -> None:
         """A packet the engine handled while tracing: a record if a wanted rule acted on it.
 
         Never raises into the packet handler: a failure (a bug here, or a packet it does not
@@ -152,7 +152,7 @@ class WorkerTracer:
             with contextlib.suppress(Exception):
                 self._send({"e": f"{what}; no more lines from this queue"})
 
-    def _packet(self, payload: bytes, meta: PacketMeta, result: Result) -> None:
+    def _packet(self, payload: bytes | memoryview, meta: PacketMeta, result: Result) -> None:
         names = result.rules
         if not names:
             return
@@ -176,7 +176,8 @@ class WorkerTracer:
         else:
             self._last_told = self.dropped
 
-    def record(self, payload: bytes, meta: PacketMeta, result: Result) -> dict[str, Any]:
+    def record(self, payload: bytes | memoryview, meta: PacketMeta,
+               result: Result) -> dict[str, Any]:
         """The trace record of one packet (JSON-ready)."""
         dropped = result.verdict == DROP
         after = None if dropped else len(result.packet) if result.packet is not None else len(
@@ -186,7 +187,7 @@ class WorkerTracer:
             "verdict": "drop" if dropped else "accept", "len_before": len(payload),
             "len_after": after, "in_port": meta.in_port, "out_port": meta.out_port,
         }
-        ends = endpoints(payload)
+        ends = endpoints(bytes(payload[:64]))  # the headers endpoints() reads, as bytes
         if ends is not None:
             src, sport, dst, dport = ends
             rec.update(src=str(ipaddress.ip_address(src)), sport=sport,

@@ -38,13 +38,26 @@ supervisor's registry also holds the kernel-queue collector
 
 The hot path.  The queue loop calls :meth:`WorkerMetrics.observe` once per packet read from the
 queue (a packet whose handling raised is passed on unchanged and observed as ``engine.PASS``;
-:meth:`WorkerMetrics.error` counts the exception).  All label children are resolved when the
-worker starts (reasons, error kinds) or when rules load (rule names), so a packet costs a few
-bound-method calls and at most one dict lookup per rule that fired.
+:meth:`WorkerMetrics.error` counts the exception).  ``observe`` only adds to plain ints (and the
+histogram's bucket tallies, found by bisection); :meth:`WorkerMetrics.flush` moves what was
+tallied into the ``prometheus_client`` objects, one ``inc`` per series that moved. In
+multiprocess mode each ``inc`` takes the library's lock and writes a memory-mapped file, which
+costs more than the rest of an unedited packet's handling; the worker flushes once per batch of
+packets drained from the queue (after their verdicts are out) and on its idle tick, so a scrape
+lags the packets by at most one batch or one idle interval, and the counts are exact after a
+flush. All label children are resolved when the worker starts (reasons, error kinds) or when
+rules load (rule names): neither a packet nor a flush looks a label up.
+
+The histogram is fed through two attributes of the library's histogram child (``_sum`` and
+``_buckets``, the per-bucket values its ``observe`` increments); the child's own bucket bounds
+(``_upper_bounds``) are the ones tallied against, so a flush adds exactly what the same
+``observe`` calls would have. A library without them is caught when the worker starts, and the
+observations are then replayed through ``observe`` at flush instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import glob
 import os
@@ -282,7 +295,8 @@ def error_kind(exc: BaseException | type[BaseException] | str) -> str:
 
 
 class WorkerMetrics:
-    """The counters one worker (one queue number) feeds; :meth:`observe` is the per-packet call."""
+    """The counters one worker (one queue number) feeds; :meth:`observe` is the per-packet call,
+    :meth:`flush` hands its tallies to the library (see the module doc)."""
 
     def __init__(
         self, queue_num: int, rules: Iterable[str] = (), metrics: Metrics | None = None
@@ -300,7 +314,7 @@ class WorkerMetrics:
         self._errors: dict[str, Callable[..., None]] = {
             k: errors.labels(q, k).inc for k in ERROR_KINDS
         }
-        self._time = m.histogram(PROCESSING_TIME).labels(q).observe
+        self._time = m.histogram(PROCESSING_TIME).labels(q)
         self._rule_counter = m.counter(RULE_APPLIED)
         self._rules: dict[str, Callable[..., None]] = {}
         self._flows = m.gauge(SEQADJ_FLOWS).labels(q)
@@ -316,6 +330,19 @@ class WorkerMetrics:
         holds = m.counter(STREAM_HOLDS)
         self._holds = [(holds.labels(q, outcome), name) for outcome, name in HOLD_OUTCOMES.items()]
         self._holds_last: dict[str, int] = {}
+        # -- the tallies observe() adds to and flush() empties
+        self.n_seen = 0
+        self.n_modified = 0
+        self.n_dropped = 0
+        self.n_unparsed: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.n_rules: dict[str, int] = {}
+        self._time_sum = 0.0
+        bounds = getattr(self._time, "_upper_bounds", None)
+        self._direct = not (bounds and hasattr(self._time, "_sum")
+                            and len(getattr(self._time, "_buckets", ())) == len(bounds))
+        self._bounds: list[float] = list(bounds or ())
+        self._time_counts = [0] * len(self._bounds)
+        self._times: list[float] = []  # the fallback without the child's attributes
         self.set_rules(rules)
 
     def set_rules(self, names: Iterable[str]) -> None:
@@ -327,27 +354,66 @@ class WorkerMetrics:
         for name in names:
             if name not in self._rules:
                 self._rules[name] = self._rule_counter.labels(name).inc
+                self.n_rules[name] = 0
 
     def observe(self, result: Result, seconds: float) -> None:
-        """Count one packet from the queue: its outcome, the rules that acted, its time."""
-        self._seen()
-        self._time(seconds)
+        """Count one packet from the queue: its outcome, the rules that acted, its time (tallied
+        until the next :meth:`flush`)."""
+        self.n_seen += 1
+        if self._direct:
+            self._times.append(seconds)
+        else:
+            self._time_sum += seconds
+            self._time_counts[bisect.bisect_left(self._bounds, seconds)] += 1
         reason = result.unparsed
         if reason is not None:
-            self._unparsed[reason]()
+            self.n_unparsed[reason] += 1  # KeyError: not one of REASONS (a bug, not a label)
             return
         if result.verdict == DROP:
-            self._dropped()
+            self.n_dropped += 1
         elif result.packet is not None:
-            self._modified()
+            self.n_modified += 1
         if result.rules:
-            rules = self._rules
-            for name in result.rules:
-                inc = rules.get(name)
-                if inc is None:  # a rule set loaded without set_rules(): still a rule name
-                    self.set_rules((name,))
-                    inc = rules[name]
-                inc()
+            self._count_rules(result.rules)
+
+    def _count_rules(self, names: Iterable[str]) -> None:
+        tally = self.n_rules
+        for name in names:
+            if name not in tally:  # a rule set loaded without set_rules(): still a rule name
+                self.set_rules((name,))
+            tally[name] += 1
+
+    def flush(self) -> None:
+        """Move the tallies into the library's values (one ``inc`` per series that moved)."""
+        if self.n_seen:
+            self._seen(self.n_seen)
+            self.n_seen = 0
+            if self._direct:
+                times, self._times = self._times, []
+                for seconds in times:
+                    self._time.observe(seconds)
+            else:
+                self._time._sum.inc(self._time_sum)
+                self._time_sum = 0.0
+                counts, buckets = self._time_counts, self._time._buckets
+                for i, n in enumerate(counts):
+                    if n:
+                        buckets[i].inc(n)
+                        counts[i] = 0
+            for reason, n in self.n_unparsed.items():
+                if n:
+                    self._unparsed[reason](n)
+                    self.n_unparsed[reason] = 0
+        if self.n_modified:
+            self._modified(self.n_modified)
+            self.n_modified = 0
+        if self.n_dropped:
+            self._dropped(self.n_dropped)
+            self.n_dropped = 0
+        for name, n in self.n_rules.items():
+            if n:
+                self._rules[name](n)
+                self.n_rules[name] = 0
 
     def error(self, exc: BaseException | type[BaseException] | str) -> None:
         """Count an exception raised while handling a packet (see :func:`error_kind`)."""
@@ -375,17 +441,14 @@ class WorkerMetrics:
 
 
     def observe_released(self, result: Result) -> None:
-        """Count the outcome of a packet held earlier and released now (it was seen when held)."""
+        """Count the outcome of a packet held earlier and released now (it was seen when held;
+        tallied until the next :meth:`flush`)."""
         if result.verdict == DROP:
-            self._dropped()
+            self.n_dropped += 1
         elif result.packet is not None:
-            self._modified()
-        for name in result.rules:
-            inc = self._rules.get(name)
-            if inc is None:
-                self.set_rules((name,))
-                inc = self._rules[name]
-            inc()
+            self.n_modified += 1
+        if result.rules:
+            self._count_rules(result.rules)
 
     def set_holds(self, totals: Mapping[str, int]) -> None:
         """Copy the engine's hold counters (``Engine.holds.stats()``), as :meth:`set_flows`."""

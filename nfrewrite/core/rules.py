@@ -101,6 +101,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
+from nfrewrite.core.prefixes import Prefixes
 from nfrewrite.core.regex import Regex
 
 _hs: Any
@@ -288,8 +289,8 @@ class Rule:
 class Selection:
     """The rules that match one kind of packet, with their replace patterns ready to search."""
 
-    __slots__ = ("_hs_db", "_patterns", "_prefix_dbs", "_present_db", "_prefixes", "_regexes",
-                 "_rev_db",
+    __slots__ = ("_hs_db", "_literals_by_hyperscan", "_patterns", "_prefix_dbs", "_present_db",
+                 "_prefixes", "_regexes", "_rev_db",
                  "has_regex", "has_replaces", "max_growth", "rules", "same_length")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
@@ -313,10 +314,14 @@ class Selection:
         self._patterns = tuple(patterns)
         self._regexes = tuple(regexes)
         self.has_regex = any(rx is not None for rx in regexes)
+        #: several literals are searched by Hyperscan when it is installed and can take them all
+        #: (it refuses an expression past ~16,000 characters: a literal of ~4,000 bytes as \xHH)
+        self._literals_by_hyperscan = _hs is not None and all(
+            len(p[0]) <= HS_LITERAL_MAX for p in patterns)
         self.has_replaces = bool(patterns)
         self.same_length = same_length  # no replace of these rules changes a length
         self.max_growth = growth  # the most one replace adds to a payload (0: none grows)
-        self._prefixes: tuple[int, frozenset[bytes]] | None = None  # built on first use
+        self._prefixes: Prefixes | None = None  # built on first use
         self._hs_db: Any = None  # the Hyperscan database of several literals, on first use
         self._rev_db: Any = None  # with a regex: every pattern reversed, on first use
         self._present_db: Any = None  # several literals: which occur (each reported once)
@@ -339,7 +344,7 @@ class Selection:
         selection is not several literals or Hyperscan is missing. When exactly one occurs,
         the leftmost-first search is that pattern's own occurrences: ``bytes.replace`` in C
         makes them (the engine's same-length path), not a Python step per occurrence."""
-        if self.has_regex or len(self._patterns) < 2 or _hs is None:
+        if self.has_regex or len(self._patterns) < 2 or not self._literals_by_hyperscan:
             return None
         db = self._present_db
         if db is None:
@@ -389,16 +394,11 @@ class Selection:
                 self._regex_candidate(b"", 0)
 
     def _literal_candidates(self, payload: bytes) -> list[int]:
-        n = len(payload)
         prefixes = self._prefixes
         if prefixes is None:
-            literals = [p[0] for p, rx in zip(self._patterns, self._regexes, strict=True)
-                        if rx is None]
-            longest = max((len(p) for p in literals), default=1) - 1
-            found_prefixes = frozenset(p[:k] for p in literals for k in range(1, len(p)))
-            prefixes = self._prefixes = (longest, found_prefixes)
-        longest, table = prefixes
-        return [n - k for k in range(min(longest, n), 0, -1) if payload[n - k:] in table]
+            prefixes = self._prefixes = Prefixes(
+                [p[0] for p, rx in zip(self._patterns, self._regexes, strict=True) if rx is None])
+        return prefixes.candidates(payload)
 
     def _regex_candidate(self, payload: bytes, x: int) -> int:
         """The earliest position at or after ``x``, within ``max_len - 1`` of the end, from
@@ -467,7 +467,7 @@ class Selection:
         if self.has_regex:
             return self._find_reverse(payload)
         if not payload:
-            if len(patterns) > 1 and _hs is not None and self._hs_db is None:
+            if len(patterns) > 1 and self._literals_by_hyperscan and self._hs_db is None:
                 self._find_hyperscan(b"x")  # prepare(): compile now
             return []
         edits: list[Edit] = []
@@ -480,7 +480,7 @@ class Selection:
             size = len(find)
             ends = accumulate([len(piece) + size for piece in payload.split(find)[:-1]])
             return [(end - size, end, with_, rule) for end in ends]
-        if _hs is not None:
+        if self._literals_by_hyperscan:
             return self._find_hyperscan(payload)
         # Several patterns: keep each one's next occurrence at or after `pos`; take the leftmost
         # (the first pattern on ties), move `pos` past it, refresh the occurrences it passed.
@@ -620,6 +620,10 @@ def regex_problem(rx: Regex) -> str | None:
 #: databases takes milliseconds, as long as a hold's deadline); emptied as a whole when full
 _HS_CACHE: dict[tuple[tuple[bytes, ...], int], Any] = {}
 HS_CACHE_MAX = 256
+#: the longest literal given to Hyperscan (several literals with a longer one are searched by
+#: ``bytes.find``, merged): Hyperscan refuses an expression of 16,000 characters, 4,000 bytes
+#: written as \xHH, and takes ~20 ms per such failure
+HS_LITERAL_MAX = 2048
 
 
 def _hs_database(expressions: list[bytes], flags: int) -> Any:

@@ -587,8 +587,13 @@ class QueueWorker:
                 else:
                     self._drain(budget=self.batch)
             now = time.monotonic()
-            if self.timer is not None and (events or (self._timer_at is not None
-                                                      and now >= self._timer_at)):
+            due = self._timer_at is not None and now >= self._timer_at
+            if due and not events and self._readable():
+                # A segment that arrived between the poll's timeout and now may be the one a
+                # held packet waits for: read it before the deadline releases the hold unjoined.
+                self._drain(budget=self.batch)
+                now = time.monotonic()
+            if self.timer is not None and (events or due):
                 self._run_timer(now)
             if now >= next_idle:
                 next_idle = now + self.idle_interval

@@ -105,6 +105,16 @@ print(json.dumps(out), flush=True)
 """
 
 
+def _hold_past_scheduler_noise(config: str) -> str:
+    """The split tests are about joining segments, not about the deadline: the client's 2 ms pause
+    on a 2-core machine that also runs the server, the daemon and pytest has stretched past the
+    default 5 ms deadline (one split point of 36 released unjoined, ``hold_expired`` 1), which is
+    the documented limit. A 50 ms deadline keeps the test about what it asserts."""
+    with open(config, "a") as f:
+        f.write("\n[flows]\nhold_ms = 50\n")
+    return config
+
+
 def _run(lab: Lab, family: int, mode: str, token: bytes = TOKEN) -> dict[str, object]:
     env = lab.python_env()
     server = lab.popen("server", [sys.executable, "-c", ECHO_SERVER, lab.addr("server", family)],
@@ -124,8 +134,8 @@ def _run(lab: Lab, family: int, mode: str, token: bytes = TOKEN) -> dict[str, ob
 @pytest.mark.parametrize("with_", ["[redacted]", "X" * len(TOKEN)])
 def test_every_split_point_is_rewritten(lab: Lab, workdir: str, family: int,
                                         with_: str) -> None:
-    config = write_lab_config(workdir, {"10-redact.toml": RULES.format(token=TOKEN.decode(),
-                                                                         with_=with_)})
+    config = _hold_past_scheduler_noise(write_lab_config(
+        workdir, {"10-redact.toml": RULES.format(token=TOKEN.decode(), with_=with_)}))
     with Daemon(lab, config):
         lab.wait_reachable()
         got = _run(lab, family, "split")
@@ -212,8 +222,8 @@ def test_a_regex_rewrites_the_server_header_of_http_server_as_curl_sees_it(
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_regex_split_at_every_point_is_rewritten(lab: Lab, workdir: str, family: int) -> None:
-    config = write_lab_config(workdir, {"10-server.toml": REGEX_RULES.format(side="dport",
-                                                                           port=8080)})
+    config = _hold_past_scheduler_noise(write_lab_config(
+        workdir, {"10-server.toml": REGEX_RULES.format(side="dport", port=8080)}))
     token = b"Server: nginx/1.2"
     with Daemon(lab, config):
         lab.wait_reachable()

@@ -161,14 +161,14 @@ def _residual(total: int) -> int:
 
 def tcp_residual(pkt: TcpPacket) -> int:
     """How far the TCP checksum is from verifying (0 = it verifies), by :func:`ones_sum`."""
-    buf = pkt.buf
+    buf = bytes(pkt.buf)
     seg = buf[pkt.l4 : pkt.end]
     pseudo = ones_sum(pkt.src) + ones_sum(pkt.dst) + 6 + len(seg)
     return _residual(pseudo + ones_sum(seg))
 
 
 def ip_residual(pkt: TcpPacket) -> int:
-    return _residual(ones_sum(pkt.buf[: pkt.l4])) if pkt.version == 4 else 0
+    return _residual(ones_sum(bytes(pkt.buf[: pkt.l4]))) if pkt.version == 4 else 0
 
 
 def pseudo_seed(pkt: TcpPacket) -> int:

@@ -132,6 +132,54 @@ def test_random_edits_leave_checksums_scapy_accepts(c: Crafted, rnd: random.Rand
 
 
 @SETTINGS
+@given(tcp_packets(), st.integers(0, 2**32 - 1), st.booleans())
+def test_the_same_edits_give_the_same_bytes_whatever_buffer_the_packet_was_parsed_from(
+        c: Crafted, seed: int, replace_first: bool) -> None:
+    """Copy on write: over ``bytes``, over a memoryview inside a larger ``bytes`` (as the queue
+    hands a payload over: where it lies in the netlink datagram) and over a ``bytearray``
+    (copied at once), the same edits give the same packet, and the input is never changed;
+    the first edit may be a payload replace (which builds the packet's own buffer itself)."""
+    raw = c.raw
+    datagram = b"\x01" * 20 + raw + b"\x02" * 7
+    mutable = bytearray(raw)
+    outs = []
+    for data in (raw, memoryview(datagram)[20:20 + len(raw)], mutable):
+        pkt = parse(data)
+        assert isinstance(pkt, TcpPacket)
+        if replace_first and pkt.payload_len >= 2:
+            pair = pkt.payload[:2]
+            pkt.replace_literal(pair, pair[::-1])
+        _random_edits(pkt, random.Random(seed))
+        outs.append((pkt.modified, pkt.finish(), pkt.payload))
+        mutable[:] = b"\x00" * len(mutable)  # the owner's later writes do not reach the packet
+        assert pkt.finish() == outs[-1][1]
+        mutable[:] = raw
+    assert outs[0] == outs[1] == outs[2]
+    assert datagram == b"\x01" * 20 + raw + b"\x02" * 7
+    out = outs[0][1]
+    assert field_error(struct.unpack_from("!H", out, parse_l4(out) + 16)[0],
+                       scapy_tcp_checksum(out)) == 0
+
+
+def parse_l4(raw: bytes) -> int:
+    pkt = parse(raw)
+    assert isinstance(pkt, TcpPacket)
+    return pkt.l4
+
+
+def test_an_unchanged_packet_is_read_where_it_lies_and_copied_only_on_the_first_edit() -> None:
+    datagram = b"\xff" * 16 + bytes(IP(src="198.18.0.1", dst="198.18.1.1", ttl=64)
+                                      / TCP(sport=1, dport=2) / Raw(b"x" * 1000))
+    view = memoryview(datagram)[16:]
+    pkt = parse(view)
+    assert isinstance(pkt, TcpPacket)
+    assert pkt.buf is view  # parsed, selected and read without a copy
+    assert not pkt.set_ttl(64) and pkt.buf is view  # an edit that changes nothing copies nothing
+    assert pkt.set_ttl(63) and isinstance(pkt.buf, bytearray)
+    assert datagram[16 + 8] == 64  # the datagram itself is never written
+
+
+@SETTINGS
 @given(tcp_packets(), st.integers(1, 0xFFFE), st.randoms(use_true_random=False))
 def test_corruption_is_carried_through_not_laundered(
     c: Crafted, error: int, rnd: random.Random

@@ -275,7 +275,7 @@ def offload_capture(tmp_path: Path) -> None:
     other = IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=9999, dport=443) / b"secret"
     frames = []
     for i, ip in enumerate([s.ip for s in conversation(4)[6:10]] + [other]):
-        pkt = parse(bytes(ip))
+        pkt = parse(bytearray(bytes(ip)))  # a bytearray is the packet's own: written below
         assert isinstance(pkt, TcpPacket)
         struct.pack_into("!H", pkt.buf, pkt.l4 + 16, pkt.pseudo_header_seed())
         frames.append((bytes(eth() / IP(bytes(pkt.buf))), T0 + i))

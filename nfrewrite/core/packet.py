@@ -1,4 +1,4 @@
-"""IPv4/IPv6 + TCP packet views over a bytearray: parse, edit, keep checksums right.
+"""IPv4/IPv6 + TCP packet views over the packet's bytes: parse, edit, keep checksums right.
 
 Theory of operation
 -------------------
@@ -7,6 +7,14 @@ Theory of operation
 set :data:`REASONS`. It never raises on bad input: truncated headers, IHL or data offset out of
 range, lying length fields, overrunning options, fragments and non-TCP traffic are all "not ours"
 and the caller passes them on untouched and counts the reason.
+
+Copy on write. A packet parsed from immutable bytes (``bytes``, or a memoryview of them: the queue
+hands over the payload where it lies in the netlink datagram) reads them where they are; the first
+edit copies them into a bytearray the packet owns (a same-length payload replace into new bytes,
+which ``finish`` hands back as they are). So a packet that passes unchanged, most of a
+queued flow, costs no copy of its up to 64 KB, and a payload rewrite builds its one new buffer
+from the header and the new payload instead of copying the old payload first (``make bench``
+rows 4q and 4). A bytearray given to :func:`parse` is copied at once: its owner may change it.
 
 Edits change the bytearray in place and keep both checksums consistent *incrementally* (RFC 1624,
 see :mod:`nfrewrite.core.checksum`): the change in the covered data's sum is folded into the
@@ -63,6 +71,7 @@ from nfrewrite.core.fields import (
     TCPOPT_LENGTH,
     TCPOPT_TS_ECHO,
     TCPOPT_VALUE,
+    Buffer,
     ip4_header,
     ip6_header,
     pack32,
@@ -135,7 +144,7 @@ class TcpOption:
         return f"TcpOption(kind={self.kind}, offset={self.offset}, length={self.length})"
 
 
-def _options_ok(buf: bytearray, start: int, end: int) -> bool:
+def _options_ok(buf: Buffer, start: int, end: int) -> bool:
     """True when TCP options in ``buf[start:end]`` are well formed (no length overruns)."""
     if end - start == 12 and buf[start : start + 4] == _TS_ONLY:
         return True
@@ -180,12 +189,15 @@ def parse(  # noqa: C901 - one early return per refusal reason, in the headers' 
 ) -> TcpPacket | Unparsed:
     """Parse a raw IPv4/IPv6 packet. Returns a :class:`TcpPacket` view or an :class:`Unparsed`.
 
-    ``data`` is copied into a new bytearray that the view owns (edits never touch the caller's
-    bytes). ``csum_partial`` says the TCP checksum field holds only the pseudo-header seed;
+    ``data`` is read where it is when immutable (``bytes``, or a memoryview of ``bytes``), else
+    copied; the first edit copies it into a bytearray the view owns (edits never touch the
+    caller's bytes). ``csum_partial`` says the TCP checksum field holds only the pseudo-header seed;
     ``None`` decides from the bytes: a field equal to the seed is taken as partial (a complete
     checksum equals it once in 65,536 packets, and recomputing it from the data is right too).
     """
-    buf = bytearray(data)
+    buf: Buffer = (data if isinstance(data, bytes)
+                   or (isinstance(data, memoryview) and isinstance(data.obj, bytes))
+                   else bytearray(data))
     n = len(buf)
     if n < IP4_HEADER_MIN:
         return Unparsed(TRUNCATED_IP)
@@ -277,7 +289,7 @@ class TcpPacket:
 
     def __init__(
         self,
-        buf: bytearray,
+        buf: Buffer,
         version: int,
         l4: int,
         doff: int,
@@ -296,6 +308,13 @@ class TcpPacket:
         self.sport, self.dport = tcp_ports(buf, l4)
         self.csum_partial = csum_partial
         self.modified = False
+
+    def _writable(self) -> bytearray:
+        """The packet's own bytearray: the bytes it was parsed from, copied on the first edit."""
+        buf = self.buf
+        if not isinstance(buf, bytearray):
+            buf = self.buf = bytearray(buf)
+        return buf
 
     # -- reading ---------------------------------------------------------------------------------
     @property
@@ -472,30 +491,30 @@ class TcpPacket:
         the kernel itself would write it, and the 64 KB sum is saved.
         """
         if self.csum_partial:
-            if kernel_segments:
-                put16(self.buf, self.l4 + TCP_CHECKSUM, self.pseudo_header_seed())
-            else:
-                put16(self.buf, self.l4 + TCP_CHECKSUM, self.compute_tcp_checksum())
+            field = (self.pseudo_header_seed() if kernel_segments
+                     else self.compute_tcp_checksum())
+            if field != self.tcp_checksum:
+                put16(self._writable(), self.l4 + TCP_CHECKSUM, field)
         return bytes(self.buf)
 
     # -- low-level field writes with incremental checksum updates ---------------------------------
     def _tcp_csum_adjust(self, old_sum: int, new_sum: int) -> None:
         if self.csum_partial:
             return  # recomputed in full by finish()
-        buf, off = self.buf, self.l4 + TCP_CHECKSUM
+        buf, off = self._writable(), self.l4 + TCP_CHECKSUM
         put16(buf, off, cs.update(u16(buf, off)[0], old_sum, new_sum))
 
     def _ip_csum_adjust(self, old_sum: int, new_sum: int) -> None:
         if self.version == 4:
-            buf = self.buf
+            buf = self._writable()
             put16(buf, IP4_CHECKSUM, cs.update(u16(buf, IP4_CHECKSUM)[0], old_sum, new_sum))
 
     def _set_tcp_u16(self, off: int, value: int) -> bool:
         """Write a 16-bit value at ``off`` inside the TCP segment; True if it changed."""
-        buf = self.buf
-        old = u16(buf, off)[0]
+        old = u16(self.buf, off)[0]
         if old == value:
             return False
+        buf = self._writable()
         old_sum = cs.sum_at(buf[off : off + 2], off - self.l4)
         put16(buf, off, value)
         self._tcp_csum_adjust(old_sum, cs.sum_at(buf[off : off + 2], off - self.l4))
@@ -508,15 +527,13 @@ class TcpPacket:
     # -- header edits ----------------------------------------------------------------------------
     def set_ttl(self, value: int) -> bool:
         """Set the IPv4 TTL or IPv6 hop limit; True if it changed."""
-        buf = self.buf
+        if self.ttl == value:
+            return False
+        buf = self._writable()
         if self.version == 6:
-            if buf[IP6_HOP_LIMIT] == value:
-                return False
             buf[IP6_HOP_LIMIT] = value
             self.modified = True
             return True
-        if buf[IP4_TTL] == value:
-            return False
         old = u16(buf, IP4_TTL)[0]  # TTL and protocol: the checksummed word
         buf[IP4_TTL] = value
         self._ip_csum_adjust(old, u16(buf, IP4_TTL)[0])
@@ -525,11 +542,11 @@ class TcpPacket:
 
     def set_dscp(self, value: int) -> bool:
         """Set the DSCP (6 bits), keeping the two ECN bits; True if it changed."""
-        buf = self.buf
         tc = self._traffic_class()
         new_tc = (value << 2) | (tc & 0x03)
         if tc == new_tc:
             return False
+        buf = self._writable()
         if self.version == 4:
             old = u16(buf, IP4_VERSION_IHL)[0]  # version, IHL and TOS: the checksummed word
             buf[IP4_TOS] = new_tc
@@ -588,11 +605,11 @@ class TcpPacket:
 
     def _set_tcp_bytes(self, off: int, new: bytes) -> bool:
         """Overwrite same-length bytes at ``off`` inside the TCP segment, checksum following."""
-        buf = self.buf
         end = off + len(new)
-        old = bytes(buf[off:end])
+        old = bytes(self.buf[off:end])
         if old == new:
             return False
+        buf = self._writable()
         rel = off - self.l4
         buf[off:end] = new
         self._tcp_csum_adjust(cs.sum_at(old, rel), cs.sum_at(new, rel))
@@ -617,7 +634,14 @@ class TcpPacket:
             return False
         new = old.replace(find, with_)
         if new != old:
-            self.buf[self.l4 + self.doff : self.end] = new
+            base, end, buf = self.l4 + self.doff, self.end, self.buf
+            if isinstance(buf, bytearray):
+                buf[base:end] = new
+            else:  # the first edit: the packet's own bytes, made of header, new payload and
+                # trailer at once (immutable: finish() hands them back as they are, without
+                # another copy, unless a later edit wants them writable)
+                view = memoryview(buf)
+                self.buf = b"".join((view[:base], new, view[end:]))
             if not self.csum_partial:  # the payload starts at an even offset of the segment
                 self._tcp_csum_adjust(cs.ones_sum(old), cs.ones_sum(new))
             self.modified = True
@@ -635,7 +659,7 @@ class TcpPacket:
         edits = sorted(edits)
         if not edits:
             return 0
-        buf, l4, base = self.buf, self.l4, self.l4 + self.doff
+        buf, l4, base = self._writable(), self.l4, self.l4 + self.doff
         old_seg_len = self.end - l4
         delta = sum(len(new) - (end - start) for start, end, new in edits)
         if all(len(new) == end - start for start, end, new in edits):
@@ -690,7 +714,7 @@ class TcpPacket:
         return self.apply_edits([(0, self.payload_len, payload)])
 
     def _set_ip_length(self, end: int) -> None:
-        buf = self.buf
+        buf = self._writable()
         if self.version == 4:
             old = u16(buf, IP4_TOTAL_LENGTH)[0]
             put16(buf, IP4_TOTAL_LENGTH, end)

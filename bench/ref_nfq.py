@@ -12,6 +12,12 @@ buffer that holds a whole super-packet: the same least-possible loop, for queues
 super-packets whole. NetfilterQueue's own ``run()`` cannot be used then (its 4 KB buffer would cut
 such a message), so ``run_socket`` reads from the socket.
 
+With ``--ttl N`` (row 3t) it sets every packet's TTL to ``N`` and gives it back with its verdict,
+through the packet core alone (``parse``, ``set_ttl``, ``finish``: no rules, flows or metrics): the
+least a loop that edits a header can do. A verdict with a payload costs the kernel what an accept
+does not (the GSO skb made writable, copied into, sent as CHECKSUM_NONE and so segmented and
+checksummed in software), so this, not 3g, is the limit for the daemon's header edit (row 4t).
+
 It installs no firewall rule: the bench puts one NFQUEUE rule in the lab's appliance namespace.
 """
 
@@ -28,10 +34,12 @@ from typing import Any
 
 from netfilterqueue import NetfilterQueue
 
+from nfrewrite.core.packet import TcpPacket, parse
 from nfrewrite.kernel import nfnl
 
 MAXLEN = 4096  # the daemon's default [queue] maxlen
 SOCK_BUF = 8 << 20  # the daemon's default [queue] sock_buf
+MTU = 1500  # the lab's veth MTU: a longer packet is a GSO one
 
 
 class _Stop(Exception):
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ref_nfq")
     p.add_argument("--queue", type=int, default=0)
     p.add_argument("--gso", action="store_true", help="take GSO super-packets whole")
+    p.add_argument("--ttl", type=int, default=None, help="set every packet's TTL to this")
     a = p.parse_args(argv)
     seen = [0]
 
@@ -101,7 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         seen[0] += 1
         pkt.accept()
 
-    serve(a.queue, accept, gso=a.gso)
+    def edit_ttl(pkt: Any) -> None:
+        seen[0] += 1
+        data = pkt.get_payload()
+        # a GSO packet (longer than the lab's MTU) is segmented by the kernel, which sets every
+        # segment's checksum up itself; a wire-size one needs a complete checksum from us
+        gso = len(data) > MTU
+        parsed = parse(data, csum_partial=True if gso else None)
+        if isinstance(parsed, TcpPacket) and parsed.set_ttl(a.ttl):
+            pkt.set_payload(parsed.finish(kernel_segments=gso))
+        pkt.accept()
+
+    serve(a.queue, accept if a.ttl is None else edit_ttl, gso=a.gso)
     print(json.dumps({"packets": seen[0]}), flush=True)
     return 0
 

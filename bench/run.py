@@ -22,6 +22,9 @@ one or two whole copies: "the pattern present in every packet"):
   3  bench/ref_nfq.py: NFQUEUE, every packet accepted unread (the kernel round trip alone), as
      NetfilterQueue does it: the kernel segments GSO packets before queueing
   3g the same loop with the queue's GSO flag (what the daemon sets): super-packets come whole
+  3t 3g's loop setting every packet's TTL to 63 (the packet core only, no rules): the least a
+     header edit costs, since a verdict with a payload costs the kernel a linearising copy and
+     software segmentation that an accept does not (the reference for row 4t; "info" ratio)
   4  daemon, same-length replace of the pattern (GSO flag on, the default)
   4d the same with the pattern every 64 bytes (~22 copies per wire segment, ~1000 per 64 KB
      super-packet): the cost per edit
@@ -110,6 +113,8 @@ def cases(sources: list[str]) -> list[Case]:
         Case("3", "reference NFQUEUE accept loop", lambda b: b.nfq("bench.ref_nfq"),
              small=True, latency=True),
         Case("3g", "reference loop, GSO flag", lambda b: b.nfq("bench.ref_nfq", "--gso")),
+        Case("3t", "reference loop, GSO flag, TTL edited",
+             lambda b: b.nfq("bench.ref_nfq", "--gso", "--ttl", "63")),
         Case("4", "daemon, same-length replace", lambda b: b.daemon(same),
              small=True, latency=True),
         Case("4d", "daemon, same-length, pattern every 64 B", lambda b: b.daemon(same),
@@ -273,6 +278,7 @@ def table(by_key: dict[str, Case], med: dict[str, dict[str, float]], goals: list
         ("4d / 3   pattern every 64 B / reference", med["4d"]["gbps"] / med["3"]["gbps"]),
         ("4n / 3   gso = false / reference", med["4n"]["gbps"] / med["3"]["gbps"]),
         ("4q / 3   queued, no edit / reference", med["4q"]["gbps"] / med["3"]["gbps"]),
+        ("4t / 3t  TTL edited / ref loop, same edit", med["4t"]["gbps"] / med["3t"]["gbps"]),
         ("4 / 3 by CPU per packet (3's us / 4's us)",
          med["3"]["cpu_us_per_pkt"] / med["4"]["cpu_us_per_pkt"]),
         ("5 / 3 by CPU per packet", med["3"]["cpu_us_per_pkt"] / med["5"]["cpu_us_per_pkt"]),
@@ -405,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         "micro": micro, "workers_split": split,
         "runs": {k: c.runs for k, c in by_key.items()},
     }
-    complete = all(k in by_key for k in ("1", "1i", "2", "3", "3g", "4", "4d", "4n", "4q", "4t",
+    complete = all(k in by_key for k in ("1", "1i", "2", "3", "3g", "3t", "4", "4d", "4n", "4q",
+                                         "4t",
                                          "5", "6", "7a", "7b", "7c", "7d", "8"))
     if complete:
         med, goals = summarize(by_key, micro)
@@ -420,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:<3} {c.label:<40} {figures}")
         for g in queued_goals(med):
             print(f"{g.name:<46} {g.value:8.3f}  {g.goal:<8}  {'PASS' if g.ok else 'MISS'}")
+        if "4t" in med and "3t" in med and med["3t"]["gbps"]:
+            print(f"{'4t / 3t  TTL edited / ref loop, same edit':<46} "
+                  f"{med['4t']['gbps'] / med['3t']['gbps']:8.3f}  {'-':<8}  info")
         if "1" in med:
             for k in ("3", "4", "4t"):
                 if k in med and "p50_us" in med[k]:

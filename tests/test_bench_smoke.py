@@ -18,8 +18,8 @@ from lab.netns import list_namespaces
 pytestmark = pytest.mark.privileged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("1", "1i", "2", "3", "3g", "4", "4d", "4n", "4q", "4t", "5", "6", "7a", "7b", "7c", "7d",
-        "8")
+ROWS = ("1", "1i", "2", "3", "3g", "3t", "4", "4d", "4n", "4q", "4t", "5", "6", "7a", "7b", "7c",
+        "7d", "8")
 
 
 def _default_sigint() -> None:

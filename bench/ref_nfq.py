@@ -34,12 +34,12 @@ from typing import Any
 
 from netfilterqueue import NetfilterQueue
 
+from nfrewrite.core.engine import DEFAULT_MTU
 from nfrewrite.core.packet import TcpPacket, parse
 from nfrewrite.kernel import nfnl
 
 MAXLEN = 4096  # the daemon's default [queue] maxlen
 SOCK_BUF = 8 << 20  # the daemon's default [queue] sock_buf
-MTU = 1500  # the lab's veth MTU: a longer packet is a GSO one
 
 
 class _Stop(Exception):
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         data = pkt.get_payload()
         # a GSO packet (longer than the lab's MTU) is segmented by the kernel, which sets every
         # segment's checksum up itself; a wire-size one needs a complete checksum from us
-        gso = len(data) > MTU
+        gso = len(data) > DEFAULT_MTU
         parsed = parse(data, csum_partial=True if gso else None)
         if isinstance(parsed, TcpPacket) and parsed.set_ttl(a.ttl):
             pkt.set_payload(parsed.finish(kernel_segments=gso))

@@ -132,39 +132,59 @@ def test_random_edits_leave_checksums_scapy_accepts(c: Crafted, rnd: random.Rand
 
 
 @SETTINGS
-@given(tcp_packets(), st.integers(0, 2**32 - 1), st.booleans())
+@given(tcp_packets(), st.binary(max_size=8), st.integers(0, 2**32 - 1), st.booleans(),
+       st.sampled_from(("full", "partial", "kernel_segments")), st.booleans())
 def test_the_same_edits_give_the_same_bytes_whatever_buffer_the_packet_was_parsed_from(
-        c: Crafted, seed: int, replace_first: bool) -> None:
+        c: Crafted, padding: bytes, seed: int, replace_first: bool, mode: str,
+        more: bool) -> None:
     """Copy on write: over ``bytes``, over a memoryview inside a larger ``bytes`` (as the queue
     hands a payload over: where it lies in the netlink datagram) and over a ``bytearray``
-    (copied at once), the same edits give the same packet, and the input is never changed;
-    the first edit may be a payload replace (which builds the packet's own buffer itself)."""
-    raw = c.raw
+    (copied at once), the same edits give the same packet, and the input is never changed.
+    Link padding after the datagram is kept; the first edit may be a payload replace (which
+    builds the packet's own bytes itself), alone or followed by others; checksums full, partial
+    (completed by ``finish``) or left to the kernel's segmentation."""
+    raw = c.raw + padding
+    partial = mode != "full"
+    if partial:  # the field as TX offload leaves it: the pseudo-header seed
+        seeded = parse(bytearray(raw))
+        assert isinstance(seeded, TcpPacket)
+        struct.pack_into("!H", seeded.buf, seeded.l4 + 16, seeded.pseudo_header_seed())
+        raw = bytes(seeded.buf)
     datagram = b"\x01" * 20 + raw + b"\x02" * 7
     mutable = bytearray(raw)
     outs = []
     for data in (raw, memoryview(datagram)[20:20 + len(raw)], mutable):
-        pkt = parse(data)
+        pkt = parse(data, csum_partial=partial)
         assert isinstance(pkt, TcpPacket)
         if replace_first and pkt.payload_len >= 2:
             pair = pkt.payload[:2]
             pkt.replace_literal(pair, pair[::-1])
-        _random_edits(pkt, random.Random(seed))
-        outs.append((pkt.modified, pkt.finish(), pkt.payload))
+        if more or not replace_first:
+            _random_edits(pkt, random.Random(seed))
+        kernel_segments = mode == "kernel_segments"
+        outs.append((pkt.modified, pkt.finish(kernel_segments=kernel_segments), pkt.payload))
         mutable[:] = b"\x00" * len(mutable)  # the owner's later writes do not reach the packet
-        assert pkt.finish() == outs[-1][1]
+        assert pkt.finish(kernel_segments=kernel_segments) == outs[-1][1]
         mutable[:] = raw
     assert outs[0] == outs[1] == outs[2]
     assert datagram == b"\x01" * 20 + raw + b"\x02" * 7
     out = outs[0][1]
-    assert field_error(struct.unpack_from("!H", out, parse_l4(out) + 16)[0],
-                       scapy_tcp_checksum(out)) == 0
+    again = parse(out)
+    assert isinstance(again, TcpPacket)
+    assert out[again.end:] == padding  # the link padding stays after the datagram
+    if mode == "kernel_segments" and outs[0][0]:
+        assert again.tcp_checksum == again.pseudo_header_seed()
+    elif mode == "full" or outs[0][0]:
+        assert again.tcp_checksum_ok()
 
 
-def parse_l4(raw: bytes) -> int:
-    pkt = parse(raw)
-    assert isinstance(pkt, TcpPacket)
-    return pkt.l4
+def test_a_memoryview_that_is_not_plain_bytes_is_parsed_from_a_copy_never_raising() -> None:
+    raw = bytes(IP(src="198.18.0.1", dst="198.18.1.1") / TCP(sport=1, dport=2) / Raw(b"abcd"))
+    wide = parse(memoryview(raw).cast("H"))  # 2-byte items: read as the bytes they hold
+    assert isinstance(wide, TcpPacket) and isinstance(wide.buf, bytearray)
+    assert wide.payload == b"abcd"
+    strided = parse(memoryview(raw + raw)[::2])  # not contiguous: every other byte, a copy
+    assert isinstance(strided, Unparsed)
 
 
 def test_an_unchanged_packet_is_read_where_it_lies_and_copied_only_on_the_first_edit() -> None:

@@ -189,14 +189,16 @@ def parse(  # noqa: C901 - one early return per refusal reason, in the headers' 
 ) -> TcpPacket | Unparsed:
     """Parse a raw IPv4/IPv6 packet. Returns a :class:`TcpPacket` view or an :class:`Unparsed`.
 
-    ``data`` is read where it is when immutable (``bytes``, or a memoryview of ``bytes``), else
-    copied; the first edit copies it into a bytearray the view owns (edits never touch the
-    caller's bytes). ``csum_partial`` says the TCP checksum field holds only the pseudo-header seed;
-    ``None`` decides from the bytes: a field equal to the seed is taken as partial (a complete
-    checksum equals it once in 65,536 packets, and recomputing it from the data is right too).
+    ``data`` is read where it is when immutable (``bytes``, or a contiguous byte memoryview of
+    ``bytes``), else copied; the first edit copies it into a bytearray the view owns (edits never
+    touch the caller's bytes). ``csum_partial`` says the TCP checksum field holds only the
+    pseudo-header seed; ``None`` decides from the bytes: a field equal to the seed is taken as
+    partial (a complete checksum equals it once in 65,536 packets, and recomputing it from the
+    data is right too).
     """
     buf: Buffer = (data if isinstance(data, bytes)
-                   or (isinstance(data, memoryview) and isinstance(data.obj, bytes))
+                   or (isinstance(data, memoryview) and isinstance(data.obj, bytes)
+                       and data.format == "B" and data.c_contiguous)
                    else bytearray(data))
     n = len(buf)
     if n < IP4_HEADER_MIN:

@@ -588,9 +588,10 @@ class QueueWorker:
                     self._drain(budget=self.batch)
             now = time.monotonic()
             due = self._timer_at is not None and now >= self._timer_at
-            if due and not events and self._readable():
-                # A segment that arrived between the poll's timeout and now may be the one a
-                # held packet waits for: read it before the deadline releases the hold unjoined.
+            if due and self._readable():
+                # A segment that arrived between the poll's timeout and now, or that a burst
+                # left past the batch just read, may be the one a held packet waits for: read
+                # one more batch before the deadline releases the hold unjoined.
                 self._drain(budget=self.batch)
                 now = time.monotonic()
             if self.timer is not None and (events or due):

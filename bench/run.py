@@ -412,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {k: c.runs for k, c in by_key.items()},
     }
     complete = all(k in by_key for k in ("1", "1i", "2", "3", "3g", "3t", "4", "4d", "4n", "4q",
-                                         "4t",
-                                         "5", "6", "7a", "7b", "7c", "7d", "8"))
+                                         "4t", "5", "6", "7a", "7b", "7c", "7d", "8"))
     if complete:
         med, goals = summarize(by_key, micro)
         results["medians"] = med
